@@ -1,0 +1,554 @@
+//! Typed platform configuration: defaults, an optional TOML file, then a `SEC_`-prefixed
+//! environment overlay (`SEC_STORAGE__DATABASE_URL` sets `storage.database_url`).
+//!
+//! Every struct denies unknown fields, so a typo is an error naming the key instead of a
+//! silently ignored setting. Secrets (URLs with passwords, token hashes) are wrapped in
+//! [`Secret`] so that neither `Debug` nor `check-config` output can print them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::telemetry::TelemetryConfig;
+use crate::tls::TlsConfig;
+
+/// The seven services, in start order (audit first so it consumes from the start).
+pub const SERVICES: [&str; 7] = ["audit", "crypto", "token", "session", "auth", "gdpr", "assess"];
+
+/// Environment variables with the `SEC_` prefix that are not configuration keys.
+const NON_CONFIG_VARS: [&str; 3] = ["SEC_CONFIG", "SEC_TOKEN", "SEC_TEST_"];
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the embedded default keeps its SQLite files, generated KEK and bootstrap token.
+    pub data_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub events: EventsConfig,
+    pub telemetry: TelemetryConfig,
+    /// TLS for every gRPC server and client. Off: plaintext (dev on loopback only).
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub shutdown: ShutdownConfig,
+    /// The HTTP facade (served by auth-svc).
+    pub facade: FacadeConfig,
+    pub services: ServicesConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".secdata"),
+            storage: StorageConfig::default(),
+            events: EventsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            facade: FacadeConfig::default(),
+            services: ServicesConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `postgres://...`; unset: a SQLite file per service under `data_dir`.
+    pub database_url: Option<Secret>,
+    /// Each service uses PostgreSQL schema `<prefix><service>` (tests isolate runs with it).
+    pub postgres_schema_prefix: String,
+    pub max_connections: u32,
+    /// `redis://...`; unset: the in-process store (same expiry semantics, one process only).
+    pub redis_url: Option<Secret>,
+    /// Prefix of every Redis key this installation writes.
+    pub redis_key_prefix: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            postgres_schema_prefix: String::new(),
+            max_connections: 10,
+            redis_url: None,
+            redis_key_prefix: "sec:".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// `nats://...`; unset: the in-process bus (events reach audit-svc only inside one process).
+    pub nats_url: Option<Secret>,
+    /// JetStream stream holding every security event.
+    pub stream: String,
+    /// Events are published to `<subject_prefix>.<service>.<noun>.<verb>`.
+    pub subject_prefix: String,
+    /// Events kept in memory while the broker is unreachable; beyond it publish fails loudly.
+    pub spool_capacity: usize,
+    /// How long the broker keeps events (audit-svc keeps them for good).
+    pub stream_max_age_hours: u64,
+    /// Durable consumer name used by audit-svc.
+    pub audit_consumer: String,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            stream: "SEC_EVENTS".into(),
+            subject_prefix: "sec.events".into(),
+            spool_capacity: 100_000,
+            stream_max_age_hours: 24 * 7,
+            audit_consumer: "audit-svc".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Argon2id PHC hash of the admin bearer token (production: from a secret). Unset: the
+    /// hash kept in `data_dir` by `secd dev`; if there is none either, admin calls are refused.
+    pub admin_token_hash: Option<Secret>,
+    /// mTLS identities (URI/DNS SAN or CN) of services allowed to call internal RPCs.
+    pub trusted_peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// In-flight work gets this long after SIGTERM before it is cut off.
+    pub grace_seconds: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_seconds: 8 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FacadeConfig {
+    pub http_addr: SocketAddr,
+}
+
+impl Default for FacadeConfig {
+    fn default() -> Self {
+        Self { http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+/// Where one service listens, and where its clients find it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAddrs {
+    pub grpc_addr: SocketAddr,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub admin_addr: SocketAddr,
+    /// URL clients dial (e.g. `https://crypto-svc.sec.svc:50055`); default derived from grpc_addr.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+impl ServiceAddrs {
+    fn local(grpc: u16, admin: u16) -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin)),
+            endpoint: None,
+        }
+    }
+
+    /// The URL a client dials: `endpoint` if set, else `http(s)://<grpc_addr>`.
+    pub fn endpoint_url(&self, tls: bool) -> String {
+        match &self.endpoint {
+            Some(e) => e.clone(),
+            None => {
+                let scheme = if tls { "https" } else { "http" };
+                let addr = if self.grpc_addr.ip().is_unspecified() {
+                    SocketAddr::new([127, 0, 0, 1].into(), self.grpc_addr.port())
+                } else {
+                    self.grpc_addr
+                };
+                format!("{scheme}://{addr}")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    pub auth: ServiceAddrs,
+    pub token: ServiceAddrs,
+    pub session: ServiceAddrs,
+    pub audit: ServiceAddrs,
+    pub crypto: ServiceAddrs,
+    pub gdpr: ServiceAddrs,
+    pub assess: ServiceAddrs,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            auth: ServiceAddrs::local(50051, 9101),
+            token: ServiceAddrs::local(50052, 9102),
+            session: ServiceAddrs::local(50053, 9103),
+            audit: ServiceAddrs::local(50054, 9104),
+            crypto: ServiceAddrs::local(50055, 9105),
+            gdpr: ServiceAddrs::local(50056, 9106),
+            assess: ServiceAddrs::local(50057, 9107),
+        }
+    }
+}
+
+impl ServicesConfig {
+    /// Addresses of a service by its short name (`"crypto"`).
+    pub fn get(&self, service: &str) -> Option<&ServiceAddrs> {
+        Some(match service {
+            "auth" => &self.auth,
+            "token" => &self.token,
+            "session" => &self.session,
+            "audit" => &self.audit,
+            "crypto" => &self.crypto,
+            "gdpr" => &self.gdpr,
+            "assess" => &self.assess,
+            _ => return None,
+        })
+    }
+
+    pub fn get_mut(&mut self, service: &str) -> Option<&mut ServiceAddrs> {
+        Some(match service {
+            "auth" => &mut self.auth,
+            "token" => &mut self.token,
+            "session" => &mut self.session,
+            "audit" => &mut self.audit,
+            "crypto" => &mut self.crypto,
+            "gdpr" => &mut self.gdpr,
+            "assess" => &mut self.assess,
+            _ => return None,
+        })
+    }
+}
+
+/// A configuration value that must never be printed: `Debug` and `Serialize` show
+/// `[redacted]` (URLs keep scheme and host so an operator can still tell them apart).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. Call sites are the places that hand it to a driver.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn redacted(&self) -> String {
+        // Keep `scheme://host...` visible for URLs, drop credentials and the rest.
+        match self.0.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                let host = host.split(['/', '?']).next().unwrap_or_default();
+                format!("{scheme}://[redacted]@{host}")
+            }
+            None => "[redacted]".into(),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// Where environment variables come from. Tests pass a map instead of mutating the
+/// process environment.
+pub trait EnvSource {
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+impl EnvSource for BTreeMap<String, String> {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid configuration at `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+impl Config {
+    /// Defaults, overlaid by `file` (if any), overlaid by `SEC_*` variables from `env`.
+    pub fn load(file: Option<&Path>, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let template = toml::Table::try_from(Config::default()).map_err(|e| {
+            ConfigError::Invalid { key: String::new(), message: e.to_string() }
+        })?;
+        // Layers are merged key by key, so `[services.crypto] grpc_addr = ...` keeps the
+        // default admin_addr.
+        let mut tree = template.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            let layer = text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.message().to_owned(),
+            })?;
+            deep_merge(&mut tree, layer);
+        }
+        let mut vars = env.vars();
+        vars.sort();
+        for (var, value) in vars {
+            let Some(rest) = var.strip_prefix("SEC_") else { continue };
+            if NON_CONFIG_VARS.iter().any(|p| var.starts_with(p)) || rest.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            let parsed = typed_env_value(&template, &path, &value)
+                .map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+            set_path(&mut tree, &path, parsed)
+                .map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| ConfigError::Invalid {
+                key: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that go beyond types. Run before any port is bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid { key: key.into(), message: message.into() })
+        };
+        if self.events.spool_capacity == 0 {
+            return invalid("events.spool_capacity", "must be at least 1");
+        }
+        if self.storage.max_connections == 0 {
+            return invalid("storage.max_connections", "must be at least 1");
+        }
+        if let Some(url) = &self.storage.database_url {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return invalid("storage.database_url", "must be a postgres:// URL (unset for the embedded SQLite default)");
+            }
+        }
+        if let Some(url) = &self.storage.redis_url {
+            let u = url.expose();
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return invalid("storage.redis_url", "must be a redis:// or rediss:// URL");
+            }
+        }
+        if let Some(url) = &self.events.nats_url {
+            let u = url.expose();
+            if !(u.starts_with("nats://") || u.starts_with("tls://")) {
+                return invalid("events.nats_url", "must be a nats:// or tls:// URL");
+            }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return invalid("tls", "cert_file and key_file must be set together");
+        }
+        if self.tls.client_ca_file.is_some() && self.tls.cert_file.is_none() {
+            return invalid("tls.client_ca_file", "mutual TLS needs cert_file and key_file");
+        }
+        let valid_token = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_token(&self.events.stream) {
+            return invalid("events.stream", "letters, digits, '_' and '-' only");
+        }
+        if self.events.subject_prefix.is_empty() || self.events.subject_prefix.contains(['*', '>', ' ']) {
+            return invalid("events.subject_prefix", "must be a literal NATS subject");
+        }
+        if !self.storage.postgres_schema_prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            return invalid("storage.postgres_schema_prefix", "lowercase letters, digits and '_' only");
+        }
+        Ok(())
+    }
+
+    /// Whether every backend is the embedded one (no server URLs configured).
+    pub fn is_embedded(&self) -> bool {
+        self.storage.database_url.is_none() && self.storage.redis_url.is_none() && self.events.nats_url.is_none()
+    }
+
+    /// The effective configuration as TOML, secrets redacted: what `check-config` prints.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// Environment values are strings; give them the type the key has in the defaults
+/// (numbers, booleans, arrays as TOML), so `SEC_EVENTS__SPOOL_CAPACITY=10` is a number
+/// while `SEC_STORAGE__REDIS_KEY_PREFIX=10` stays a string.
+fn typed_env_value(template: &toml::Table, path: &[String], raw: &str) -> Result<toml::Value, String> {
+    let mut cur: Option<&toml::Value> = None;
+    let mut table = Some(template);
+    for seg in path {
+        cur = table.and_then(|t| t.get(seg));
+        table = cur.and_then(toml::Value::as_table);
+    }
+    let parse_toml = |raw: &str| -> Result<toml::Value, String> {
+        format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .ok_or_else(|| format!("`{raw}` is not a valid value here"))
+    };
+    match cur {
+        Some(toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) | toml::Value::Array(_)) => {
+            parse_toml(raw)
+        }
+        Some(toml::Value::Table(_)) => Err("names a section, not a key; use `__` to reach a key inside it".into()),
+        _ => Ok(toml::Value::String(raw.to_owned())),
+    }
+}
+
+fn deep_merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => deep_merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(tree: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("empty key".into());
+    };
+    let mut cur = tree;
+    for seg in parents {
+        let entry = cur.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("`{seg}` is not a section"))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_platform() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert!(c.is_embedded());
+        assert_eq!(c.services.crypto.grpc_addr.port(), 50055);
+        assert_eq!(c.facade.http_addr.port(), 8080);
+    }
+
+    #[test]
+    fn file_then_env_overlay_with_types() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "data_dir = \"/var/lib/sec\"\n[events]\nspool_capacity = 5\nstream = \"A\"").unwrap();
+        let c = Config::load(
+            Some(f.path()),
+            &env(&[
+                ("SEC_EVENTS__SPOOL_CAPACITY", "7"),
+                ("SEC_STORAGE__REDIS_KEY_PREFIX", "10"),
+                ("SEC_SERVICES__CRYPTO__GRPC_ADDR", "0.0.0.0:6000"),
+                ("SEC_TOKEN", "not-config"),
+                ("SEC_TEST_BACKENDS", "required"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/sec"));
+        assert_eq!(c.events.spool_capacity, 7, "env wins over file");
+        assert_eq!(c.events.stream, "A");
+        assert_eq!(c.storage.redis_key_prefix, "10", "string keys stay strings");
+        assert_eq!(c.services.crypto.grpc_addr.port(), 6000);
+        assert_eq!(c.services.crypto.endpoint_url(false), "http://127.0.0.1:6000");
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[storage]\ndatabse_url = \"postgres://x\"").unwrap();
+        let err = Config::load(Some(f.path()), &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("databse_url"), "{err}");
+        assert!(err.contains("storage"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_an_error() {
+        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL", "1")])).unwrap_err().to_string();
+        assert!(err.contains("spool"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_key() {
+        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("SEC_EVENTS__SPOOL_CAPACITY"), "{err}");
+        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "0")])).unwrap_err();
+        assert!(err.to_string().contains("events.spool_capacity"), "{err}");
+        let err = Config::load(None, &env(&[("SEC_STORAGE__DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("storage.database_url"), "{err}");
+        let err = Config::load(None, &env(&[("SEC_TLS__CERT_FILE", "/c.pem")])).unwrap_err();
+        assert!(err.to_string().contains("key_file"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_never_rendered() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("SEC_STORAGE__DATABASE_URL", "postgres://admin:hunter2@db.internal:5432/sec"),
+                ("SEC_AUTH__ADMIN_TOKEN_HASH", "$argon2id$v=19$secret"),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{c:?}\n{}", c.to_redacted_toml());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("argon2id"), "{shown}");
+        assert!(shown.contains("db.internal:5432"), "host stays visible: {shown}");
+        assert_eq!(c.storage.database_url.unwrap().expose(), "postgres://admin:hunter2@db.internal:5432/sec");
+    }
+}

@@ -1,0 +1,169 @@
+//! The in-process broker: one durable consumer group, de-duplication by event id,
+//! redelivery of events that were nacked. Same contract as the NATS transport, but the
+//! events live only as long as the process.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::{Delivery, DeliveryHandle, EventTransport, Outgoing, SecurityEvent, TransportError};
+
+/// How many recent ids are remembered for de-duplication (the broker's dedup window).
+const DEDUP_WINDOW: usize = 100_000;
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<SecurityEvent>,
+    in_flight: HashMap<String, SecurityEvent>,
+    seen: HashSet<String>,
+    seen_order: VecDeque<String>,
+}
+
+pub struct MemoryTransport {
+    state: Mutex<State>,
+    available: Notify,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTransport").field("capacity", &self.capacity).finish()
+    }
+}
+
+impl MemoryTransport {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self { state: Mutex::new(State::default()), available: Notify::new(), capacity })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn ack(&self, id: &str) {
+        self.lock().in_flight.remove(id);
+    }
+
+    pub(super) fn nack(&self, id: &str) {
+        let mut s = self.lock();
+        if let Some(e) = s.in_flight.remove(id) {
+            s.queue.push_front(e);
+            drop(s);
+            self.available.notify_one();
+        }
+    }
+}
+
+#[async_trait]
+impl EventTransport for Arc<MemoryTransport> {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>> {
+        let mut s = self.lock();
+        let results = batch
+            .iter()
+            .map(|o| {
+                if s.seen.contains(&o.event.id) {
+                    return Ok(()); // duplicate: already stored once, like Nats-Msg-Id dedup
+                }
+                if s.queue.len() + s.in_flight.len() >= self.capacity {
+                    return Err(TransportError::Unavailable("in-process queue full: no consumer is keeping up".into()));
+                }
+                s.seen.insert(o.event.id.clone());
+                s.seen_order.push_back(o.event.id.clone());
+                if s.seen_order.len() > DEDUP_WINDOW {
+                    if let Some(old) = s.seen_order.pop_front() {
+                        s.seen.remove(&old);
+                    }
+                }
+                s.queue.push_back(o.event.clone());
+                Ok(())
+            })
+            .collect();
+        drop(s);
+        self.available.notify_one();
+        results
+    }
+
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.available.notified();
+            {
+                let mut s = self.lock();
+                if !s.queue.is_empty() {
+                    let n = max.min(s.queue.len());
+                    let taken: Vec<SecurityEvent> = s.queue.drain(..n).collect();
+                    let mut out = Vec::with_capacity(n);
+                    for e in taken {
+                        s.in_flight.insert(e.id.clone(), e.clone());
+                        out.push(Delivery { event: e, handle: DeliveryHandle::Memory(Arc::clone(self)) });
+                    }
+                    return Ok(out);
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::events::new_event;
+
+    fn out(e: &SecurityEvent) -> Outgoing {
+        Outgoing { subject: "s".into(), event: e.clone(), trace_headers: vec![] }
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_stored_once_and_nack_redelivers() {
+        let t = MemoryTransport::new(10);
+        let e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        assert!(t.publish(&[out(&e), out(&e)]).await.iter().all(Result::is_ok));
+        let first = t.fetch(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(first.len(), 1, "same id twice is one event");
+        first.into_iter().next().unwrap().nack().await.unwrap();
+        let again = t.fetch(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(again.len(), 1, "a nacked event comes back");
+        assert_eq!(again[0].event.id, e.id);
+        again.into_iter().next().unwrap().ack().await.unwrap();
+        assert!(t.fetch(10, Duration::from_millis(10)).await.unwrap().is_empty());
+        // published again after ack: still a duplicate inside the window
+        assert!(t.publish(&[out(&e)]).await[0].is_ok());
+        assert!(t.fetch(10, Duration::from_millis(10)).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn full_queue_refuses_instead_of_dropping() {
+        let t = MemoryTransport::new(1);
+        let a = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        let b = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        let r = t.publish(&[out(&a), out(&b)]).await;
+        assert!(r[0].is_ok());
+        assert!(r[1].is_err());
+    }
+
+    #[tokio::test]
+    async fn fetch_wakes_on_publish() {
+        let t = MemoryTransport::new(10);
+        let t2 = Arc::clone(&t);
+        let waiter = tokio::spawn(async move { t2.fetch(10, Duration::from_secs(5)).await.unwrap().len() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        t.publish(&[out(&e)]).await;
+        assert_eq!(waiter.await.unwrap(), 1);
+    }
+}

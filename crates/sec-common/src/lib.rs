@@ -1,0 +1,17 @@
+//! Shared runtime pieces of every platform service: configuration, telemetry, shutdown,
+//! health and metrics, error codes, the injectable clock, the event bus, storage
+//! bootstrap, TLS and caller authentication. Deliberately lean: no service logic here.
+
+pub mod admin;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod service;
+pub mod shutdown;
+pub mod storage;
+pub mod telemetry;
+pub mod testing;
+pub mod tls;

@@ -1,0 +1,317 @@
+//! What every service shares: the [`Platform`] it runs on (config, clock, event bus,
+//! authenticator), its [`Listeners`], and [`ServiceHost`], which runs the lifecycle the
+//! same way for all of them: admin endpoints, gRPC with health and reflection, the
+//! started/stopped events, and graceful drain on shutdown.
+//!
+//! A service crate is a library with `run(platform, listeners, shutdown)`; its `main.rs`
+//! calls [`standalone_main`], and `secd` and the test harness call the same `run`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Readiness;
+use crate::auth::Authenticator;
+use crate::clock::SharedClock;
+use crate::config::{Config, ProcessEnv, ServiceAddrs};
+use crate::events::{ActorKind, EventBus, SecurityEvent, new_event};
+
+/// Exit code for a configuration error (EX_CONFIG would be 78; 64 is EX_USAGE, which the
+/// conventions ask for: the operator must fix how the program is invoked).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Shared resources of the services in one process.
+#[derive(Clone)]
+pub struct Platform {
+    pub config: Arc<Config>,
+    pub clock: SharedClock,
+    pub events: EventBus,
+    pub auth: Arc<Authenticator>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform").field("events", &self.events).finish()
+    }
+}
+
+impl Platform {
+    /// Connects the event bus: NATS JetStream when `events.nats_url` is set, else the
+    /// in-process bus.
+    pub async fn connect(config: Config, auth: Authenticator, clock: SharedClock, client_name: &str) -> anyhow::Result<Self> {
+        let events = match &config.events.nats_url {
+            Some(url) => {
+                let t = crate::events::nats::NatsTransport::connect(url.expose(), &config.events, client_name)
+                    .await
+                    .context("connecting to NATS")?;
+                EventBus::new(Arc::new(t), &config.events)
+            }
+            None => EventBus::in_process(&config.events),
+        };
+        Ok(Self { config: Arc::new(config), clock, events, auth: Arc::new(auth) })
+    }
+
+    /// Publishes an event; a refusal (spool full) is logged loudly and counted, never
+    /// silently dropped, and never fails the caller's operation.
+    pub fn emit(&self, event: SecurityEvent) {
+        if let Err(e) = self.events.publish(event) {
+            tracing::error!(error = %e, "security event not accepted by the bus");
+        }
+    }
+
+    /// The addresses of `service` from the configuration.
+    pub fn addrs(&self, service: &str) -> anyhow::Result<&ServiceAddrs> {
+        self.config.services.get(service).ok_or_else(|| anyhow::anyhow!("unknown service {service}"))
+    }
+}
+
+/// Bound sockets of one service: gRPC, admin, and (auth-svc only) the HTTP facade.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the configured addresses. Done after the config is validated.
+    pub async fn bind(addrs: &ServiceAddrs, http: Option<SocketAddr>) -> anyhow::Result<Self> {
+        let bind = |a: SocketAddr| async move { TcpListener::bind(a).await.with_context(|| format!("binding {a}")) };
+        Ok(Self {
+            grpc: bind(addrs.grpc_addr).await?,
+            admin: bind(addrs.admin_addr).await?,
+            http: match http {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
+        })
+    }
+
+    /// Port-0 listeners on loopback, for tests.
+    pub async fn ephemeral(with_http: bool) -> anyhow::Result<Self> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let addrs = ServiceAddrs { grpc_addr: any, admin_addr: any, endpoint: None };
+        Self::bind(&addrs, with_http.then_some(any)).await
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+}
+
+/// What a service hands [`ServiceHost::serve`].
+pub struct Serve {
+    /// Fully qualified gRPC service names served (for health and reflection).
+    pub grpc_names: &'static [&'static str],
+    /// The service's own gRPC routes (already wrapped in the auth interceptor).
+    pub routes: tonic::service::Routes,
+    /// The HTTP facade router, for the service that owns it.
+    pub http: Option<axum::Router>,
+}
+
+/// Runs one service's lifecycle.
+pub struct ServiceHost {
+    pub name: &'static str,
+    pub platform: Platform,
+    pub readiness: Arc<Readiness>,
+    pub registry: Registry,
+}
+
+impl std::fmt::Debug for ServiceHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHost").field("name", &self.name).finish()
+    }
+}
+
+impl ServiceHost {
+    pub fn new(name: &'static str, platform: &Platform) -> Self {
+        let readiness = Readiness::new();
+        readiness.add_check("events", Arc::new(platform.events.clone()));
+        let mut registry = Registry::default();
+        platform.events.register_metrics(&mut registry);
+        Self { name, platform: platform.clone(), readiness, registry }
+    }
+
+    fn lifecycle_event(&self, verb: &str, addr: Option<SocketAddr>) -> SecurityEvent {
+        let mut e = new_event(self.platform.clock.as_ref(), self.name, &format!("sec.{}.service.{verb}", self.name));
+        e.actor = Some(crate::events::Actor { kind: ActorKind::Service as i32, id: format!("{}-svc", self.name) });
+        e.subject = format!("{}-svc", self.name);
+        e.details.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+        if let Some(a) = addr {
+            e.details.insert("grpc_addr".into(), a.to_string());
+        }
+        e
+    }
+
+    /// Serves until `shutdown`, then drains: readiness and health go false, servers stop
+    /// accepting, in-flight calls get `shutdown.grace_seconds`, and a stopped event is sent.
+    pub async fn serve(self, serve: Serve, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let name = self.name;
+        let grace = Duration::from_secs(self.platform.config.shutdown.grace_seconds);
+        let grpc_addr = listeners.grpc_addr();
+
+        let started = self.lifecycle_event("started", Some(grpc_addr));
+        let stopped = self.lifecycle_event("stopped", None);
+        let admin_stop = CancellationToken::new();
+        let admin_router = crate::admin::router(self.readiness.clone(), Arc::new(self.registry));
+        let admin = tokio::spawn(crate::admin::serve(listeners.admin, admin_router, admin_stop.clone()));
+
+        let (routes, health) = crate::grpc::add_standard_services(serve.routes, serve.grpc_names).await?;
+        let tls = self.platform.config.tls.server_config()?;
+        let grpc = tokio::spawn(crate::grpc::serve(routes, listeners.grpc, tls, shutdown.clone()));
+        let http = match (serve.http, listeners.http) {
+            (Some(router), Some(listener)) => {
+                let stop = shutdown.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await
+                }))
+            }
+            _ => None,
+        };
+        tracing::info!(service = name, grpc = %grpc_addr, "service started");
+        self.platform.emit(started);
+
+        // Wait for shutdown, or for a server to fail on its own.
+        let mut grpc = grpc;
+        let early = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = &mut grpc => Some(r),
+        };
+        self.readiness.start_draining();
+        crate::grpc::set_not_serving(&health, serve.grpc_names).await;
+        let mut result = Ok(());
+        match early {
+            Some(r) => {
+                result = flatten(r).context("gRPC server stopped unexpectedly");
+                shutdown.cancel();
+            }
+            None => match tokio::time::timeout(grace, &mut grpc).await {
+                Ok(r) => result = flatten(r),
+                Err(_) => {
+                    tracing::warn!(service = name, grace_s = grace.as_secs(), "grace period over, cutting off in-flight calls");
+                    grpc.abort();
+                }
+            },
+        }
+        if let Some(mut h) = http {
+            match tokio::time::timeout(grace, &mut h).await {
+                Ok(Ok(Err(e))) => tracing::error!(service = name, error = %e, "http facade failed"),
+                Ok(_) => {}
+                Err(_) => h.abort(),
+            }
+        }
+        self.platform.emit(stopped);
+        admin_stop.cancel();
+        let _ = admin.await;
+        tracing::info!(service = name, "service stopped");
+        result
+    }
+}
+
+fn flatten(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    r.map_err(|e| anyhow::anyhow!("server task failed: {e}"))?
+}
+
+/// Command line shared by every service binary.
+#[derive(Debug, clap::Parser)]
+pub struct ServiceArgs {
+    /// TOML configuration file (optional; `SEC_*` variables overlay it).
+    #[arg(long, short, env = "SEC_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<ServiceCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ServiceCommand {
+    /// Start the service (the default).
+    Serve,
+    /// Validate the configuration and print it (secrets redacted), then exit.
+    CheckConfig,
+}
+
+/// Loads config or prints the error and returns the exit code to use.
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path, &ProcessEnv).map_err(|e| {
+        eprintln!("configuration error: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+/// The whole `main` of a service binary: flags, config (validated before any port is
+/// bound; exit 64 when bad), telemetry, platform, listeners, `run`, drain, exit 0.
+pub fn standalone_main<F, Fut>(service: &'static str, run: F) -> ExitCode
+where
+    F: FnOnce(Platform, Listeners, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    use clap::Parser as _;
+    let args = ServiceArgs::parse();
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if matches!(args.command, Some(ServiceCommand::CheckConfig)) {
+        print!("{}", config.to_redacted_toml());
+        eprintln!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let telemetry = match crate::telemetry::init(&config.telemetry, &format!("{service}-svc")) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("telemetry: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = async {
+            let addrs = config.services.get(service).cloned().context("unknown service")?;
+            let http = (service == "auth").then_some(config.facade.http_addr);
+            if config.events.nats_url.is_none() {
+                tracing::warn!("no events.nats_url: events stay inside this process; run audit-svc in the same process (secd) or configure NATS");
+            }
+            let auth = Authenticator::from_config(&config)?;
+            let platform = Platform::connect(config, auth, crate::clock::system(), &format!("{service}-svc")).await?;
+            let listeners = Listeners::bind(&addrs, http).await?;
+            let shutdown = crate::shutdown::on_signal();
+            run(platform.clone(), listeners, shutdown).await?;
+            drain_events(&platform).await;
+            anyhow::Ok(())
+        }
+        .await;
+        telemetry.shutdown();
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{service}-svc failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Waits for the event spool to reach the broker before exit; logs what could not.
+pub async fn drain_events(platform: &Platform) {
+    let grace = Duration::from_secs(platform.config.shutdown.grace_seconds.max(1));
+    let left = platform.events.flush(grace).await;
+    if left > 0 {
+        tracing::error!(pending = left, "exiting with security events the broker has not stored");
+    }
+}

@@ -1,0 +1,338 @@
+//! Storage bootstrap: the SQL pool a service owns (PostgreSQL schema `<prefix><service>`,
+//! or a SQLite file `<data_dir>/<service>.db` on the embedded default) with its embedded
+//! migrations run at start, and the key-value store (Redis, or the in-process store with
+//! the same expiry semantics).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use deadpool_redis::redis;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, PgConnection};
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+
+/// A service's two migration sets, embedded with `sqlx::migrate!`.
+#[derive(Debug)]
+pub struct Migrations {
+    pub postgres: &'static Migrator,
+    pub sqlite: &'static Migrator,
+}
+
+/// The SQL pool of one service. Each service's storage trait has one implementation per
+/// variant and one contract test suite over both.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl Db {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Db::Postgres(_) => "postgres",
+            Db::Sqlite(_) => "sqlite",
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), String> {
+        let r = match self {
+            Db::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ()),
+            Db::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ()),
+        };
+        r.map_err(|e| format!("database: {e}"))
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Postgres(p) => p.close().await,
+            Db::Sqlite(p) => p.close().await,
+        }
+    }
+}
+
+/// Connects `service`'s database and runs its migrations.
+pub async fn connect_db(cfg: &Config, service: &str, migrations: &Migrations) -> anyhow::Result<Db> {
+    match &cfg.storage.database_url {
+        Some(url) => {
+            let schema = format!("{}{}", cfg.storage.postgres_schema_prefix, service);
+            let pool = connect_postgres(url.expose(), &schema, cfg.storage.max_connections).await?;
+            migrations
+                .postgres
+                .run(&pool)
+                .await
+                .with_context(|| format!("running {service} migrations in schema {schema}"))?;
+            Ok(Db::Postgres(pool))
+        }
+        None => {
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+            let path = cfg.data_dir.join(format!("{service}.db"));
+            let pool = connect_sqlite(&path, cfg.storage.max_connections).await?;
+            migrations
+                .sqlite
+                .run(&pool)
+                .await
+                .with_context(|| format!("running {service} migrations in {}", path.display()))?;
+            Ok(Db::Sqlite(pool))
+        }
+    }
+}
+
+/// A pool whose connections all use `schema` (created if missing).
+pub async fn connect_postgres(url: &str, schema: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    anyhow::ensure!(
+        !schema.is_empty() && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        "invalid schema name"
+    );
+    // The URL is never put in an error: it may carry a password.
+    let base = PgConnectOptions::from_str(url).context("parsing storage.database_url")?;
+    let mut conn = PgConnection::connect_with(&base).await.context("connecting to PostgreSQL")?;
+    // Two services starting together can race on CREATE SCHEMA IF NOT EXISTS; a second try settles it.
+    let ddl = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+    // Safe: `schema` was checked above to be [a-z0-9_]+.
+    if sqlx::query(sqlx::AssertSqlSafe(ddl.clone())).execute(&mut conn).await.is_err() {
+        sqlx::query(sqlx::AssertSqlSafe(ddl))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating schema {schema}"))?;
+    }
+    conn.close().await.ok();
+    let opts = base.options([("search_path", schema)]);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(opts)
+        .await
+        .context("opening PostgreSQL pool")
+}
+
+pub async fn connect_sqlite(path: &std::path::Path, max_connections: u32) -> anyhow::Result<SqlitePool> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true);
+    SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(opts)
+        .await
+        .with_context(|| format!("opening SQLite database {}", path.display()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("key-value store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Sessions, counters and denylists: Redis in production, in-process otherwise.
+#[derive(Clone)]
+pub enum Kv {
+    Redis { pool: deadpool_redis::Pool, prefix: String },
+    Memory(Arc<MemoryKv>),
+}
+
+impl std::fmt::Debug for Kv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.backend())
+    }
+}
+
+/// Connects the store `service` uses; keys are prefixed `<redis_key_prefix><service>:`.
+pub async fn connect_kv(cfg: &Config, service: &str, clock: SharedClock) -> anyhow::Result<Kv> {
+    match &cfg.storage.redis_url {
+        Some(url) => {
+            let pool = deadpool_redis::Config::from_url(url.expose())
+                .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                .map_err(|e| anyhow::anyhow!("invalid storage.redis_url: {}", e.to_string().replace(url.expose(), "[redacted]")))?;
+            let kv = Kv::Redis { pool, prefix: format!("{}{service}:", cfg.storage.redis_key_prefix) };
+            kv.ping().await.context("connecting to Redis")?;
+            Ok(kv)
+        }
+        None => Ok(Kv::Memory(Arc::new(MemoryKv::new(clock)))),
+    }
+}
+
+fn redis_err(e: impl std::fmt::Display) -> KvError {
+    KvError::Unavailable(e.to_string())
+}
+
+impl Kv {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Kv::Redis { .. } => "redis",
+            Kv::Memory(_) => "memory",
+        }
+    }
+
+    async fn conn(pool: &deadpool_redis::Pool) -> Result<deadpool_redis::Connection, KvError> {
+        pool.get().await.map_err(redis_err)
+    }
+
+    pub async fn ping(&self) -> Result<(), KvError> {
+        match self {
+            Kv::Redis { pool, .. } => {
+                let mut c = Self::conn(pool).await?;
+                redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()).map_err(redis_err)
+            }
+            Kv::Memory(_) => Ok(()),
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match self {
+            Kv::Redis { pool, prefix } => {
+                let mut c = Self::conn(pool).await?;
+                redis::cmd("GET").arg(format!("{prefix}{key}")).query_async(&mut c).await.map_err(redis_err)
+            }
+            Kv::Memory(m) => Ok(m.get(key)),
+        }
+    }
+
+    /// Sets `key`; with `ttl` it disappears after that long.
+    pub async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<(), KvError> {
+        match self {
+            Kv::Redis { pool, prefix } => {
+                let mut c = Self::conn(pool).await?;
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(format!("{prefix}{key}")).arg(value);
+                if let Some(ttl) = ttl {
+                    cmd.arg("PX").arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+                }
+                cmd.query_async::<()>(&mut c).await.map_err(redis_err)
+            }
+            Kv::Memory(m) => {
+                m.set(key, value, ttl);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes `key`; true if it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool, KvError> {
+        match self {
+            Kv::Redis { pool, prefix } => {
+                let mut c = Self::conn(pool).await?;
+                let n: i64 = redis::cmd("DEL").arg(format!("{prefix}{key}")).query_async(&mut c).await.map_err(redis_err)?;
+                Ok(n > 0)
+            }
+            Kv::Memory(m) => Ok(m.delete(key)),
+        }
+    }
+}
+
+/// The in-process store. Expiry follows the injected clock, so tests can move time.
+pub struct MemoryKv {
+    clock: SharedClock,
+    map: Mutex<HashMap<String, (Vec<u8>, Option<DateTime<Utc>>)>>,
+}
+
+impl MemoryKv {
+    pub fn new(clock: SharedClock) -> Self {
+        Self { clock, map: Mutex::new(HashMap::new()) }
+    }
+
+    fn live(&self, exp: Option<DateTime<Utc>>) -> bool {
+        exp.is_none_or(|e| e > self.clock.now())
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(key).filter(|(_, exp)| self.live(*exp)).map(|(v, _)| v.clone())
+    }
+
+    pub fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) {
+        let exp = ttl.map(|t| self.clock.now() + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::MAX));
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        // Sweep expired entries now and then so memory is bounded by live keys.
+        if map.len() % 1024 == 1023 {
+            let now = self.clock.now();
+            map.retain(|_, (_, e)| e.is_none_or(|e| e > now));
+        }
+        map.insert(key.to_owned(), (value.to_vec(), exp));
+    }
+
+    pub fn delete(&self, key: &str) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.remove(key).is_some_and(|(_, exp)| self.live(exp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[test]
+    fn memory_kv_expires_with_the_clock() {
+        let clock = ManualClock::new(Utc::now());
+        let kv = MemoryKv::new(clock.clone());
+        kv.set("a", b"1", Some(Duration::from_secs(10)));
+        kv.set("b", b"2", None);
+        assert_eq!(kv.get("a").as_deref(), Some(&b"1"[..]));
+        clock.advance(chrono::Duration::seconds(11));
+        assert_eq!(kv.get("a"), None, "expired");
+        assert!(!kv.delete("a"), "deleting an expired key reports it absent");
+        assert_eq!(kv.get("b").as_deref(), Some(&b"2"[..]), "no ttl: kept");
+    }
+
+    /// The same contract, against both backends.
+    async fn kv_contract(kv: Kv, ns: &str) {
+        let k = |s: &str| format!("{ns}:{s}");
+        assert_eq!(kv.get(&k("missing")).await.unwrap(), None);
+        kv.set(&k("x"), b"hello", None).await.unwrap();
+        assert_eq!(kv.get(&k("x")).await.unwrap().as_deref(), Some(&b"hello"[..]));
+        kv.set(&k("x"), b"again", None).await.unwrap();
+        assert_eq!(kv.get(&k("x")).await.unwrap().as_deref(), Some(&b"again"[..]), "set overwrites");
+        assert!(kv.delete(&k("x")).await.unwrap());
+        assert!(!kv.delete(&k("x")).await.unwrap());
+        kv.set(&k("t"), b"short", Some(Duration::from_millis(150))).await.unwrap();
+        assert!(kv.get(&k("t")).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(kv.get(&k("t")).await.unwrap(), None, "ttl honoured");
+    }
+
+    #[tokio::test]
+    async fn kv_contract_memory() {
+        kv_contract(Kv::Memory(Arc::new(MemoryKv::new(crate::clock::system()))), "m").await;
+    }
+
+    #[tokio::test]
+    async fn kv_contract_redis() {
+        let Some(url) = crate::testing::backend_url(crate::testing::Backend::Redis) else { return };
+        let cfg = Config {
+            storage: crate::config::StorageConfig {
+                redis_url: Some(crate::config::Secret::new(url)),
+                redis_key_prefix: format!("sectest:{}:", uuid::Uuid::new_v4().simple()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let kv = connect_kv(&cfg, "unit", crate::clock::system()).await.unwrap();
+        assert_eq!(kv.backend(), "redis");
+        kv_contract(kv, "r").await;
+    }
+
+    #[tokio::test]
+    async fn redis_url_password_never_in_errors() {
+        let cfg = Config {
+            storage: crate::config::StorageConfig {
+                redis_url: Some(crate::config::Secret::new("redis://:hunter2@127.0.0.1:1/")),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = format!("{:#}", connect_kv(&cfg, "unit", crate::clock::system()).await.unwrap_err());
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
