@@ -1,1 +1,56 @@
+//! audit-svc: persists every `SecurityEvent` from the bus (NATS JetStream or in-process)
+//! into its `security_events` table and serves them over `sec.audit.v1.AuditService`.
+//!
+//! Layout (the model for every service): `store/` holds the storage trait, one module per
+//! backend and the contract suite; `grpc.rs` the API; `pipeline.rs` the background work;
+//! `run` wires them onto a [`ServiceHost`].
 
+pub mod grpc;
+pub mod pipeline;
+pub mod store;
+
+use std::sync::Arc;
+
+use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
+use sec_common::storage::{Db, Migrations};
+use sec_proto::audit::v1::audit_service_server::AuditServiceServer;
+use tokio_util::sync::CancellationToken;
+
+pub const NAME: &str = "audit";
+pub const GRPC_NAMES: &[&str] = &["sec.audit.v1.AuditService"];
+
+pub static MIGRATIONS: Migrations = Migrations {
+    postgres: &sqlx::migrate!("../../migrations/audit/postgres"),
+    sqlite: &sqlx::migrate!("../../migrations/audit/sqlite"),
+};
+
+/// The store for the configured backend.
+pub fn event_store(db: &Db) -> Arc<dyn store::EventStore> {
+    match db {
+        Db::Postgres(p) => Arc::new(store::postgres::PgEventStore::new(p.clone())),
+        Db::Sqlite(p) => Arc::new(store::sqlite::SqliteEventStore::new(p.clone())),
+    }
+}
+
+/// Runs audit-svc until `shutdown`, then stops serving and drains the bus into the store.
+pub async fn run(platform: Platform, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut host = ServiceHost::new(NAME, &platform);
+    let db = host.open_db(&MIGRATIONS).await?;
+    let store = event_store(&db);
+
+    let metrics = pipeline::IngestMetrics::register(&mut host.registry);
+    let ingest_stop = CancellationToken::new();
+    let ingest = tokio::spawn(pipeline::run(platform.events.clone(), store.clone(), metrics, ingest_stop.clone()));
+
+    let api = AuditServiceServer::with_interceptor(grpc::AuditApi { store }, platform.auth.interceptor());
+    let serve = Serve { grpc_names: GRPC_NAMES, routes: tonic::service::Routes::new(api), http: None };
+    let served = host.serve(serve, listeners, shutdown).await;
+
+    // Events emitted while the other services stopped are still on the bus: flush the
+    // spool, then drain it into the store before closing.
+    platform.events.flush(std::time::Duration::from_secs(platform.config.shutdown.grace_seconds)).await;
+    ingest_stop.cancel();
+    let _ = ingest.await;
+    db.close().await;
+    served
+}

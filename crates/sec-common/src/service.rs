@@ -123,6 +123,9 @@ pub struct ServiceHost {
     pub platform: Platform,
     pub readiness: Arc<Readiness>,
     pub registry: Registry,
+    /// Installation id and first start, once the database is open (in the started event).
+    instance: Option<(uuid::Uuid, chrono::DateTime<chrono::Utc>)>,
+    backends: Vec<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for ServiceHost {
@@ -137,7 +140,26 @@ impl ServiceHost {
         readiness.add_check("events", Arc::new(platform.events.clone()));
         let mut registry = Registry::default();
         platform.events.register_metrics(&mut registry);
-        Self { name, platform: platform.clone(), readiness, registry }
+        let backends = vec![("events", platform.events.transport_kind())];
+        Self { name, platform: platform.clone(), readiness, registry, instance: None, backends }
+    }
+
+    /// Opens this service's database (running its migrations), adds it to readiness and
+    /// reads the installation identity kept in it.
+    pub async fn open_db(&mut self, migrations: &crate::storage::Migrations) -> anyhow::Result<crate::storage::Db> {
+        let db = crate::storage::connect_db(&self.platform.config, self.name, migrations).await?;
+        self.readiness.add_check("database", Arc::new(db.clone()));
+        self.instance = Some(crate::storage::ensure_instance(&db, self.platform.clock.now()).await?);
+        self.backends.push(("database", db.backend()));
+        Ok(db)
+    }
+
+    /// Connects the key-value store (Redis or in-process) and adds it to readiness.
+    pub async fn open_kv(&mut self) -> anyhow::Result<crate::storage::Kv> {
+        let kv = crate::storage::connect_kv(&self.platform.config, self.name, self.platform.clock.clone()).await?;
+        self.readiness.add_check("kv", Arc::new(kv.clone()));
+        self.backends.push(("kv", kv.backend()));
+        Ok(kv)
     }
 
     fn lifecycle_event(&self, verb: &str, addr: Option<SocketAddr>) -> SecurityEvent {
@@ -147,6 +169,13 @@ impl ServiceHost {
         e.details.insert("version".into(), env!("CARGO_PKG_VERSION").into());
         if let Some(a) = addr {
             e.details.insert("grpc_addr".into(), a.to_string());
+        }
+        if let Some((id, since)) = &self.instance {
+            e.details.insert("instance_id".into(), id.to_string());
+            e.details.insert("first_started_at".into(), since.to_rfc3339());
+        }
+        for (k, v) in &self.backends {
+            e.details.insert(format!("{k}_backend"), (*v).into());
         }
         e
     }

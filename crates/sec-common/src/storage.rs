@@ -129,6 +129,36 @@ pub async fn connect_sqlite(path: &std::path::Path, max_connections: u32) -> any
         .with_context(|| format!("opening SQLite database {}", path.display()))
 }
 
+/// This installation's identity for a service: made on first start, then kept. Every
+/// service's first migration creates the `service_instance` table it lives in, so a
+/// restart that keeps its data reports the same id and first-start time.
+pub async fn ensure_instance(db: &Db, now: DateTime<Utc>) -> anyhow::Result<(uuid::Uuid, DateTime<Utc>)> {
+    let fresh = uuid::Uuid::now_v7();
+    match db {
+        Db::Postgres(p) => {
+            sqlx::query("INSERT INTO service_instance (id, created_at) SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM service_instance)")
+                .bind(fresh)
+                .bind(now)
+                .execute(p)
+                .await?;
+            let row: (uuid::Uuid, DateTime<Utc>) =
+                sqlx::query_as("SELECT id, created_at FROM service_instance ORDER BY created_at LIMIT 1").fetch_one(p).await?;
+            Ok(row)
+        }
+        Db::Sqlite(p) => {
+            sqlx::query("INSERT INTO service_instance (id, created_us) SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM service_instance)")
+                .bind(fresh.to_string())
+                .bind(now.timestamp_micros())
+                .execute(p)
+                .await?;
+            let (id, us): (String, i64) =
+                sqlx::query_as("SELECT id, created_us FROM service_instance ORDER BY created_us LIMIT 1").fetch_one(p).await?;
+            let created = DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow::anyhow!("bad instance time"))?;
+            Ok((uuid::Uuid::parse_str(&id)?, created))
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
     #[error("key-value store unavailable: {0}")]

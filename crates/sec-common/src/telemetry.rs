@@ -93,10 +93,10 @@ impl TelemetryGuard {
     }
 
     fn shutdown_inner(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            if let Err(err) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
-                tracing::warn!(error = %err, "telemetry shutdown failed; some spans may be lost");
-            }
+        if let Some(provider) = self.provider.take()
+            && let Err(err) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
+        {
+            tracing::warn!(error = %err, "telemetry shutdown failed; some spans may be lost");
         }
     }
 }
@@ -186,10 +186,10 @@ pub fn init(cfg: &TelemetryConfig, service_name: &str) -> anyhow::Result<Telemet
 
 /// `RUST_LOG` when present and valid, else the configured directive (empty means `info`).
 fn env_filter(log_level: &str) -> anyhow::Result<EnvFilter> {
-    if std::env::var_os(EnvFilter::DEFAULT_ENV).is_some() {
-        if let Ok(filter) = EnvFilter::try_from_default_env() {
-            return Ok(filter);
-        }
+    if std::env::var_os(EnvFilter::DEFAULT_ENV).is_some()
+        && let Ok(filter) = EnvFilter::try_from_default_env()
+    {
+        return Ok(filter);
     }
     let directive = match log_level.trim() {
         "" => "info",
@@ -725,10 +725,7 @@ mod tests {
             assert_ne!(span_id.to_string(), SPAN_ID, "request span must be a child");
 
             // Without a traceparent the request starts a fresh trace.
-            let req = http::Request::builder()
-                .uri("/healthz")
-                .body(())
-                .unwrap();
+            let req = http::Request::builder().uri("/healthz").body(()).unwrap();
             let (fresh, _) = call_layered(req);
             assert_ne!(fresh, TraceId::INVALID);
             assert_ne!(fresh.to_string(), TRACE_ID);
@@ -752,7 +749,10 @@ mod tests {
         }));
         let clone = svc.clone();
         let req = http::Request::new(());
-        assert_eq!(futures::executor::block_on(clone.oneshot(req)).unwrap(), "ok");
+        assert_eq!(
+            futures::executor::block_on(clone.oneshot(req)).unwrap(),
+            "ok"
+        );
     }
 
     const INIT_CHILD_ENV: &str = "SEC_COMMON_TELEMETRY_INIT_CHILD";

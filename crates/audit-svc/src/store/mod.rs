@@ -1,0 +1,322 @@
+//! Where the audit trail lives. One trait, two implementations (PostgreSQL, SQLite),
+//! one contract suite ([`contract`]) that both must pass.
+
+pub mod postgres;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use sec_common::events::{ActorKind, Outcome, SecurityEvent, Severity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Position after the last event of a page (events are ordered newest first by time, then id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub time_us: i64,
+    pub id: uuid::Uuid,
+}
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", self.time_us, self.id))
+    }
+
+    pub fn decode(token: &str) -> Option<Self> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (t, id) = raw.split_once(':')?;
+        Some(Self { time_us: t.parse().ok()?, id: uuid::Uuid::parse_str(id).ok()? })
+    }
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventQuery {
+    /// Exact type.
+    pub event_type: Option<String>,
+    /// Type prefix (from `sec.crypto.*`).
+    pub type_prefix: Option<String>,
+    /// Inclusive lower bound, microseconds since the epoch.
+    pub since_us: Option<i64>,
+    /// Exclusive upper bound.
+    pub until_us: Option<i64>,
+    pub after: Option<Cursor>,
+    pub limit: u32,
+}
+
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Stores events; ids already stored are skipped (redelivery is normal). Returns how
+    /// many were new. All or nothing: on error nothing of the batch is stored.
+    async fn insert_batch(&self, events: &[SecurityEvent]) -> Result<u64, StoreError>;
+    /// Newest first; the cursor is set when there may be more.
+    async fn list(&self, query: &EventQuery) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError>;
+}
+
+/// Row form shared by both backends: the envelope flattened into columns.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub id: uuid::Uuid,
+    pub event_type: String,
+    pub time_us: i64,
+    pub service: String,
+    pub user_id: Option<uuid::Uuid>,
+    pub actor_kind: String,
+    pub actor_id: String,
+    pub subject: String,
+    pub ip_address: Option<String>,
+    pub outcome: String,
+    pub severity: String,
+    pub details: String,
+    pub trace_id: String,
+}
+
+pub(crate) fn time_us(e: &SecurityEvent) -> i64 {
+    e.time.as_ref().map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
+}
+
+pub(crate) fn to_row(e: &SecurityEvent) -> Result<Row, StoreError> {
+    let id = uuid::Uuid::parse_str(&e.id).map_err(|_| StoreError::Corrupt(format!("event id `{}` is not a UUID", e.id)))?;
+    let actor = e.actor.clone().unwrap_or_default();
+    let kind = ActorKind::try_from(actor.kind).unwrap_or(ActorKind::Unspecified);
+    let user_id = if kind == ActorKind::User { uuid::Uuid::parse_str(&actor.id).ok() } else { None };
+    // A malformed address is not an address: keep the column typed and the event stored.
+    let ip_address = e.source_ip.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string());
+    Ok(Row {
+        id,
+        event_type: e.r#type.clone(),
+        time_us: time_us(e),
+        service: e.service.clone(),
+        user_id,
+        actor_kind: actor_kind_name(kind).into(),
+        actor_id: actor.id,
+        subject: e.subject.clone(),
+        ip_address,
+        outcome: outcome_name(Outcome::try_from(e.outcome).unwrap_or(Outcome::Unspecified)).into(),
+        severity: severity_name(Severity::try_from(e.severity).unwrap_or(Severity::Unspecified)).into(),
+        details: serde_json::to_string(&e.details).unwrap_or_else(|_| "{}".into()),
+        trace_id: e.trace_id.clone(),
+    })
+}
+
+pub(crate) fn from_row(r: Row) -> Result<SecurityEvent, StoreError> {
+    let details = serde_json::from_str(&r.details).map_err(|e| StoreError::Corrupt(format!("details: {e}")))?;
+    let time = DateTime::<Utc>::from_timestamp_micros(r.time_us).ok_or_else(|| StoreError::Corrupt("time".into()))?;
+    Ok(SecurityEvent {
+        id: r.id.to_string(),
+        r#type: r.event_type,
+        time: Some(sec_common::events::to_timestamp(time)),
+        service: r.service,
+        actor: Some(sec_common::events::Actor { kind: actor_kind_from(&r.actor_kind) as i32, id: r.actor_id }),
+        subject: r.subject,
+        source_ip: r.ip_address.unwrap_or_default(),
+        outcome: outcome_from(&r.outcome) as i32,
+        severity: severity_from(&r.severity) as i32,
+        details,
+        trace_id: r.trace_id,
+    })
+}
+
+fn actor_kind_name(k: ActorKind) -> &'static str {
+    match k {
+        ActorKind::User => "user",
+        ActorKind::Client => "client",
+        ActorKind::Service => "service",
+        ActorKind::Anonymous => "anonymous",
+        ActorKind::Unspecified => "unspecified",
+    }
+}
+fn actor_kind_from(s: &str) -> ActorKind {
+    match s {
+        "user" => ActorKind::User,
+        "client" => ActorKind::Client,
+        "service" => ActorKind::Service,
+        "anonymous" => ActorKind::Anonymous,
+        _ => ActorKind::Unspecified,
+    }
+}
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Success => "success",
+        Outcome::Failure => "failure",
+        Outcome::Denied => "denied",
+        Outcome::Unspecified => "unspecified",
+    }
+}
+fn outcome_from(s: &str) -> Outcome {
+    match s {
+        "success" => Outcome::Success,
+        "failure" => Outcome::Failure,
+        "denied" => Outcome::Denied,
+        _ => Outcome::Unspecified,
+    }
+}
+/// Lowercase names, as the requirement document's `severity VARCHAR(20)` suggests.
+pub fn severity_name(s: Severity) -> &'static str {
+    match s {
+        Severity::Info => "info",
+        Severity::Low => "low",
+        Severity::Medium => "medium",
+        Severity::High => "high",
+        Severity::Critical => "critical",
+        Severity::Unspecified => "unspecified",
+    }
+}
+fn severity_from(s: &str) -> Severity {
+    match s {
+        "info" => Severity::Info,
+        "low" => Severity::Low,
+        "medium" => Severity::Medium,
+        "high" => Severity::High,
+        "critical" => Severity::Critical,
+        _ => Severity::Unspecified,
+    }
+}
+
+pub(crate) fn cursor_after(more: bool, events: &[SecurityEvent]) -> Option<Cursor> {
+    let last = events.last().filter(|_| more)?;
+    Some(Cursor { time_us: time_us(last), id: uuid::Uuid::parse_str(&last.id).ok()? })
+}
+
+/// `LIKE` pattern for a prefix, with `%`, `_` and `\` escaped (event types contain `_`).
+pub(crate) fn like_prefix(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
+/// The contract every [`EventStore`] implementation must meet. Called by each backend's
+/// tests (and by the cross-crate harness) with a fresh, empty store.
+pub mod contract {
+    use super::*;
+    use sec_common::clock::{Clock, ManualClock};
+    use sec_common::events::new_event;
+
+    fn ev(clock: &dyn Clock, ty: &str) -> SecurityEvent {
+        let svc = ty.split('.').nth(1).unwrap_or("audit");
+        new_event(clock, svc, ty)
+    }
+
+    #[allow(clippy::unwrap_used, clippy::panic)]
+    pub async fn run(store: &dyn EventStore) {
+        let start = DateTime::parse_from_rfc3339("2026-03-01T10:00:00.123456Z").unwrap().with_timezone(&Utc);
+        let clock = ManualClock::new(start);
+        let mut all = Vec::new();
+        for i in 0..25 {
+            let ty = if i % 2 == 0 { "sec.crypto.key.created" } else { "sec.token.refresh.reuse_detected" };
+            let mut e = ev(clock.as_ref(), ty);
+            if i == 3 {
+                e.actor = Some(sec_common::events::Actor { kind: ActorKind::User as i32, id: uuid::Uuid::new_v4().to_string() });
+                e.source_ip = "2001:db8::1".into();
+                e.details.insert("reason".into(), "unit \"quoted\" ✓".into());
+                e.severity = Severity::Critical as i32;
+                e.outcome = Outcome::Denied as i32;
+                e.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into();
+            }
+            if i == 4 {
+                e.source_ip = "not-an-ip".into();
+            }
+            all.push(e);
+            clock.advance(chrono::Duration::seconds(1));
+        }
+        // insert in two overlapping batches: the overlap is a redelivery
+        assert_eq!(store.insert_batch(&all[..15]).await.unwrap(), 15);
+        assert_eq!(store.insert_batch(&all[10..]).await.unwrap(), 10, "already-stored ids are skipped");
+        assert_eq!(store.insert_batch(&[]).await.unwrap(), 0);
+
+        // round trip of every field
+        let (page, _) = store.list(&EventQuery { limit: 100, ..Default::default() }).await.unwrap();
+        assert_eq!(page.len(), 25);
+        let got = page.iter().find(|e| e.id == all[3].id).unwrap();
+        assert_eq!(got, &all[3], "every envelope field survives storage");
+        let bad_ip = page.iter().find(|e| e.id == all[4].id).unwrap();
+        assert_eq!(bad_ip.source_ip, "", "a malformed address is not stored as one");
+
+        // newest first
+        let ids: Vec<&str> = page.iter().map(|e| e.id.as_str()).collect();
+        let mut want: Vec<&str> = all.iter().rev().map(|e| e.id.as_str()).collect();
+        want.truncate(25);
+        assert_eq!(ids, want);
+
+        // paging walks everything exactly once
+        let mut seen = Vec::new();
+        let mut q = EventQuery { limit: 7, ..Default::default() };
+        loop {
+            let (p, next) = store.list(&q).await.unwrap();
+            assert!(p.len() <= 7);
+            seen.extend(p.into_iter().map(|e| e.id));
+            match next {
+                Some(c) => q.after = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 25);
+        assert_eq!(seen, want.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+
+        // filters: exact type, prefix with `_` in it, time window
+        let (p, _) = store
+            .list(&EventQuery { event_type: Some("sec.crypto.key.created".into()), limit: 100, ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(p.len(), 13);
+        assert!(p.iter().all(|e| e.r#type == "sec.crypto.key.created"));
+        let (p, _) = store
+            .list(&EventQuery { type_prefix: Some("sec.token.refresh.reuse_".into()), limit: 100, ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(p.len(), 12);
+        let (p, _) = store
+            .list(&EventQuery { type_prefix: Some("sec.token.refresh.reuseX".into()), limit: 100, ..Default::default() })
+            .await
+            .unwrap();
+        assert!(p.is_empty(), "`_` in a prefix is literal, not a wildcard");
+        let since = time_us(&all[5]);
+        let until = time_us(&all[10]);
+        let (p, _) = store
+            .list(&EventQuery { since_us: Some(since), until_us: Some(until), limit: 100, ..Default::default() })
+            .await
+            .unwrap();
+        let got: Vec<String> = p.into_iter().map(|e| e.id).collect();
+        let want: Vec<String> = all[5..10].iter().rev().map(|e| e.id.clone()).collect();
+        assert_eq!(got, want, "since inclusive, until exclusive");
+
+        // a batch with one bad event stores nothing
+        let mut bad = vec![ev(clock.as_ref(), "sec.crypto.key.created"), ev(clock.as_ref(), "sec.crypto.key.created")];
+        bad[1].id = "nope".into();
+        assert!(store.insert_batch(&bad).await.is_err());
+        let (p, _) = store.list(&EventQuery { limit: 100, ..Default::default() }).await.unwrap();
+        assert_eq!(p.len(), 25, "all or nothing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip_and_garbage() {
+        let c = Cursor { time_us: 1_700_000_000_123_456, id: uuid::Uuid::now_v7() };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        assert_eq!(Cursor::decode("!!!"), None);
+        assert_eq!(Cursor::decode("bm9wZQ"), None);
+    }
+
+    #[test]
+    fn like_prefix_escapes_wildcards() {
+        assert_eq!(like_prefix("sec.a_b%"), "sec.a\\_b\\%%");
+    }
+}

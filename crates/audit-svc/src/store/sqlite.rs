@@ -1,0 +1,124 @@
+//! SQLite event store (the embedded default). A batch is one transaction.
+
+use async_trait::async_trait;
+use sec_common::events::SecurityEvent;
+use sqlx::SqlitePool;
+
+use super::{Cursor, EventQuery, EventStore, Row, StoreError, cursor_after, from_row, like_prefix, to_row};
+
+#[derive(Debug, Clone)]
+pub struct SqliteEventStore {
+    pool: SqlitePool,
+}
+
+impl SqliteEventStore {
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+}
+
+type SqlRow = (String, String, i64, String, Option<String>, String, String, String, Option<String>, String, String, String, String);
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn insert_batch(&self, events: &[SecurityEvent]) -> Result<u64, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let rows = events.iter().map(to_row).collect::<Result<Vec<Row>, _>>()?;
+        let received = chrono::Utc::now().timestamp_micros();
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        for r in rows {
+            let res = sqlx::query(
+                "INSERT OR IGNORE INTO security_events
+                   (id, event_type, ts_us, service, user_id, actor_kind, actor_id, subject,
+                    ip_address, outcome, severity, details, trace_id, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )
+            .bind(r.id.to_string())
+            .bind(r.event_type)
+            .bind(r.time_us)
+            .bind(r.service)
+            .bind(r.user_id.map(|u| u.to_string()))
+            .bind(r.actor_kind)
+            .bind(r.actor_id)
+            .bind(r.subject)
+            .bind(r.ip_address)
+            .bind(r.outcome)
+            .bind(r.severity)
+            .bind(r.details)
+            .bind(r.trace_id)
+            .bind(received)
+            .execute(&mut *tx)
+            .await?;
+            inserted += res.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn list(&self, q: &EventQuery) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
+        let limit = i64::from(q.limit.max(1));
+        let rows: Vec<SqlRow> = sqlx::query_as(
+            r"SELECT id, event_type, ts_us, service, user_id, actor_kind, actor_id, subject,
+                     ip_address, outcome, severity, details, trace_id
+              FROM security_events
+              WHERE (?1 IS NULL OR event_type = ?1)
+                AND (?2 IS NULL OR event_type LIKE ?2 ESCAPE '\')
+                AND (?3 IS NULL OR ts_us >= ?3)
+                AND (?4 IS NULL OR ts_us < ?4)
+                AND (?5 IS NULL OR (ts_us, id) < (?5, ?6))
+              ORDER BY ts_us DESC, id DESC
+              LIMIT ?7",
+        )
+        .bind(q.event_type.as_deref())
+        .bind(q.type_prefix.as_deref().map(like_prefix))
+        .bind(q.since_us)
+        .bind(q.until_us)
+        .bind(q.after.map(|c| c.time_us))
+        .bind(q.after.map(|c| c.id.to_string()))
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let more = rows.len() as i64 > limit;
+        let events = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|r| {
+                let id = uuid::Uuid::parse_str(&r.0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let user_id = r.4.as_deref().and_then(|u| uuid::Uuid::parse_str(u).ok());
+                from_row(Row {
+                    id,
+                    event_type: r.1,
+                    time_us: r.2,
+                    service: r.3,
+                    user_id,
+                    actor_kind: r.5,
+                    actor_id: r.6,
+                    subject: r.7,
+                    ip_address: r.8,
+                    outcome: r.9,
+                    severity: r.10,
+                    details: r.11,
+                    trace_id: r.12,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cursor = cursor_after(more, &events);
+        Ok((events, cursor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn contract_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4).await.unwrap();
+        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
+        super::super::contract::run(&SqliteEventStore::new(pool)).await;
+    }
+}

@@ -1,0 +1,120 @@
+//! `secd`: every platform service in one process. `secd dev` runs on the embedded
+//! default (SQLite under the data directory, in-process session store and event bus)
+//! unless PostgreSQL/Redis/NATS URLs are configured.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sec_common::auth::{Authenticator, ensure_bootstrap_token, generate_token};
+use sec_common::config::{Config, SERVICES};
+use sec_common::service::{Platform, load_config};
+
+#[derive(Debug, Parser)]
+#[command(name = "secd", version, about = "Run the whole security platform in one process")]
+struct Args {
+    /// TOML configuration file (optional; `SEC_*` variables overlay it).
+    #[arg(long, short, env = "SEC_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run every service (embedded storage unless URLs are configured).
+    Dev {
+        /// Data directory (overrides `data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match args.command {
+        Command::CheckConfig => {
+            print!("{}", config.to_redacted_toml());
+            eprintln!("configuration ok");
+            ExitCode::SUCCESS
+        }
+        Command::Dev { data_dir } => {
+            if let Some(d) = data_dir {
+                config.data_dir = d;
+            }
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                let telemetry = match sec_common::telemetry::init(&config.telemetry, "secd") {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("telemetry: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let r = dev(config).await;
+                telemetry.shutdown();
+                match r {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("secd failed: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+async fn dev(config: Config) -> anyhow::Result<()> {
+    let bootstrap = match config.auth.admin_token_hash {
+        Some(_) => None,
+        None => Some(ensure_bootstrap_token(&config.data_dir)?),
+    };
+    if config.storage.database_url.is_none() {
+        std::fs::create_dir_all(&config.data_dir)?;
+    }
+    // Services in this process authenticate to each other with a credential that lives
+    // only as long as the process.
+    let service_token = generate_token()?;
+    let auth = Authenticator::from_config(&config)?.with_service_token(&service_token);
+    let listeners = secd::bind_all(&config).await?;
+    let platform = Platform::connect(config.clone(), auth, sec_common::clock::system(), "secd").await?;
+    print_banner(&config, bootstrap.as_ref(), platform.events.transport_kind());
+    let shutdown = sec_common::shutdown::on_signal();
+    secd::run_all(platform, listeners, shutdown).await?;
+    println!("secd stopped cleanly");
+    Ok(())
+}
+
+fn print_banner(config: &Config, bootstrap: Option<&sec_common::auth::Bootstrap>, bus: &str) {
+    let db = if config.storage.database_url.is_some() { "postgres".to_owned() } else { format!("sqlite in {}", config.data_dir.display()) };
+    let kv = if config.storage.redis_url.is_some() { "redis" } else { "in-process" };
+    println!("secd: security platform running (database: {db}; sessions: {kv}; events: {bus})");
+    println!("  {:<8} http://{}  (HTTP facade)", "facade", config.facade.http_addr);
+    for name in SERVICES {
+        if let Some(a) = config.services.get(name) {
+            println!("  {:<8} grpc {}  admin http://{}/readyz", name, a.grpc_addr, a.admin_addr);
+        }
+    }
+    match bootstrap {
+        Some(b) if b.created => println!("admin token created: {} (owner-only; secctl reads it)", b.token_path.display()),
+        Some(b) => println!("admin token: {} (reused)", b.token_path.display()),
+        None => println!("admin token: from auth.admin_token_hash"),
+    }
+    if config.is_embedded() {
+        println!("note: embedded default, for development; production supplies PostgreSQL, Redis, NATS and TLS");
+    }
+    println!("press Ctrl-C to stop");
+}
