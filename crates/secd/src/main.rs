@@ -91,21 +91,30 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     let auth = Authenticator::from_config(&config)?.with_service_token(&service_token);
     let listeners = secd::bind_all(&config).await?;
     let platform = Platform::connect(config.clone(), auth, sec_common::clock::system(), "secd").await?;
-    print_banner(&config, bootstrap.as_ref(), platform.events.transport_kind());
+    print_banner(&config, &listeners, bootstrap.as_ref(), platform.events.transport_kind());
     let shutdown = sec_common::shutdown::on_signal();
     secd::run_all(platform, listeners, shutdown).await?;
     println!("secd stopped cleanly");
     Ok(())
 }
 
-fn print_banner(config: &Config, bootstrap: Option<&sec_common::auth::Bootstrap>, bus: &str) {
+/// Prints the addresses actually bound (a configured port 0 shows the port it got).
+fn print_banner(
+    config: &Config,
+    listeners: &std::collections::BTreeMap<&'static str, sec_common::service::Listeners>,
+    bootstrap: Option<&sec_common::auth::Bootstrap>,
+    bus: &str,
+) {
+    let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let db = if config.storage.database_url.is_some() { "postgres".to_owned() } else { format!("sqlite in {}", config.data_dir.display()) };
     let kv = if config.storage.redis_url.is_some() { "redis" } else { "in-process" };
     println!("secd: security platform running (database: {db}; sessions: {kv}; events: {bus})");
-    println!("  {:<8} http://{}  (HTTP facade)", "facade", config.facade.http_addr);
+    if let Some(http) = listeners.get("auth").and_then(|l| l.http.as_ref()) {
+        println!("  {:<8} http://{}  (HTTP facade)", "facade", addr(http));
+    }
     for name in SERVICES {
-        if let Some(a) = config.services.get(name) {
-            println!("  {:<8} grpc {}  admin http://{}/readyz", name, a.grpc_addr, a.admin_addr);
+        if let Some(l) = listeners.get(name) {
+            println!("  {:<8} grpc {}  admin http://{}/readyz", name, addr(&l.grpc), addr(&l.admin));
         }
     }
     match bootstrap {
