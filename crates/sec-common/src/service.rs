@@ -302,7 +302,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let telemetry = match crate::telemetry::init(&config.telemetry, &format!("{service}-svc")) {
             Ok(t) => t,
             Err(e) => {
@@ -333,7 +333,10 @@ where
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Services have drained and events are flushed: bound the runtime teardown.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 /// Waits for the event spool to reach the broker before exit; logs what could not.

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(async move {
+            let code = rt.block_on(async move {
                 let telemetry = match sec_common::telemetry::init(&config.telemetry, "secd") {
                     Ok(t) => t,
                     Err(e) => {
@@ -72,7 +72,10 @@ fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 }
-            })
+            });
+            // Services have drained and events are flushed: bound the runtime teardown.
+            rt.shutdown_timeout(std::time::Duration::from_millis(500));
+            code
         }
     }
 }
