@@ -85,7 +85,11 @@ impl TestPlatform {
             config.events.subject_prefix = format!("sectest.{run_id}");
             config.events.stream_max_age_hours = 1;
         }
-        Some(Seed { config, token, run_id })
+        Some(Seed {
+            config,
+            token,
+            run_id,
+        })
     }
 
     /// Starts the platform from `seed`; with `data_dir`, the embedded data lives there
@@ -104,11 +108,24 @@ impl TestPlatform {
             }
         };
         let listeners = secd::bind_ephemeral(&mut config).await.unwrap();
-        let grpc = listeners.iter().map(|(n, l)| (*n, l.grpc.local_addr().unwrap())).collect();
-        let admin = listeners.iter().map(|(n, l)| (*n, l.admin.local_addr().unwrap())).collect();
+        let grpc = listeners
+            .iter()
+            .map(|(n, l)| (*n, l.grpc.local_addr().unwrap()))
+            .collect();
+        let admin = listeners
+            .iter()
+            .map(|(n, l)| (*n, l.admin.local_addr().unwrap()))
+            .collect();
         let http = config.facade.http_addr;
         let auth = Authenticator::from_config(&config).unwrap();
-        let platform = Platform::connect(config.clone(), auth, sec_common::clock::system(), "sec-tests").await.unwrap();
+        let platform = Platform::connect(
+            config.clone(),
+            auth,
+            sec_common::clock::system(),
+            "sec-tests",
+        )
+        .await
+        .unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(secd::run_all(platform.clone(), listeners, shutdown.clone()));
         let tp = Self {
@@ -135,7 +152,10 @@ impl TestPlatform {
                 if matches!(http_get(*addr, "/readyz").await, Ok((200, _))) {
                     break;
                 }
-                assert!(tokio::time::Instant::now() < deadline, "{name}-svc never became ready");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{name}-svc never became ready"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -147,30 +167,43 @@ impl TestPlatform {
 
     /// An audit client authenticated with the admin token.
     pub fn audit(&self) -> AuditServiceClient<InterceptedService<Channel, BearerToken>> {
-        AuditServiceClient::with_interceptor(self.channel("audit"), BearerToken::new(Some(&self.token)).unwrap())
+        AuditServiceClient::with_interceptor(
+            self.channel("audit"),
+            BearerToken::new(Some(&self.token)).unwrap(),
+        )
     }
 
     /// Stops the platform the way SIGTERM does and returns what `run_all` returned.
     pub async fn stop(self) -> (anyhow::Result<()>, Option<tempfile::TempDir>) {
         self.shutdown.cancel();
-        let r = tokio::time::timeout(Duration::from_secs(20), self.task).await.expect("platform did not stop within 20 s");
+        let r = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("platform did not stop within 20 s");
         (r.unwrap(), self._data_dir)
     }
 
     /// Drops this run's PostgreSQL schemas and NATS stream (production backends).
     pub async fn cleanup(seed: &Seed) {
-        if let Some(url) = &seed.config.storage.database_url {
-            if let Ok(pool) = sqlx::PgPool::connect(url.expose()).await {
-                for svc in sec_common::config::SERVICES {
-                    let schema = format!("{}{svc}", seed.config.storage.postgres_schema_prefix);
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))).execute(&pool).await;
-                }
+        let pg = seed
+            .config
+            .storage
+            .database_url
+            .as_ref()
+            .map(|u| sqlx::PgPool::connect_lazy(u.expose()));
+        if let Some(Ok(pool)) = pg {
+            for svc in sec_common::config::SERVICES {
+                let schema = format!("{}{svc}", seed.config.storage.postgres_schema_prefix);
+                let drop = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
             }
         }
-        if let Some(url) = &seed.config.events.nats_url {
-            if let Ok(c) = async_nats::connect(url.expose()).await {
-                let _ = async_nats::jetstream::new(c).delete_stream(&seed.config.events.stream).await;
-            }
+        let Some(url) = &seed.config.events.nats_url else {
+            return;
+        };
+        if let Ok(c) = async_nats::connect(url.expose()).await {
+            let _ = async_nats::jetstream::new(c)
+                .delete_stream(&seed.config.events.stream)
+                .await;
         }
     }
 }
@@ -179,10 +212,20 @@ impl TestPlatform {
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
-    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((code, body))
 }

@@ -33,22 +33,41 @@ pub fn event_store(db: &Db) -> Arc<dyn store::EventStore> {
 }
 
 /// Runs audit-svc until `shutdown`, then stops serving and drains the bus into the store.
-pub async fn run(platform: Platform, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    platform: Platform,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut host = ServiceHost::new(NAME, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let store = event_store(&db);
 
     let metrics = pipeline::IngestMetrics::register(&mut host.registry);
     let ingest_stop = CancellationToken::new();
-    let ingest = tokio::spawn(pipeline::run(platform.events.clone(), store.clone(), metrics, ingest_stop.clone()));
+    let ingest = tokio::spawn(pipeline::run(
+        platform.events.clone(),
+        store.clone(),
+        metrics,
+        ingest_stop.clone(),
+    ));
 
-    let api = AuditServiceServer::with_interceptor(grpc::AuditApi { store }, platform.auth.interceptor());
-    let serve = Serve { grpc_names: GRPC_NAMES, routes: tonic::service::Routes::new(api), http: None };
+    let api =
+        AuditServiceServer::with_interceptor(grpc::AuditApi { store }, platform.auth.interceptor());
+    let serve = Serve {
+        grpc_names: GRPC_NAMES,
+        routes: tonic::service::Routes::new(api),
+        http: None,
+    };
     let served = host.serve(serve, listeners, shutdown).await;
 
     // Events emitted while the other services stopped are still on the bus: flush the
     // spool, then drain it into the store before closing.
-    platform.events.flush(std::time::Duration::from_secs(platform.config.shutdown.grace_seconds)).await;
+    platform
+        .events
+        .flush(std::time::Duration::from_secs(
+            platform.config.shutdown.grace_seconds,
+        ))
+        .await;
     ingest_stop.cancel();
     let _ = ingest.await;
     db.close().await;

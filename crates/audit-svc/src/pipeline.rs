@@ -31,20 +31,45 @@ impl IngestMetrics {
             failures: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
-        registry.register("sec_audit_events_ingested", "Events newly stored in the audit trail", m.ingested.clone());
-        registry.register("sec_audit_events_duplicate", "Redelivered events that were already stored", m.duplicates.clone());
-        registry.register("sec_audit_ingest_failures", "Batches that failed to store and were redelivered", m.failures.clone());
-        registry.register("sec_audit_ingest_batch_seconds", "Time to store one batch", m.batch_seconds.clone());
+        registry.register(
+            "sec_audit_events_ingested",
+            "Events newly stored in the audit trail",
+            m.ingested.clone(),
+        );
+        registry.register(
+            "sec_audit_events_duplicate",
+            "Redelivered events that were already stored",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "sec_audit_ingest_failures",
+            "Batches that failed to store and were redelivered",
+            m.failures.clone(),
+        );
+        registry.register(
+            "sec_audit_ingest_batch_seconds",
+            "Time to store one batch",
+            m.batch_seconds.clone(),
+        );
         m
     }
 }
 
 /// Runs until `stop`; then drains what the bus still holds before returning.
-pub async fn run(bus: EventBus, store: Arc<dyn EventStore>, metrics: IngestMetrics, stop: CancellationToken) {
+pub async fn run(
+    bus: EventBus,
+    store: Arc<dyn EventStore>,
+    metrics: IngestMetrics,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let draining = stop.is_cancelled();
-        let wait = if draining { Duration::from_millis(200) } else { Duration::from_secs(1) };
+        let wait = if draining {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
         let fetched = tokio::select! {
             r = bus.fetch(BATCH, wait) => r,
             _ = stop.cancelled(), if !draining => continue,
@@ -73,7 +98,9 @@ pub async fn run(bus: EventBus, store: Arc<dyn EventStore>, metrics: IngestMetri
         match store.insert_batch(&events).await {
             Ok(new) => {
                 backoff = Duration::from_millis(100);
-                metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+                metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 metrics.ingested.inc_by(new);
                 metrics.duplicates.inc_by(events.len() as u64 - new);
                 let acks = futures::future::join_all(deliveries.into_iter().map(|d| d.ack())).await;

@@ -24,12 +24,20 @@ struct AuthApi;
 impl AuthService for AuthApi {}
 
 /// Runs auth-svc until `shutdown`.
-pub async fn run(platform: Platform, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    platform: Platform,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut host = ServiceHost::new(NAME, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let _kv = host.open_kv().await?;
     let api = AuthServiceServer::with_interceptor(AuthApi, platform.auth.interceptor());
-    let serve = Serve { grpc_names: GRPC_NAMES, routes: tonic::service::Routes::new(api), http: Some(facade::router()) };
+    let serve = Serve {
+        grpc_names: GRPC_NAMES,
+        routes: tonic::service::Routes::new(api),
+        http: Some(facade::router()),
+    };
     let result = host.serve(serve, listeners, shutdown).await;
     db.close().await;
     result

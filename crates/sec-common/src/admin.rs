@@ -58,7 +58,9 @@ pub struct Readiness {
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Readiness").field("draining", &self.is_draining()).finish()
+        f.debug_struct("Readiness")
+            .field("draining", &self.is_draining())
+            .finish()
     }
 }
 
@@ -68,7 +70,10 @@ impl Readiness {
     }
 
     pub fn add_check(&self, name: &'static str, check: Arc<dyn ReadyCheck>) {
-        self.checks.lock().unwrap_or_else(PoisonError::into_inner).push((name, check));
+        self.checks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((name, check));
     }
 
     pub fn start_draining(&self) {
@@ -82,7 +87,11 @@ impl Readiness {
     /// Runs every check (each bounded by a timeout). Returns overall readiness and, per
     /// check, `None` when fine or the failure reason.
     pub async fn report(&self) -> (bool, Vec<(&'static str, Option<String>)>) {
-        let checks: Checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let checks: Checks = self
+            .checks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let results = futures::future::join_all(checks.iter().map(|(name, c)| async move {
             let r = match tokio::time::timeout(CHECK_TIMEOUT, c.check()).await {
                 Ok(Ok(())) => None,
@@ -108,21 +117,33 @@ pub fn router(readiness: Arc<Readiness>, registry: Arc<Registry>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { readiness, registry })
+        .with_state(AdminState {
+            readiness,
+            registry,
+        })
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let (ready, results) = s.readiness.report().await;
     let checks: serde_json::Map<String, serde_json::Value> = results
         .into_iter()
-        .map(|(n, r)| (n.to_owned(), serde_json::Value::String(r.unwrap_or_else(|| "ok".into()))))
+        .map(|(n, r)| {
+            (
+                n.to_owned(),
+                serde_json::Value::String(r.unwrap_or_else(|| "ok".into())),
+            )
+        })
         .collect();
     let body = serde_json::json!({
         "ready": ready,
         "draining": s.readiness.is_draining(),
         "checks": checks,
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body))
 }
 
@@ -131,7 +152,10 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         )
             .into_response(),
@@ -143,8 +167,14 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Serves the admin endpoints until `shutdown`.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 #[cfg(test)]
@@ -162,7 +192,11 @@ mod tests {
     async fn get_status(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).await.unwrap();
         let code = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -179,7 +213,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, router(readiness.clone(), Arc::new(reg)), stop.clone()));
+        tokio::spawn(serve(
+            listener,
+            router(readiness.clone(), Arc::new(reg)),
+            stop.clone(),
+        ));
 
         assert_eq!(get_status(addr, "/healthz").await.0, 200);
         assert_eq!(get_status(addr, "/readyz").await.0, 200);
@@ -188,14 +226,21 @@ mod tests {
         assert!(body.contains("sec_test_things_total 1"), "{body}");
 
         readiness.start_draining();
-        assert_eq!(get_status(addr, "/readyz").await.0, 503, "draining is not ready");
+        assert_eq!(
+            get_status(addr, "/readyz").await.0,
+            503,
+            "draining is not ready"
+        );
         assert_eq!(get_status(addr, "/healthz").await.0, 200, "but still alive");
 
         let r2 = Readiness::new();
         r2.add_check("database", Arc::new(Down));
         let (ready, results) = r2.report().await;
         assert!(!ready);
-        assert_eq!(results[0].1.as_deref(), Some("database: connection refused"));
+        assert_eq!(
+            results[0].1.as_deref(),
+            Some("database: connection refused")
+        );
         stop.cancel();
     }
 }

@@ -37,14 +37,19 @@ pub enum Caller {
 /// A fresh 256-bit random token, `sec_` + base64url.
 pub fn generate_token() -> anyhow::Result<String> {
     let mut bytes = [0_u8; 32];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| anyhow::anyhow!("system random generator failed"))?;
-    Ok(format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("system random generator failed"))?;
+    Ok(format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
 }
 
 /// argon2id PHC string of `token`.
 pub fn hash_token(token: &str) -> anyhow::Result<String> {
     let mut salt = [0_u8; 16];
-    aws_lc_rs::rand::fill(&mut salt).map_err(|_| anyhow::anyhow!("system random generator failed"))?;
+    aws_lc_rs::rand::fill(&mut salt)
+        .map_err(|_| anyhow::anyhow!("system random generator failed"))?;
     let hash = argon2::Argon2::default()
         .hash_password_with_salt(token.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("hashing token: {e}"))?;
@@ -65,13 +70,20 @@ pub fn ensure_bootstrap_token(data_dir: &Path) -> anyhow::Result<Bootstrap> {
     let token_path = data_dir.join(TOKEN_FILE);
     let hash_path = data_dir.join(HASH_FILE);
     if hash_path.exists() {
-        return Ok(Bootstrap { token_path, created: false });
+        return Ok(Bootstrap {
+            token_path,
+            created: false,
+        });
     }
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = generate_token()?;
     write_private(&token_path, token.as_bytes())?;
     write_private(&hash_path, hash_token(&token)?.as_bytes())?;
-    Ok(Bootstrap { token_path, created: true })
+    Ok(Bootstrap {
+        token_path,
+        created: true,
+    })
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -82,19 +94,24 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(data).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// The token a CLI should send: `SEC_TOKEN`, else the bootstrap token file in `data_dir`.
 pub fn client_token(data_dir: &Path) -> Option<String> {
-    if let Ok(t) = std::env::var("SEC_TOKEN") {
-        if !t.trim().is_empty() {
-            return Some(t.trim().to_owned());
-        }
+    if let Ok(t) = std::env::var("SEC_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_owned());
     }
-    std::fs::read_to_string(data_dir.join(TOKEN_FILE)).ok().map(|t| t.trim().to_owned())
+    std::fs::read_to_string(data_dir.join(TOKEN_FILE))
+        .ok()
+        .map(|t| t.trim().to_owned())
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
@@ -133,11 +150,14 @@ impl Authenticator {
     pub fn from_config(cfg: &Config) -> anyhow::Result<Self> {
         let admin_hash = match &cfg.auth.admin_token_hash {
             Some(h) => Some(h.expose().trim().to_owned()),
-            None => std::fs::read_to_string(cfg.data_dir.join(HASH_FILE)).ok().map(|s| s.trim().to_owned()),
+            None => std::fs::read_to_string(cfg.data_dir.join(HASH_FILE))
+                .ok()
+                .map(|s| s.trim().to_owned()),
         };
         if let Some(h) = &admin_hash {
-            argon2::password_hash::phc::PasswordHash::new(h)
-                .map_err(|_| anyhow::anyhow!("auth.admin_token_hash is not an argon2id PHC string"))?;
+            argon2::password_hash::phc::PasswordHash::new(h).map_err(|_| {
+                anyhow::anyhow!("auth.admin_token_hash is not an argon2id PHC string")
+            })?;
         } else {
             tracing::warn!("no admin token configured: admin calls will be refused");
         }
@@ -159,42 +179,66 @@ impl Authenticator {
     pub fn authenticate_token(&self, token: &str) -> Result<Caller, Error> {
         let invalid = || Error::new(ErrorCode::Unauthenticated, "invalid credentials");
         let digest = sha256(token.as_bytes());
-        if let Some(s) = &self.service_digest {
-            if ct_eq(s, &digest) {
-                return Ok(Caller::Service("internal".into()));
-            }
+        if let Some(s) = &self.service_digest
+            && ct_eq(s, &digest)
+        {
+            return Ok(Caller::Service("internal".into()));
         }
-        if let Some(v) = *self.verified_admin.read().unwrap_or_else(PoisonError::into_inner) {
-            if ct_eq(&v, &digest) {
-                return Ok(Caller::Admin);
-            }
+        let verified = *self
+            .verified_admin
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = verified
+            && ct_eq(&v, &digest)
+        {
+            return Ok(Caller::Admin);
         }
         // Cheap shape check first: a malformed token never reaches the slow hash.
         if !token.starts_with(TOKEN_PREFIX) || token.len() != TOKEN_PREFIX.len() + 43 {
             return Err(invalid());
         }
-        let Some(hash) = &self.admin_hash else { return Err(invalid()) };
-        if argon2::Argon2::default().verify_password(token.as_bytes(), hash.as_str()).is_ok() {
-            *self.verified_admin.write().unwrap_or_else(PoisonError::into_inner) = Some(digest);
+        let Some(hash) = &self.admin_hash else {
+            return Err(invalid());
+        };
+        if argon2::Argon2::default()
+            .verify_password(token.as_bytes(), hash.as_str())
+            .is_ok()
+        {
+            *self
+                .verified_admin
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Some(digest);
             return Ok(Caller::Admin);
         }
         Err(invalid())
     }
 
     /// Authenticates a gRPC call: a trusted mTLS peer, else a bearer token.
-    pub fn authenticate(&self, metadata: &MetadataMap, peer: Option<&PeerIdentity>) -> Result<Caller, Error> {
-        if let Some(p) = peer {
-            if self.trusted_peers.iter().any(|t| t == &p.0) {
-                return Ok(Caller::Service(p.0.clone()));
-            }
+    pub fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&PeerIdentity>,
+    ) -> Result<Caller, Error> {
+        if let Some(p) = peer
+            && self.trusted_peers.iter().any(|t| t == &p.0)
+        {
+            return Ok(Caller::Service(p.0.clone()));
         }
         match metadata.get("authorization").and_then(|v| v.to_str().ok()) {
             Some(value) => match bearer(value) {
                 Some(token) => self.authenticate_token(token),
-                None => Err(Error::new(ErrorCode::Unauthenticated, "authorization must be `Bearer <token>`")),
+                None => Err(Error::new(
+                    ErrorCode::Unauthenticated,
+                    "authorization must be `Bearer <token>`",
+                )),
             },
-            None if peer.is_some() => Err(Error::denied("peer certificate identity is not trusted for this call")),
-            None => Err(Error::new(ErrorCode::Unauthenticated, "missing credentials: send `authorization: Bearer <token>`")),
+            None if peer.is_some() => Err(Error::denied(
+                "peer certificate identity is not trusted for this call",
+            )),
+            None => Err(Error::new(
+                ErrorCode::Unauthenticated,
+                "missing credentials: send `authorization: Bearer <token>`",
+            )),
         }
     }
 
@@ -226,7 +270,9 @@ impl tonic::service::Interceptor for AuthInterceptor {
 
 /// The caller a handler is serving (set by [`AuthInterceptor`]).
 pub fn caller<T>(req: &tonic::Request<T>) -> Result<&Caller, tonic::Status> {
-    req.extensions().get::<Caller>().ok_or_else(|| tonic::Status::unauthenticated("unauthenticated"))
+    req.extensions()
+        .get::<Caller>()
+        .ok_or_else(|| tonic::Status::unauthenticated("unauthenticated"))
 }
 
 #[cfg(test)]
@@ -243,7 +289,14 @@ mod tests {
             },
             ..Default::default()
         };
-        (Arc::new(Authenticator::from_config(&cfg).unwrap().with_service_token("svc-cred")), token)
+        (
+            Arc::new(
+                Authenticator::from_config(&cfg)
+                    .unwrap()
+                    .with_service_token("svc-cred"),
+            ),
+            token,
+        )
     }
 
     fn req(auth: Option<&str>) -> tonic::Request<()> {
@@ -262,20 +315,31 @@ mod tests {
         assert_eq!(r.extensions().get::<Caller>(), Some(&Caller::Admin));
         // second call takes the cached path; lower-case scheme is fine too
         assert!(i.call(req(Some(&format!("bearer {token}")))).is_ok());
-        assert_eq!(auth.authenticate_token("svc-cred").unwrap(), Caller::Service("internal".into()));
+        assert_eq!(
+            auth.authenticate_token("svc-cred").unwrap(),
+            Caller::Service("internal".into())
+        );
     }
 
     #[test]
     fn missing_wrong_and_tampered_tokens_refused() {
         let (auth, token) = auth_with_token();
         let mut i = auth.interceptor();
-        assert_eq!(i.call(req(None)).unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert_eq!(i.call(req(Some("Basic abc"))).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            i.call(req(None)).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            i.call(req(Some("Basic abc"))).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let mut tampered = token.clone().into_bytes();
         let last = tampered.len() - 1;
         tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(tampered).unwrap();
-        let err = i.call(req(Some(&format!("Bearer {tampered}")))).unwrap_err();
+        let err = i
+            .call(req(Some(&format!("Bearer {tampered}"))))
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(!err.message().contains(&tampered), "token never echoed");
         // the cache holds only the verified token
@@ -286,7 +350,10 @@ mod tests {
     #[test]
     fn no_admin_hash_fails_closed() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config { data_dir: dir.path().into(), ..Default::default() };
+        let cfg = Config {
+            data_dir: dir.path().into(),
+            ..Default::default()
+        };
         let auth = Authenticator::from_config(&cfg).unwrap();
         let token = generate_token().unwrap();
         assert!(auth.authenticate_token(&token).is_err());
@@ -296,9 +363,13 @@ mod tests {
     fn trusted_peer_is_a_service_and_untrusted_peer_is_denied() {
         let (auth, _) = auth_with_token();
         let md = MetadataMap::new();
-        let ok = auth.authenticate(&md, Some(&PeerIdentity("spiffe://sec/token-svc".into()))).unwrap();
+        let ok = auth
+            .authenticate(&md, Some(&PeerIdentity("spiffe://sec/token-svc".into())))
+            .unwrap();
         assert_eq!(ok, Caller::Service("spiffe://sec/token-svc".into()));
-        let err = auth.authenticate(&md, Some(&PeerIdentity("spiffe://evil".into()))).unwrap_err();
+        let err = auth
+            .authenticate(&md, Some(&PeerIdentity("spiffe://evil".into())))
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::PermissionDenied);
     }
 
@@ -311,15 +382,32 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&b.token_path).unwrap().permissions().mode() & 0o777;
+            let mode = std::fs::metadata(&b.token_path)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o600, "token readable by its owner alone");
         }
         let hash = std::fs::read_to_string(dir.path().join(HASH_FILE)).unwrap();
         assert!(!hash.contains(&token) && hash.starts_with("$argon2id$"));
         let again = ensure_bootstrap_token(dir.path()).unwrap();
         assert!(!again.created);
-        assert_eq!(std::fs::read_to_string(&again.token_path).unwrap(), token, "second start reuses it");
-        let cfg = Config { data_dir: dir.path().into(), ..Default::default() };
-        assert_eq!(Authenticator::from_config(&cfg).unwrap().authenticate_token(&token).unwrap(), Caller::Admin);
+        assert_eq!(
+            std::fs::read_to_string(&again.token_path).unwrap(),
+            token,
+            "second start reuses it"
+        );
+        let cfg = Config {
+            data_dir: dir.path().into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            Authenticator::from_config(&cfg)
+                .unwrap()
+                .authenticate_token(&token)
+                .unwrap(),
+            Caller::Admin
+        );
     }
 }

@@ -16,7 +16,9 @@ use crate::telemetry::TelemetryConfig;
 use crate::tls::TlsConfig;
 
 /// The seven services, in start order (audit first so it consumes from the start).
-pub const SERVICES: [&str; 7] = ["audit", "crypto", "token", "session", "auth", "gdpr", "assess"];
+pub const SERVICES: [&str; 7] = [
+    "audit", "crypto", "token", "session", "auth", "gdpr", "assess",
+];
 
 /// Environment variables with the `SEC_` prefix that are not configuration keys.
 const NON_CONFIG_VARS: [&str; 3] = ["SEC_CONFIG", "SEC_TOKEN", "SEC_TEST_"];
@@ -141,7 +143,9 @@ pub struct FacadeConfig {
 
 impl Default for FacadeConfig {
     fn default() -> Self {
-        Self { http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
     }
 }
 
@@ -309,7 +313,10 @@ impl EnvSource for BTreeMap<String, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("invalid configuration at `{key}`: {message}")]
@@ -321,38 +328,53 @@ pub enum ConfigError {
 impl Config {
     /// Defaults, overlaid by `file` (if any), overlaid by `SEC_*` variables from `env`.
     pub fn load(file: Option<&Path>, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let template = toml::Table::try_from(Config::default()).map_err(|e| {
-            ConfigError::Invalid { key: String::new(), message: e.to_string() }
-        })?;
+        let template =
+            toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
+                key: String::new(),
+                message: e.to_string(),
+            })?;
         // Layers are merged key by key, so `[services.crypto] grpc_addr = ...` keeps the
         // default admin_addr.
         let mut tree = template.clone();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-            let layer = text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
-                message: e.message().to_owned(),
+                source,
             })?;
+            let layer = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.message().to_owned(),
+                })?;
             deep_merge(&mut tree, layer);
         }
         let mut vars = env.vars();
         vars.sort();
         for (var, value) in vars {
-            let Some(rest) = var.strip_prefix("SEC_") else { continue };
+            let Some(rest) = var.strip_prefix("SEC_") else {
+                continue;
+            };
             if NON_CONFIG_VARS.iter().any(|p| var.starts_with(p)) || rest.is_empty() {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-            let parsed = typed_env_value(&template, &path, &value)
-                .map_err(|message| ConfigError::Env { var: var.clone(), message })?;
-            set_path(&mut tree, &path, parsed)
-                .map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+            let parsed =
+                typed_env_value(&template, &path, &value).map_err(|message| ConfigError::Env {
+                    var: var.clone(),
+                    message,
+                })?;
+            set_path(&mut tree, &path, parsed).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
-            .map_err(|e| ConfigError::Invalid {
-                key: e.path().to_string(),
-                message: e.inner().to_string(),
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+                ConfigError::Invalid {
+                    key: e.path().to_string(),
+                    message: e.inner().to_string(),
+                }
             })?;
         config.validate()?;
         Ok(config)
@@ -361,7 +383,10 @@ impl Config {
     /// Checks that go beyond types. Run before any port is bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: &str| {
-            Err(ConfigError::Invalid { key: key.into(), message: message.into() })
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message: message.into(),
+            })
         };
         if self.events.spool_capacity == 0 {
             return invalid("events.spool_capacity", "must be at least 1");
@@ -372,7 +397,10 @@ impl Config {
         if let Some(url) = &self.storage.database_url {
             let u = url.expose();
             if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
-                return invalid("storage.database_url", "must be a postgres:// URL (unset for the embedded SQLite default)");
+                return invalid(
+                    "storage.database_url",
+                    "must be a postgres:// URL (unset for the embedded SQLite default)",
+                );
             }
         }
         if let Some(url) = &self.storage.redis_url {
@@ -391,24 +419,43 @@ impl Config {
             return invalid("tls", "cert_file and key_file must be set together");
         }
         if self.tls.client_ca_file.is_some() && self.tls.cert_file.is_none() {
-            return invalid("tls.client_ca_file", "mutual TLS needs cert_file and key_file");
+            return invalid(
+                "tls.client_ca_file",
+                "mutual TLS needs cert_file and key_file",
+            );
         }
-        let valid_token = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid_token = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
         if !valid_token(&self.events.stream) {
             return invalid("events.stream", "letters, digits, '_' and '-' only");
         }
-        if self.events.subject_prefix.is_empty() || self.events.subject_prefix.contains(['*', '>', ' ']) {
+        if self.events.subject_prefix.is_empty()
+            || self.events.subject_prefix.contains(['*', '>', ' '])
+        {
             return invalid("events.subject_prefix", "must be a literal NATS subject");
         }
-        if !self.storage.postgres_schema_prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-            return invalid("storage.postgres_schema_prefix", "lowercase letters, digits and '_' only");
+        if !self
+            .storage
+            .postgres_schema_prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return invalid(
+                "storage.postgres_schema_prefix",
+                "lowercase letters, digits and '_' only",
+            );
         }
         Ok(())
     }
 
     /// Whether every backend is the embedded one (no server URLs configured).
     pub fn is_embedded(&self) -> bool {
-        self.storage.database_url.is_none() && self.storage.redis_url.is_none() && self.events.nats_url.is_none()
+        self.storage.database_url.is_none()
+            && self.storage.redis_url.is_none()
+            && self.events.nats_url.is_none()
     }
 
     /// The effective configuration as TOML, secrets redacted: what `check-config` prints.
@@ -420,7 +467,11 @@ impl Config {
 /// Environment values are strings; give them the type the key has in the defaults
 /// (numbers, booleans, arrays as TOML), so `SEC_EVENTS__SPOOL_CAPACITY=10` is a number
 /// while `SEC_STORAGE__REDIS_KEY_PREFIX=10` stays a string.
-fn typed_env_value(template: &toml::Table, path: &[String], raw: &str) -> Result<toml::Value, String> {
+fn typed_env_value(
+    template: &toml::Table,
+    path: &[String],
+    raw: &str,
+) -> Result<toml::Value, String> {
     let mut cur: Option<&toml::Value> = None;
     let mut table = Some(template);
     for seg in path {
@@ -435,10 +486,15 @@ fn typed_env_value(template: &toml::Table, path: &[String], raw: &str) -> Result
             .ok_or_else(|| format!("`{raw}` is not a valid value here"))
     };
     match cur {
-        Some(toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) | toml::Value::Array(_)) => {
-            parse_toml(raw)
+        Some(
+            toml::Value::Integer(_)
+            | toml::Value::Float(_)
+            | toml::Value::Boolean(_)
+            | toml::Value::Array(_),
+        ) => parse_toml(raw),
+        Some(toml::Value::Table(_)) => {
+            Err("names a section, not a key; use `__` to reach a key inside it".into())
         }
-        Some(toml::Value::Table(_)) => Err("names a section, not a key; use `__` to reach a key inside it".into()),
         _ => Ok(toml::Value::String(raw.to_owned())),
     }
 }
@@ -460,8 +516,12 @@ fn set_path(tree: &mut toml::Table, path: &[String], value: toml::Value) -> Resu
     };
     let mut cur = tree;
     for seg in parents {
-        let entry = cur.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = entry.as_table_mut().ok_or_else(|| format!("`{seg}` is not a section"))?;
+        let entry = cur
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{seg}` is not a section"))?;
     }
     cur.insert(last.clone(), value);
     Ok(())
@@ -473,7 +533,10 @@ mod tests {
     use std::io::Write;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -487,7 +550,11 @@ mod tests {
     #[test]
     fn file_then_env_overlay_with_types() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
-        writeln!(f, "data_dir = \"/var/lib/sec\"\n[events]\nspool_capacity = 5\nstream = \"A\"").unwrap();
+        writeln!(
+            f,
+            "data_dir = \"/var/lib/sec\"\n[events]\nspool_capacity = 5\nstream = \"A\""
+        )
+        .unwrap();
         let c = Config::load(
             Some(f.path()),
             &env(&[
@@ -505,31 +572,42 @@ mod tests {
         assert_eq!(c.events.stream, "A");
         assert_eq!(c.storage.redis_key_prefix, "10", "string keys stay strings");
         assert_eq!(c.services.crypto.grpc_addr.port(), 6000);
-        assert_eq!(c.services.crypto.endpoint_url(false), "http://127.0.0.1:6000");
+        assert_eq!(
+            c.services.crypto.endpoint_url(false),
+            "http://127.0.0.1:6000"
+        );
     }
 
     #[test]
     fn unknown_key_in_file_is_named() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "[storage]\ndatabse_url = \"postgres://x\"").unwrap();
-        let err = Config::load(Some(f.path()), &env(&[])).unwrap_err().to_string();
+        let err = Config::load(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("databse_url"), "{err}");
         assert!(err.contains("storage"), "{err}");
     }
 
     #[test]
     fn unknown_env_key_is_an_error() {
-        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL", "1")])).unwrap_err().to_string();
+        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL", "1")]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("spool"), "{err}");
     }
 
     #[test]
     fn bad_values_are_rejected_with_key() {
         let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "lots")])).unwrap_err();
-        assert!(err.to_string().contains("SEC_EVENTS__SPOOL_CAPACITY"), "{err}");
+        assert!(
+            err.to_string().contains("SEC_EVENTS__SPOOL_CAPACITY"),
+            "{err}"
+        );
         let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "0")])).unwrap_err();
         assert!(err.to_string().contains("events.spool_capacity"), "{err}");
-        let err = Config::load(None, &env(&[("SEC_STORAGE__DATABASE_URL", "mysql://x")])).unwrap_err();
+        let err =
+            Config::load(None, &env(&[("SEC_STORAGE__DATABASE_URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("storage.database_url"), "{err}");
         let err = Config::load(None, &env(&[("SEC_TLS__CERT_FILE", "/c.pem")])).unwrap_err();
         assert!(err.to_string().contains("key_file"), "{err}");
@@ -540,7 +618,10 @@ mod tests {
         let c = Config::load(
             None,
             &env(&[
-                ("SEC_STORAGE__DATABASE_URL", "postgres://admin:hunter2@db.internal:5432/sec"),
+                (
+                    "SEC_STORAGE__DATABASE_URL",
+                    "postgres://admin:hunter2@db.internal:5432/sec",
+                ),
                 ("SEC_AUTH__ADMIN_TOKEN_HASH", "$argon2id$v=19$secret"),
             ]),
         )
@@ -548,7 +629,13 @@ mod tests {
         let shown = format!("{c:?}\n{}", c.to_redacted_toml());
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("argon2id"), "{shown}");
-        assert!(shown.contains("db.internal:5432"), "host stays visible: {shown}");
-        assert_eq!(c.storage.database_url.unwrap().expose(), "postgres://admin:hunter2@db.internal:5432/sec");
+        assert!(
+            shown.contains("db.internal:5432"),
+            "host stays visible: {shown}"
+        );
+        assert_eq!(
+            c.storage.database_url.unwrap().expose(),
+            "postgres://admin:hunter2@db.internal:5432/sec"
+        );
     }
 }

@@ -102,7 +102,11 @@ pub struct Error {
 
 impl Error {
     pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into(), field: None }
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -160,7 +164,9 @@ impl IntoResponse for Error {
 
 /// `ErrorInfo` carried in a status from one of our servers, if any.
 pub fn error_info(status: &tonic::Status) -> Option<sec_proto::common::v1::ErrorInfo> {
-    sec_proto::common::v1::ErrorInfo::decode(status.details()).ok().filter(|i| !i.code.is_empty())
+    sec_proto::common::v1::ErrorInfo::decode(status.details())
+        .ok()
+        .filter(|i| !i.code.is_empty())
 }
 
 #[cfg(test)]
@@ -184,9 +190,18 @@ mod tests {
         ] {
             assert_eq!(ErrorCode::from_grpc(code.grpc()), code);
         }
-        assert_eq!(ErrorCode::PermissionDenied.http(), http::StatusCode::FORBIDDEN);
-        assert_eq!(ErrorCode::Unauthenticated.http(), http::StatusCode::UNAUTHORIZED);
-        assert_eq!(ErrorCode::ResourceExhausted.grpc(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            ErrorCode::PermissionDenied.http(),
+            http::StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            ErrorCode::Unauthenticated.http(),
+            http::StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            ErrorCode::ResourceExhausted.grpc(),
+            tonic::Code::ResourceExhausted
+        );
     }
 
     #[test]

@@ -18,12 +18,19 @@ use crate::tls::TlsConfig;
 
 /// Adds health and reflection to a service's routes. Reflection lists exactly the
 /// services served here. Returns the reporter that flips health on drain.
-pub async fn add_standard_services(routes: Routes, served: &[&str]) -> anyhow::Result<(Routes, HealthReporter)> {
+pub async fn add_standard_services(
+    routes: Routes,
+    served: &[&str],
+) -> anyhow::Result<(Routes, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in served {
-        reporter.set_service_status(*name, ServingStatus::Serving).await;
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
     }
-    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
 
     let mut v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sec_proto::FILE_DESCRIPTOR_SET)
@@ -40,16 +47,24 @@ pub async fn add_standard_services(routes: Routes, served: &[&str]) -> anyhow::R
     let routes = routes
         .add_service(health)
         .add_service(v1.build_v1().context("building reflection v1")?)
-        .add_service(v1alpha.build_v1alpha().context("building reflection v1alpha")?);
+        .add_service(
+            v1alpha
+                .build_v1alpha()
+                .context("building reflection v1alpha")?,
+        );
     Ok((routes, reporter))
 }
 
 /// Marks every served service NOT_SERVING (on drain).
 pub async fn set_not_serving(reporter: &HealthReporter, served: &[&str]) {
     for name in served {
-        reporter.set_service_status(*name, ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(*name, ServingStatus::NotServing)
+            .await;
     }
-    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
 }
 
 /// Serves `routes` on `listener` (TLS when `tls` is given) until `stop`; then stops
@@ -69,11 +84,15 @@ pub async fn serve(
     match tls {
         Some(cfg) => {
             let incoming = crate::tls::tls_incoming(listener, cfg, stop);
-            router.serve_with_incoming_shutdown(incoming, signal).await?;
+            router
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await?;
         }
         None => {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            router.serve_with_incoming_shutdown(incoming, signal).await?;
+            router
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await?;
         }
     }
     Ok(())
@@ -107,7 +126,11 @@ pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::As
 impl BearerToken {
     pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
         let value = match token {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| anyhow::anyhow!("token is not valid ASCII"))?),
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("token is not valid ASCII"))?,
+            ),
             None => None,
         };
         Ok(Self(value))

@@ -39,24 +39,40 @@ pub struct Platform {
 
 impl std::fmt::Debug for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Platform").field("events", &self.events).finish()
+        f.debug_struct("Platform")
+            .field("events", &self.events)
+            .finish()
     }
 }
 
 impl Platform {
     /// Connects the event bus: NATS JetStream when `events.nats_url` is set, else the
     /// in-process bus.
-    pub async fn connect(config: Config, auth: Authenticator, clock: SharedClock, client_name: &str) -> anyhow::Result<Self> {
+    pub async fn connect(
+        config: Config,
+        auth: Authenticator,
+        clock: SharedClock,
+        client_name: &str,
+    ) -> anyhow::Result<Self> {
         let events = match &config.events.nats_url {
             Some(url) => {
-                let t = crate::events::nats::NatsTransport::connect(url.expose(), &config.events, client_name)
-                    .await
-                    .context("connecting to NATS")?;
+                let t = crate::events::nats::NatsTransport::connect(
+                    url.expose(),
+                    &config.events,
+                    client_name,
+                )
+                .await
+                .context("connecting to NATS")?;
                 EventBus::new(Arc::new(t), &config.events)
             }
             None => EventBus::in_process(&config.events),
         };
-        Ok(Self { config: Arc::new(config), clock, events, auth: Arc::new(auth) })
+        Ok(Self {
+            config: Arc::new(config),
+            clock,
+            events,
+            auth: Arc::new(auth),
+        })
     }
 
     /// Publishes an event; a refusal (spool full) is logged loudly and counted, never
@@ -69,7 +85,10 @@ impl Platform {
 
     /// The addresses of `service` from the configuration.
     pub fn addrs(&self, service: &str) -> anyhow::Result<&ServiceAddrs> {
-        self.config.services.get(service).ok_or_else(|| anyhow::anyhow!("unknown service {service}"))
+        self.config
+            .services
+            .get(service)
+            .ok_or_else(|| anyhow::anyhow!("unknown service {service}"))
     }
 }
 
@@ -84,7 +103,11 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the configured addresses. Done after the config is validated.
     pub async fn bind(addrs: &ServiceAddrs, http: Option<SocketAddr>) -> anyhow::Result<Self> {
-        let bind = |a: SocketAddr| async move { TcpListener::bind(a).await.with_context(|| format!("binding {a}")) };
+        let bind = |a: SocketAddr| async move {
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))
+        };
         Ok(Self {
             grpc: bind(addrs.grpc_addr).await?,
             admin: bind(addrs.admin_addr).await?,
@@ -98,12 +121,18 @@ impl Listeners {
     /// Port-0 listeners on loopback, for tests.
     pub async fn ephemeral(with_http: bool) -> anyhow::Result<Self> {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        let addrs = ServiceAddrs { grpc_addr: any, admin_addr: any, endpoint: None };
+        let addrs = ServiceAddrs {
+            grpc_addr: any,
+            admin_addr: any,
+            endpoint: None,
+        };
         Self::bind(&addrs, with_http.then_some(any)).await
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.grpc
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 }
 
@@ -130,7 +159,9 @@ pub struct ServiceHost {
 
 impl std::fmt::Debug for ServiceHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceHost").field("name", &self.name).finish()
+        f.debug_struct("ServiceHost")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -141,38 +172,63 @@ impl ServiceHost {
         let mut registry = Registry::default();
         platform.events.register_metrics(&mut registry);
         let backends = vec![("events", platform.events.transport_kind())];
-        Self { name, platform: platform.clone(), readiness, registry, instance: None, backends }
+        Self {
+            name,
+            platform: platform.clone(),
+            readiness,
+            registry,
+            instance: None,
+            backends,
+        }
     }
 
     /// Opens this service's database (running its migrations), adds it to readiness and
     /// reads the installation identity kept in it.
-    pub async fn open_db(&mut self, migrations: &crate::storage::Migrations) -> anyhow::Result<crate::storage::Db> {
+    pub async fn open_db(
+        &mut self,
+        migrations: &crate::storage::Migrations,
+    ) -> anyhow::Result<crate::storage::Db> {
         let db = crate::storage::connect_db(&self.platform.config, self.name, migrations).await?;
         self.readiness.add_check("database", Arc::new(db.clone()));
-        self.instance = Some(crate::storage::ensure_instance(&db, self.platform.clock.now()).await?);
+        self.instance =
+            Some(crate::storage::ensure_instance(&db, self.platform.clock.now()).await?);
         self.backends.push(("database", db.backend()));
         Ok(db)
     }
 
     /// Connects the key-value store (Redis or in-process) and adds it to readiness.
     pub async fn open_kv(&mut self) -> anyhow::Result<crate::storage::Kv> {
-        let kv = crate::storage::connect_kv(&self.platform.config, self.name, self.platform.clock.clone()).await?;
+        let kv = crate::storage::connect_kv(
+            &self.platform.config,
+            self.name,
+            self.platform.clock.clone(),
+        )
+        .await?;
         self.readiness.add_check("kv", Arc::new(kv.clone()));
         self.backends.push(("kv", kv.backend()));
         Ok(kv)
     }
 
     fn lifecycle_event(&self, verb: &str, addr: Option<SocketAddr>) -> SecurityEvent {
-        let mut e = new_event(self.platform.clock.as_ref(), self.name, &format!("sec.{}.service.{verb}", self.name));
-        e.actor = Some(crate::events::Actor { kind: ActorKind::Service as i32, id: format!("{}-svc", self.name) });
+        let mut e = new_event(
+            self.platform.clock.as_ref(),
+            self.name,
+            &format!("sec.{}.service.{verb}", self.name),
+        );
+        e.actor = Some(crate::events::Actor {
+            kind: ActorKind::Service as i32,
+            id: format!("{}-svc", self.name),
+        });
         e.subject = format!("{}-svc", self.name);
-        e.details.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+        e.details
+            .insert("version".into(), env!("CARGO_PKG_VERSION").into());
         if let Some(a) = addr {
             e.details.insert("grpc_addr".into(), a.to_string());
         }
         if let Some((id, since)) = &self.instance {
             e.details.insert("instance_id".into(), id.to_string());
-            e.details.insert("first_started_at".into(), since.to_rfc3339());
+            e.details
+                .insert("first_started_at".into(), since.to_rfc3339());
         }
         for (k, v) in &self.backends {
             e.details.insert(format!("{k}_backend"), (*v).into());
@@ -182,7 +238,12 @@ impl ServiceHost {
 
     /// Serves until `shutdown`, then drains: readiness and health go false, servers stop
     /// accepting, in-flight calls get `shutdown.grace_seconds`, and a stopped event is sent.
-    pub async fn serve(self, serve: Serve, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        serve: Serve,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let name = self.name;
         let grace = Duration::from_secs(self.platform.config.shutdown.grace_seconds);
         let grpc_addr = listeners.grpc_addr();
@@ -191,18 +252,31 @@ impl ServiceHost {
         let stopped = self.lifecycle_event("stopped", None);
         let admin_stop = CancellationToken::new();
         let admin_router = crate::admin::router(self.readiness.clone(), Arc::new(self.registry));
-        let admin = tokio::spawn(crate::admin::serve(listeners.admin, admin_router, admin_stop.clone()));
+        let admin = tokio::spawn(crate::admin::serve(
+            listeners.admin,
+            admin_router,
+            admin_stop.clone(),
+        ));
 
-        let (routes, health) = crate::grpc::add_standard_services(serve.routes, serve.grpc_names).await?;
+        let (routes, health) =
+            crate::grpc::add_standard_services(serve.routes, serve.grpc_names).await?;
         let tls = self.platform.config.tls.server_config()?;
-        let grpc = tokio::spawn(crate::grpc::serve(routes, listeners.grpc, tls, shutdown.clone()));
+        let grpc = tokio::spawn(crate::grpc::serve(
+            routes,
+            listeners.grpc,
+            tls,
+            shutdown.clone(),
+        ));
         let http = match (serve.http, listeners.http) {
             (Some(router), Some(listener)) => {
                 let stop = shutdown.clone();
                 Some(tokio::spawn(async move {
-                    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await
+                    axum::serve(
+                        listener,
+                        router.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
                 }))
             }
             _ => None,
@@ -227,7 +301,11 @@ impl ServiceHost {
             None => match tokio::time::timeout(grace, &mut grpc).await {
                 Ok(r) => result = flatten(r),
                 Err(_) => {
-                    tracing::warn!(service = name, grace_s = grace.as_secs(), "grace period over, cutting off in-flight calls");
+                    tracing::warn!(
+                        service = name,
+                        grace_s = grace.as_secs(),
+                        "grace period over, cutting off in-flight calls"
+                    );
                     grpc.abort();
                 }
             },
@@ -295,7 +373,10 @@ where
         eprintln!("configuration ok");
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start runtime: {e}");
@@ -344,6 +425,9 @@ pub async fn drain_events(platform: &Platform) {
     let grace = Duration::from_secs(platform.config.shutdown.grace_seconds.max(1));
     let left = platform.events.flush(grace).await;
     if left > 0 {
-        tracing::error!(pending = left, "exiting with security events the broker has not stored");
+        tracing::error!(
+            pending = left,
+            "exiting with security events the broker has not stored"
+        );
     }
 }

@@ -13,7 +13,9 @@ use chrono::{DateTime, Utc};
 use deadpool_redis::redis;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Connection, PgConnection};
 
 use crate::clock::SharedClock;
@@ -59,7 +61,11 @@ impl Db {
 }
 
 /// Connects `service`'s database and runs its migrations.
-pub async fn connect_db(cfg: &Config, service: &str, migrations: &Migrations) -> anyhow::Result<Db> {
+pub async fn connect_db(
+    cfg: &Config,
+    service: &str,
+    migrations: &Migrations,
+) -> anyhow::Result<Db> {
     match &cfg.storage.database_url {
         Some(url) => {
             let schema = format!("{}{}", cfg.storage.postgres_schema_prefix, service);
@@ -87,18 +93,31 @@ pub async fn connect_db(cfg: &Config, service: &str, migrations: &Migrations) ->
 }
 
 /// A pool whose connections all use `schema` (created if missing).
-pub async fn connect_postgres(url: &str, schema: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+pub async fn connect_postgres(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+) -> anyhow::Result<PgPool> {
     anyhow::ensure!(
-        !schema.is_empty() && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        !schema.is_empty()
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
         "invalid schema name"
     );
     // The URL is never put in an error: it may carry a password.
     let base = PgConnectOptions::from_str(url).context("parsing storage.database_url")?;
-    let mut conn = PgConnection::connect_with(&base).await.context("connecting to PostgreSQL")?;
+    let mut conn = PgConnection::connect_with(&base)
+        .await
+        .context("connecting to PostgreSQL")?;
     // Two services starting together can race on CREATE SCHEMA IF NOT EXISTS; a second try settles it.
     let ddl = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
     // Safe: `schema` was checked above to be [a-z0-9_]+.
-    if sqlx::query(sqlx::AssertSqlSafe(ddl.clone())).execute(&mut conn).await.is_err() {
+    if sqlx::query(sqlx::AssertSqlSafe(ddl.clone()))
+        .execute(&mut conn)
+        .await
+        .is_err()
+    {
         sqlx::query(sqlx::AssertSqlSafe(ddl))
             .execute(&mut conn)
             .await
@@ -114,7 +133,10 @@ pub async fn connect_postgres(url: &str, schema: &str, max_connections: u32) -> 
         .context("opening PostgreSQL pool")
 }
 
-pub async fn connect_sqlite(path: &std::path::Path, max_connections: u32) -> anyhow::Result<SqlitePool> {
+pub async fn connect_sqlite(
+    path: &std::path::Path,
+    max_connections: u32,
+) -> anyhow::Result<SqlitePool> {
     let opts = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -132,7 +154,10 @@ pub async fn connect_sqlite(path: &std::path::Path, max_connections: u32) -> any
 /// This installation's identity for a service: made on first start, then kept. Every
 /// service's first migration creates the `service_instance` table it lives in, so a
 /// restart that keeps its data reports the same id and first-start time.
-pub async fn ensure_instance(db: &Db, now: DateTime<Utc>) -> anyhow::Result<(uuid::Uuid, DateTime<Utc>)> {
+pub async fn ensure_instance(
+    db: &Db,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(uuid::Uuid, DateTime<Utc>)> {
     let fresh = uuid::Uuid::now_v7();
     match db {
         Db::Postgres(p) => {
@@ -141,8 +166,11 @@ pub async fn ensure_instance(db: &Db, now: DateTime<Utc>) -> anyhow::Result<(uui
                 .bind(now)
                 .execute(p)
                 .await?;
-            let row: (uuid::Uuid, DateTime<Utc>) =
-                sqlx::query_as("SELECT id, created_at FROM service_instance ORDER BY created_at LIMIT 1").fetch_one(p).await?;
+            let row: (uuid::Uuid, DateTime<Utc>) = sqlx::query_as(
+                "SELECT id, created_at FROM service_instance ORDER BY created_at LIMIT 1",
+            )
+            .fetch_one(p)
+            .await?;
             Ok(row)
         }
         Db::Sqlite(p) => {
@@ -151,9 +179,13 @@ pub async fn ensure_instance(db: &Db, now: DateTime<Utc>) -> anyhow::Result<(uui
                 .bind(now.timestamp_micros())
                 .execute(p)
                 .await?;
-            let (id, us): (String, i64) =
-                sqlx::query_as("SELECT id, created_us FROM service_instance ORDER BY created_us LIMIT 1").fetch_one(p).await?;
-            let created = DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow::anyhow!("bad instance time"))?;
+            let (id, us): (String, i64) = sqlx::query_as(
+                "SELECT id, created_us FROM service_instance ORDER BY created_us LIMIT 1",
+            )
+            .fetch_one(p)
+            .await?;
+            let created = DateTime::from_timestamp_micros(us)
+                .ok_or_else(|| anyhow::anyhow!("bad instance time"))?;
             Ok((uuid::Uuid::parse_str(&id)?, created))
         }
     }
@@ -168,7 +200,10 @@ pub enum KvError {
 /// Sessions, counters and denylists: Redis in production, in-process otherwise.
 #[derive(Clone)]
 pub enum Kv {
-    Redis { pool: deadpool_redis::Pool, prefix: String },
+    Redis {
+        pool: deadpool_redis::Pool,
+        prefix: String,
+    },
     Memory(Arc<MemoryKv>),
 }
 
@@ -184,8 +219,16 @@ pub async fn connect_kv(cfg: &Config, service: &str, clock: SharedClock) -> anyh
         Some(url) => {
             let pool = deadpool_redis::Config::from_url(url.expose())
                 .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-                .map_err(|e| anyhow::anyhow!("invalid storage.redis_url: {}", e.to_string().replace(url.expose(), "[redacted]")))?;
-            let kv = Kv::Redis { pool, prefix: format!("{}{service}:", cfg.storage.redis_key_prefix) };
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "invalid storage.redis_url: {}",
+                        e.to_string().replace(url.expose(), "[redacted]")
+                    )
+                })?;
+            let kv = Kv::Redis {
+                pool,
+                prefix: format!("{}{service}:", cfg.storage.redis_key_prefix),
+            };
             kv.ping().await.context("connecting to Redis")?;
             Ok(kv)
         }
@@ -213,7 +256,11 @@ impl Kv {
         match self {
             Kv::Redis { pool, .. } => {
                 let mut c = Self::conn(pool).await?;
-                redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()).map_err(redis_err)
+                redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .map(|_| ())
+                    .map_err(redis_err)
             }
             Kv::Memory(_) => Ok(()),
         }
@@ -223,7 +270,11 @@ impl Kv {
         match self {
             Kv::Redis { pool, prefix } => {
                 let mut c = Self::conn(pool).await?;
-                redis::cmd("GET").arg(format!("{prefix}{key}")).query_async(&mut c).await.map_err(redis_err)
+                redis::cmd("GET")
+                    .arg(format!("{prefix}{key}"))
+                    .query_async(&mut c)
+                    .await
+                    .map_err(redis_err)
             }
             Kv::Memory(m) => Ok(m.get(key)),
         }
@@ -237,7 +288,8 @@ impl Kv {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(format!("{prefix}{key}")).arg(value);
                 if let Some(ttl) = ttl {
-                    cmd.arg("PX").arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+                    cmd.arg("PX")
+                        .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
                 }
                 cmd.query_async::<()>(&mut c).await.map_err(redis_err)
             }
@@ -253,7 +305,11 @@ impl Kv {
         match self {
             Kv::Redis { pool, prefix } => {
                 let mut c = Self::conn(pool).await?;
-                let n: i64 = redis::cmd("DEL").arg(format!("{prefix}{key}")).query_async(&mut c).await.map_err(redis_err)?;
+                let n: i64 = redis::cmd("DEL")
+                    .arg(format!("{prefix}{key}"))
+                    .query_async(&mut c)
+                    .await
+                    .map_err(redis_err)?;
                 Ok(n > 0)
             }
             Kv::Memory(m) => Ok(m.delete(key)),
@@ -262,14 +318,20 @@ impl Kv {
 }
 
 /// The in-process store. Expiry follows the injected clock, so tests can move time.
+/// Value and optional expiry.
+type Entry = (Vec<u8>, Option<DateTime<Utc>>);
+
 pub struct MemoryKv {
     clock: SharedClock,
-    map: Mutex<HashMap<String, (Vec<u8>, Option<DateTime<Utc>>)>>,
+    map: Mutex<HashMap<String, Entry>>,
 }
 
 impl MemoryKv {
     pub fn new(clock: SharedClock) -> Self {
-        Self { clock, map: Mutex::new(HashMap::new()) }
+        Self {
+            clock,
+            map: Mutex::new(HashMap::new()),
+        }
     }
 
     fn live(&self, exp: Option<DateTime<Utc>>) -> bool {
@@ -278,11 +340,15 @@ impl MemoryKv {
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(key).filter(|(_, exp)| self.live(*exp)).map(|(v, _)| v.clone())
+        map.get(key)
+            .filter(|(_, exp)| self.live(*exp))
+            .map(|(v, _)| v.clone())
     }
 
     pub fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) {
-        let exp = ttl.map(|t| self.clock.now() + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::MAX));
+        let exp = ttl.map(|t| {
+            self.clock.now() + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::MAX)
+        });
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         // Sweep expired entries now and then so memory is bounded by live keys.
         if map.len() % 1024 == 1023 {
@@ -321,12 +387,21 @@ mod tests {
         let k = |s: &str| format!("{ns}:{s}");
         assert_eq!(kv.get(&k("missing")).await.unwrap(), None);
         kv.set(&k("x"), b"hello", None).await.unwrap();
-        assert_eq!(kv.get(&k("x")).await.unwrap().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            kv.get(&k("x")).await.unwrap().as_deref(),
+            Some(&b"hello"[..])
+        );
         kv.set(&k("x"), b"again", None).await.unwrap();
-        assert_eq!(kv.get(&k("x")).await.unwrap().as_deref(), Some(&b"again"[..]), "set overwrites");
+        assert_eq!(
+            kv.get(&k("x")).await.unwrap().as_deref(),
+            Some(&b"again"[..]),
+            "set overwrites"
+        );
         assert!(kv.delete(&k("x")).await.unwrap());
         assert!(!kv.delete(&k("x")).await.unwrap());
-        kv.set(&k("t"), b"short", Some(Duration::from_millis(150))).await.unwrap();
+        kv.set(&k("t"), b"short", Some(Duration::from_millis(150)))
+            .await
+            .unwrap();
         assert!(kv.get(&k("t")).await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(kv.get(&k("t")).await.unwrap(), None, "ttl honoured");
@@ -334,12 +409,18 @@ mod tests {
 
     #[tokio::test]
     async fn kv_contract_memory() {
-        kv_contract(Kv::Memory(Arc::new(MemoryKv::new(crate::clock::system()))), "m").await;
+        kv_contract(
+            Kv::Memory(Arc::new(MemoryKv::new(crate::clock::system()))),
+            "m",
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn kv_contract_redis() {
-        let Some(url) = crate::testing::backend_url(crate::testing::Backend::Redis) else { return };
+        let Some(url) = crate::testing::backend_url(crate::testing::Backend::Redis) else {
+            return;
+        };
         let cfg = Config {
             storage: crate::config::StorageConfig {
                 redis_url: Some(crate::config::Secret::new(url)),
@@ -348,7 +429,9 @@ mod tests {
             },
             ..Default::default()
         };
-        let kv = connect_kv(&cfg, "unit", crate::clock::system()).await.unwrap();
+        let kv = connect_kv(&cfg, "unit", crate::clock::system())
+            .await
+            .unwrap();
         assert_eq!(kv.backend(), "redis");
         kv_contract(kv, "r").await;
     }
@@ -362,7 +445,12 @@ mod tests {
             },
             ..Default::default()
         };
-        let err = format!("{:#}", connect_kv(&cfg, "unit", crate::clock::system()).await.unwrap_err());
+        let err = format!(
+            "{:#}",
+            connect_kv(&cfg, "unit", crate::clock::system())
+                .await
+                .unwrap_err()
+        );
         assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -73,8 +73,12 @@ fn host_port(url: &str) -> Option<String> {
 }
 
 fn reachable(url: &str) -> bool {
-    let Some(hp) = host_port(url) else { return false };
-    let Ok(mut addrs) = hp.to_socket_addrs() else { return false };
+    let Some(hp) = host_port(url) else {
+        return false;
+    };
+    let Ok(mut addrs) = hp.to_socket_addrs() else {
+        return false;
+    };
     addrs.any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
 }
 
@@ -84,7 +88,13 @@ mod tests {
 
     #[test]
     fn host_port_strips_credentials() {
-        assert_eq!(host_port("postgres://u:p@db:5432/x?sslmode=require").unwrap(), "db:5432");
-        assert_eq!(host_port("nats://127.0.0.1:4222").unwrap(), "127.0.0.1:4222");
+        assert_eq!(
+            host_port("postgres://u:p@db:5432/x?sslmode=require").unwrap(),
+            "db:5432"
+        );
+        assert_eq!(
+            host_port("nats://127.0.0.1:4222").unwrap(),
+            "127.0.0.1:4222"
+        );
     }
 }

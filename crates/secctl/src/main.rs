@@ -68,7 +68,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("secctl: {e}");
@@ -87,9 +90,14 @@ fn main() -> ExitCode {
 async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Status => status(&config, cli.output).await,
-        Command::Audit { command: AuditCommand::List { event_type, since, limit } } => {
-            audit_list(&config, cli.output, event_type, since, limit).await
-        }
+        Command::Audit {
+            command:
+                AuditCommand::List {
+                    event_type,
+                    since,
+                    limit,
+                },
+        } => audit_list(&config, cli.output, event_type, since, limit).await,
     }
 }
 
@@ -106,7 +114,9 @@ async fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode> {
         let status = match channel(&url, &config.tls) {
             Ok(ch) => {
                 let mut client = HealthClient::new(ch);
-                let req = tonic_health::pb::HealthCheckRequest { service: grpc_name.clone() };
+                let req = tonic_health::pb::HealthCheckRequest {
+                    service: grpc_name.clone(),
+                };
                 match tokio::time::timeout(Duration::from_secs(3), client.check(req)).await {
                     Ok(Ok(r)) => match ServingStatus::try_from(r.into_inner().status) {
                         Ok(ServingStatus::Serving) => "SERVING".to_owned(),
@@ -134,28 +144,51 @@ async fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Table => {
-            println!("{:<12} {:<28} {:<24} {:>10}", "SERVICE", "ENDPOINT", "STATUS", "LATENCY");
+            println!(
+                "{:<12} {:<28} {:<24} {:>10}",
+                "SERVICE", "ENDPOINT", "STATUS", "LATENCY"
+            );
             for (n, u, s, d) in &rows {
-                println!("{:<12} {:<28} {:<24} {:>8.1}ms", format!("{n}-svc"), u, s, d.as_secs_f64() * 1000.0);
+                println!(
+                    "{:<12} {:<28} {:<24} {:>8.1}ms",
+                    format!("{n}-svc"),
+                    u,
+                    s,
+                    d.as_secs_f64() * 1000.0
+                );
             }
         }
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn capitalize(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+        .unwrap_or_default()
 }
 
-async fn audit_list(config: &Config, output: Output, event_type: Option<String>, since: Option<String>, limit: u32) -> anyhow::Result<ExitCode> {
+async fn audit_list(
+    config: &Config,
+    output: Output,
+    event_type: Option<String>,
+    since: Option<String>,
+    limit: u32,
+) -> anyhow::Result<ExitCode> {
     let token = sec_common::auth::client_token(&config.data_dir)
         .context("no token: set SEC_TOKEN or run where the data directory holds admin.token")?;
     let since = since
         .map(|s| {
             chrono::DateTime::parse_from_rfc3339(&s)
                 .map(|t| sec_common::events::to_timestamp(t.with_timezone(&chrono::Utc)))
-                .with_context(|| format!("--since {s}: expected RFC 3339, e.g. 2026-01-31T12:00:00Z"))
+                .with_context(|| {
+                    format!("--since {s}: expected RFC 3339, e.g. 2026-01-31T12:00:00Z")
+                })
         })
         .transpose()?;
     let ch = channel(&endpoint(config, "audit")?, &config.tls)?;
@@ -165,7 +198,10 @@ async fn audit_list(config: &Config, output: Output, event_type: Option<String>,
             event_type: event_type.unwrap_or_default(),
             since,
             until: None,
-            page: Some(PageRequest { page_size: limit, page_token: String::new() }),
+            page: Some(PageRequest {
+                page_size: limit,
+                page_token: String::new(),
+            }),
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
@@ -176,7 +212,10 @@ async fn audit_list(config: &Config, output: Output, event_type: Option<String>,
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Table => {
-            println!("{:<27} {:<34} {:<8} {:<16} {:<8} {}", "TIME", "TYPE", "OUTCOME", "ACTOR", "SEVERITY", "SUBJECT");
+            println!(
+                "{:<27} {:<34} {:<8} {:<16} {:<8} SUBJECT",
+                "TIME", "TYPE", "OUTCOME", "ACTOR", "SEVERITY"
+            );
             for e in &resp.events {
                 let j = event_json(e);
                 println!(
@@ -202,8 +241,20 @@ fn event_json(e: &SecurityEvent) -> serde_json::Value {
         .and_then(sec_common::events::from_timestamp)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
         .unwrap_or_default();
-    let outcome = Outcome::try_from(e.outcome).map(|o| o.as_str_name().trim_start_matches("OUTCOME_").to_lowercase()).unwrap_or_default();
-    let severity = Severity::try_from(e.severity).map(|s| s.as_str_name().trim_start_matches("SEVERITY_").to_lowercase()).unwrap_or_default();
+    let outcome = Outcome::try_from(e.outcome)
+        .map(|o| {
+            o.as_str_name()
+                .trim_start_matches("OUTCOME_")
+                .to_lowercase()
+        })
+        .unwrap_or_default();
+    let severity = Severity::try_from(e.severity)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("SEVERITY_")
+                .to_lowercase()
+        })
+        .unwrap_or_default();
     serde_json::json!({
         "id": e.id,
         "type": e.r#type,

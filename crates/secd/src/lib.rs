@@ -16,7 +16,12 @@ use tokio_util::sync::CancellationToken;
 type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 /// The `run` of a service by short name.
-pub fn service_run(name: &str, platform: Platform, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<ServiceFuture> {
+pub fn service_run(
+    name: &str,
+    platform: Platform,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ServiceFuture> {
     Ok(match name {
         "audit" => Box::pin(audit_svc::run(platform, listeners, shutdown)),
         "crypto" => Box::pin(crypto_svc::run(platform, listeners, shutdown)),
@@ -35,13 +40,20 @@ pub async fn bind_all(config: &Config) -> anyhow::Result<BTreeMap<&'static str, 
     for name in SERVICES {
         let addrs = config.services.get(name).context("service addresses")?;
         let http = (name == "auth").then_some(config.facade.http_addr);
-        out.insert(name, Listeners::bind(addrs, http).await.with_context(|| format!("{name}-svc"))?);
+        out.insert(
+            name,
+            Listeners::bind(addrs, http)
+                .await
+                .with_context(|| format!("{name}-svc"))?,
+        );
     }
     Ok(out)
 }
 
 /// Port-0 listeners for every service; the config is updated to the bound addresses.
-pub async fn bind_ephemeral(config: &mut Config) -> anyhow::Result<BTreeMap<&'static str, Listeners>> {
+pub async fn bind_ephemeral(
+    config: &mut Config,
+) -> anyhow::Result<BTreeMap<&'static str, Listeners>> {
     let mut out = BTreeMap::new();
     for name in SERVICES {
         let l = Listeners::ephemeral(name == "auth").await?;
@@ -59,13 +71,21 @@ pub async fn bind_ephemeral(config: &mut Config) -> anyhow::Result<BTreeMap<&'st
 /// Runs every service until `shutdown`, then stops them: all but audit first, then
 /// audit-svc once their events are on the bus. If one service fails, all are stopped
 /// and the first error is returned.
-pub async fn run_all(platform: Platform, mut listeners: BTreeMap<&'static str, Listeners>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_all(
+    platform: Platform,
+    mut listeners: BTreeMap<&'static str, Listeners>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let others_stop = CancellationToken::new();
     let audit_stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for name in SERVICES {
         let l = listeners.remove(name).context("missing listeners")?;
-        let token = if name == "audit" { audit_stop.clone() } else { others_stop.clone() };
+        let token = if name == "audit" {
+            audit_stop.clone()
+        } else {
+            others_stop.clone()
+        };
         let fut = service_run(name, platform.clone(), l, token)?;
         tasks.push((name, tokio::spawn(fut)));
         if name == "audit" {
@@ -112,14 +132,26 @@ pub async fn run_all(platform: Platform, mut listeners: BTreeMap<&'static str, L
         None => Ok(()),
     };
     for (_, handle) in audit {
-        let r = handle.await.map_err(anyhow::Error::from).and_then(|r| r).context("audit-svc");
+        let r = handle
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .context("audit-svc");
         if result.is_ok() {
             result = r;
         }
     }
-    let left = platform.events.flush(Duration::from_secs(platform.config.shutdown.grace_seconds.max(1))).await;
+    let left = platform
+        .events
+        .flush(Duration::from_secs(
+            platform.config.shutdown.grace_seconds.max(1),
+        ))
+        .await;
     if left > 0 {
-        tracing::error!(pending = left, "security events not stored by the broker at exit");
+        tracing::error!(
+            pending = left,
+            "security events not stored by the broker at exit"
+        );
     }
     result
 }

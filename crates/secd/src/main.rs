@@ -11,7 +11,11 @@ use sec_common::config::{Config, SERVICES};
 use sec_common::service::{Platform, load_config};
 
 #[derive(Debug, Parser)]
-#[command(name = "secd", version, about = "Run the whole security platform in one process")]
+#[command(
+    name = "secd",
+    version,
+    about = "Run the whole security platform in one process"
+)]
 struct Args {
     /// TOML configuration file (optional; `SEC_*` variables overlay it).
     #[arg(long, short, env = "SEC_CONFIG", global = true)]
@@ -48,7 +52,10 @@ fn main() -> ExitCode {
             if let Some(d) = data_dir {
                 config.data_dir = d;
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start runtime: {e}");
@@ -93,8 +100,14 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     let service_token = generate_token()?;
     let auth = Authenticator::from_config(&config)?.with_service_token(&service_token);
     let listeners = secd::bind_all(&config).await?;
-    let platform = Platform::connect(config.clone(), auth, sec_common::clock::system(), "secd").await?;
-    print_banner(&config, &listeners, bootstrap.as_ref(), platform.events.transport_kind());
+    let platform =
+        Platform::connect(config.clone(), auth, sec_common::clock::system(), "secd").await?;
+    print_banner(
+        &config,
+        &listeners,
+        bootstrap.as_ref(),
+        platform.events.transport_kind(),
+    );
     let shutdown = sec_common::shutdown::on_signal();
     secd::run_all(platform, listeners, shutdown).await?;
     println!("secd stopped cleanly");
@@ -108,25 +121,47 @@ fn print_banner(
     bootstrap: Option<&sec_common::auth::Bootstrap>,
     bus: &str,
 ) {
-    let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let db = if config.storage.database_url.is_some() { "postgres".to_owned() } else { format!("sqlite in {}", config.data_dir.display()) };
-    let kv = if config.storage.redis_url.is_some() { "redis" } else { "in-process" };
+    let addr = |l: &tokio::net::TcpListener| {
+        l.local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    let db = if config.storage.database_url.is_some() {
+        "postgres".to_owned()
+    } else {
+        format!("sqlite in {}", config.data_dir.display())
+    };
+    let kv = if config.storage.redis_url.is_some() {
+        "redis"
+    } else {
+        "in-process"
+    };
     println!("secd: security platform running (database: {db}; sessions: {kv}; events: {bus})");
     if let Some(http) = listeners.get("auth").and_then(|l| l.http.as_ref()) {
         println!("  {:<8} http://{}  (HTTP facade)", "facade", addr(http));
     }
     for name in SERVICES {
         if let Some(l) = listeners.get(name) {
-            println!("  {:<8} grpc {}  admin http://{}/readyz", name, addr(&l.grpc), addr(&l.admin));
+            println!(
+                "  {:<8} grpc {}  admin http://{}/readyz",
+                name,
+                addr(&l.grpc),
+                addr(&l.admin)
+            );
         }
     }
     match bootstrap {
-        Some(b) if b.created => println!("admin token created: {} (owner-only; secctl reads it)", b.token_path.display()),
+        Some(b) if b.created => println!(
+            "admin token created: {} (owner-only; secctl reads it)",
+            b.token_path.display()
+        ),
         Some(b) => println!("admin token: {} (reused)", b.token_path.display()),
         None => println!("admin token: from auth.admin_token_hash"),
     }
     if config.is_embedded() {
-        println!("note: embedded default, for development; production supplies PostgreSQL, Redis, NATS and TLS");
+        println!(
+            "note: embedded default, for development; production supplies PostgreSQL, Redis, NATS and TLS"
+        );
     }
     println!("press Ctrl-C to stop");
 }

@@ -2,6 +2,8 @@
 //! on all seven services, exits 0 within 10 s of SIGTERM, and a second start reuses the
 //! data directory (and its admin token).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -11,11 +13,16 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const SERVICES: [&str; 7] = ["audit", "crypto", "token", "session", "auth", "gdpr", "assess"];
+const SERVICES: [&str; 7] = [
+    "audit", "crypto", "token", "session", "auth", "gdpr", "assess",
+];
 
 fn start(data: &std::path::Path) -> (Child, BTreeMap<String, String>, Vec<String>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_secd"));
-    cmd.args(["dev", "--data-dir"]).arg(data).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.args(["dev", "--data-dir"])
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     cmd.env("SEC_FACADE__HTTP_ADDR", "127.0.0.1:0");
     for s in SERVICES {
         let up = s.to_uppercase();
@@ -47,7 +54,10 @@ fn start(data: &std::path::Path) -> (Child, BTreeMap<String, String>, Vec<String
 
 fn sigterm_and_wait(mut child: Child) -> (std::process::ExitStatus, Duration) {
     let started = Instant::now();
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -67,13 +77,23 @@ fn sigterm_and_wait(mut child: Child) -> (std::process::ExitStatus, Duration) {
 async fn secd_dev_serves_stops_on_sigterm_and_keeps_data() {
     let data = tempfile::tempdir().unwrap();
     let (child, addrs, banner) = start(data.path());
-    assert!(banner.iter().any(|l| l.contains("admin token created")), "{banner:?}");
+    assert!(
+        banner.iter().any(|l| l.contains("admin token created")),
+        "{banner:?}"
+    );
     assert_eq!(addrs.len(), 8, "seven services and the facade: {banner:?}");
     for s in SERVICES {
         let url = format!("http://{}", addrs[s]);
-        let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let name = format!("sec.{s}.v1.{}{}Service", &s[..1].to_uppercase(), &s[1..]);
-        let r = HealthClient::new(channel).check(HealthCheckRequest { service: name }).await.unwrap();
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: name })
+            .await
+            .unwrap();
         assert_eq!(r.into_inner().status, ServingStatus::Serving as i32, "{s}");
     }
     let (status, took) = sigterm_and_wait(child);
@@ -84,7 +104,10 @@ async fn secd_dev_serves_stops_on_sigterm_and_keeps_data() {
     let token = std::fs::read_to_string(data.path().join("admin.token")).unwrap();
     let (child, _, banner) = start(data.path());
     assert!(banner.iter().any(|l| l.contains("(reused)")), "{banner:?}");
-    assert_eq!(std::fs::read_to_string(data.path().join("admin.token")).unwrap(), token);
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("admin.token")).unwrap(),
+        token
+    );
     let (status, _) = sigterm_and_wait(child);
     assert!(status.success());
 }
@@ -105,10 +128,16 @@ fn bad_config_exits_64_before_binding() {
 fn check_config_redacts_secrets() {
     let out = Command::new(env!("CARGO_BIN_EXE_secd"))
         .arg("check-config")
-        .env("SEC_STORAGE__DATABASE_URL", "postgres://sec:hunter2@db:5432/sec")
+        .env(
+            "SEC_STORAGE__DATABASE_URL",
+            "postgres://sec:hunter2@db:5432/sec",
+        )
         .output()
         .unwrap();
     assert!(out.status.success());
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(shown.contains("db:5432") && !shown.contains("hunter2"), "{shown}");
+    assert!(
+        shown.contains("db:5432") && !shown.contains("hunter2"),
+        "{shown}"
+    );
 }

@@ -3,7 +3,6 @@
 //! The plumbing is real (storage, migrations, health, admin endpoints, events, drain);
 //! the RPCs arrive with this service's own issue.
 
-
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::storage::Migrations;
 use sec_proto::session::v1::session_service_server::{SessionService, SessionServiceServer};
@@ -23,12 +22,20 @@ struct SessionApi;
 impl SessionService for SessionApi {}
 
 /// Runs session-svc until `shutdown`.
-pub async fn run(platform: Platform, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    platform: Platform,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut host = ServiceHost::new(NAME, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let _kv = host.open_kv().await?;
     let api = SessionServiceServer::with_interceptor(SessionApi, platform.auth.interceptor());
-    let serve = Serve { grpc_names: GRPC_NAMES, routes: tonic::service::Routes::new(api), http: None };
+    let serve = Serve {
+        grpc_names: GRPC_NAMES,
+        routes: tonic::service::Routes::new(api),
+        http: None,
+    };
     let result = host.serve(serve, listeners, shutdown).await;
     db.close().await;
     result

@@ -26,14 +26,20 @@ pub struct Cursor {
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", self.time_us, self.id))
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{}:{}", self.time_us, self.id))
     }
 
     pub fn decode(token: &str) -> Option<Self> {
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()?;
         let raw = String::from_utf8(raw).ok()?;
         let (t, id) = raw.split_once(':')?;
-        Some(Self { time_us: t.parse().ok()?, id: uuid::Uuid::parse_str(id).ok()? })
+        Some(Self {
+            time_us: t.parse().ok()?,
+            id: uuid::Uuid::parse_str(id).ok()?,
+        })
     }
 }
 
@@ -58,7 +64,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// many were new. All or nothing: on error nothing of the batch is stored.
     async fn insert_batch(&self, events: &[SecurityEvent]) -> Result<u64, StoreError>;
     /// Newest first; the cursor is set when there may be more.
-    async fn list(&self, query: &EventQuery) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError>;
+    async fn list(
+        &self,
+        query: &EventQuery,
+    ) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError>;
 }
 
 /// Row form shared by both backends: the envelope flattened into columns.
@@ -80,16 +89,27 @@ pub(crate) struct Row {
 }
 
 pub(crate) fn time_us(e: &SecurityEvent) -> i64 {
-    e.time.as_ref().map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
+    e.time
+        .as_ref()
+        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
 }
 
 pub(crate) fn to_row(e: &SecurityEvent) -> Result<Row, StoreError> {
-    let id = uuid::Uuid::parse_str(&e.id).map_err(|_| StoreError::Corrupt(format!("event id `{}` is not a UUID", e.id)))?;
+    let id = uuid::Uuid::parse_str(&e.id)
+        .map_err(|_| StoreError::Corrupt(format!("event id `{}` is not a UUID", e.id)))?;
     let actor = e.actor.clone().unwrap_or_default();
     let kind = ActorKind::try_from(actor.kind).unwrap_or(ActorKind::Unspecified);
-    let user_id = if kind == ActorKind::User { uuid::Uuid::parse_str(&actor.id).ok() } else { None };
+    let user_id = if kind == ActorKind::User {
+        uuid::Uuid::parse_str(&actor.id).ok()
+    } else {
+        None
+    };
     // A malformed address is not an address: keep the column typed and the event stored.
-    let ip_address = e.source_ip.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string());
+    let ip_address = e
+        .source_ip
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string());
     Ok(Row {
         id,
         event_type: e.r#type.clone(),
@@ -101,21 +121,27 @@ pub(crate) fn to_row(e: &SecurityEvent) -> Result<Row, StoreError> {
         subject: e.subject.clone(),
         ip_address,
         outcome: outcome_name(Outcome::try_from(e.outcome).unwrap_or(Outcome::Unspecified)).into(),
-        severity: severity_name(Severity::try_from(e.severity).unwrap_or(Severity::Unspecified)).into(),
+        severity: severity_name(Severity::try_from(e.severity).unwrap_or(Severity::Unspecified))
+            .into(),
         details: serde_json::to_string(&e.details).unwrap_or_else(|_| "{}".into()),
         trace_id: e.trace_id.clone(),
     })
 }
 
 pub(crate) fn from_row(r: Row) -> Result<SecurityEvent, StoreError> {
-    let details = serde_json::from_str(&r.details).map_err(|e| StoreError::Corrupt(format!("details: {e}")))?;
-    let time = DateTime::<Utc>::from_timestamp_micros(r.time_us).ok_or_else(|| StoreError::Corrupt("time".into()))?;
+    let details = serde_json::from_str(&r.details)
+        .map_err(|e| StoreError::Corrupt(format!("details: {e}")))?;
+    let time = DateTime::<Utc>::from_timestamp_micros(r.time_us)
+        .ok_or_else(|| StoreError::Corrupt("time".into()))?;
     Ok(SecurityEvent {
         id: r.id.to_string(),
         r#type: r.event_type,
         time: Some(sec_common::events::to_timestamp(time)),
         service: r.service,
-        actor: Some(sec_common::events::Actor { kind: actor_kind_from(&r.actor_kind) as i32, id: r.actor_id }),
+        actor: Some(sec_common::events::Actor {
+            kind: actor_kind_from(&r.actor_kind) as i32,
+            id: r.actor_id,
+        }),
         subject: r.subject,
         source_ip: r.ip_address.unwrap_or_default(),
         outcome: outcome_from(&r.outcome) as i32,
@@ -183,7 +209,10 @@ fn severity_from(s: &str) -> Severity {
 
 pub(crate) fn cursor_after(more: bool, events: &[SecurityEvent]) -> Option<Cursor> {
     let last = events.last().filter(|_| more)?;
-    Some(Cursor { time_us: time_us(last), id: uuid::Uuid::parse_str(&last.id).ok()? })
+    Some(Cursor {
+        time_us: time_us(last),
+        id: uuid::Uuid::parse_str(&last.id).ok()?,
+    })
 }
 
 /// `LIKE` pattern for a prefix, with `%`, `_` and `\` escaped (event types contain `_`).
@@ -213,16 +242,26 @@ pub mod contract {
 
     #[allow(clippy::unwrap_used, clippy::panic)]
     pub async fn run(store: &dyn EventStore) {
-        let start = DateTime::parse_from_rfc3339("2026-03-01T10:00:00.123456Z").unwrap().with_timezone(&Utc);
+        let start = DateTime::parse_from_rfc3339("2026-03-01T10:00:00.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
         let clock = ManualClock::new(start);
         let mut all = Vec::new();
         for i in 0..25 {
-            let ty = if i % 2 == 0 { "sec.crypto.key.created" } else { "sec.token.refresh.reuse_detected" };
+            let ty = if i % 2 == 0 {
+                "sec.crypto.key.created"
+            } else {
+                "sec.token.refresh.reuse_detected"
+            };
             let mut e = ev(clock.as_ref(), ty);
             if i == 3 {
-                e.actor = Some(sec_common::events::Actor { kind: ActorKind::User as i32, id: uuid::Uuid::new_v4().to_string() });
+                e.actor = Some(sec_common::events::Actor {
+                    kind: ActorKind::User as i32,
+                    id: uuid::Uuid::new_v4().to_string(),
+                });
                 e.source_ip = "2001:db8::1".into();
-                e.details.insert("reason".into(), "unit \"quoted\" ✓".into());
+                e.details
+                    .insert("reason".into(), "unit \"quoted\" ✓".into());
                 e.severity = Severity::Critical as i32;
                 e.outcome = Outcome::Denied as i32;
                 e.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into();
@@ -235,16 +274,29 @@ pub mod contract {
         }
         // insert in two overlapping batches: the overlap is a redelivery
         assert_eq!(store.insert_batch(&all[..15]).await.unwrap(), 15);
-        assert_eq!(store.insert_batch(&all[10..]).await.unwrap(), 10, "already-stored ids are skipped");
+        assert_eq!(
+            store.insert_batch(&all[10..]).await.unwrap(),
+            10,
+            "already-stored ids are skipped"
+        );
         assert_eq!(store.insert_batch(&[]).await.unwrap(), 0);
 
         // round trip of every field
-        let (page, _) = store.list(&EventQuery { limit: 100, ..Default::default() }).await.unwrap();
+        let (page, _) = store
+            .list(&EventQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(page.len(), 25);
         let got = page.iter().find(|e| e.id == all[3].id).unwrap();
         assert_eq!(got, &all[3], "every envelope field survives storage");
         let bad_ip = page.iter().find(|e| e.id == all[4].id).unwrap();
-        assert_eq!(bad_ip.source_ip, "", "a malformed address is not stored as one");
+        assert_eq!(
+            bad_ip.source_ip, "",
+            "a malformed address is not stored as one"
+        );
 
         // newest first
         let ids: Vec<&str> = page.iter().map(|e| e.id.as_str()).collect();
@@ -254,7 +306,10 @@ pub mod contract {
 
         // paging walks everything exactly once
         let mut seen = Vec::new();
-        let mut q = EventQuery { limit: 7, ..Default::default() };
+        let mut q = EventQuery {
+            limit: 7,
+            ..Default::default()
+        };
         loop {
             let (p, next) = store.list(&q).await.unwrap();
             assert!(p.len() <= 7);
@@ -269,25 +324,42 @@ pub mod contract {
 
         // filters: exact type, prefix with `_` in it, time window
         let (p, _) = store
-            .list(&EventQuery { event_type: Some("sec.crypto.key.created".into()), limit: 100, ..Default::default() })
+            .list(&EventQuery {
+                event_type: Some("sec.crypto.key.created".into()),
+                limit: 100,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(p.len(), 13);
         assert!(p.iter().all(|e| e.r#type == "sec.crypto.key.created"));
         let (p, _) = store
-            .list(&EventQuery { type_prefix: Some("sec.token.refresh.reuse_".into()), limit: 100, ..Default::default() })
+            .list(&EventQuery {
+                type_prefix: Some("sec.token.refresh.reuse_".into()),
+                limit: 100,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(p.len(), 12);
         let (p, _) = store
-            .list(&EventQuery { type_prefix: Some("sec.token.refresh.reuseX".into()), limit: 100, ..Default::default() })
+            .list(&EventQuery {
+                type_prefix: Some("sec.token.refresh.reuseX".into()),
+                limit: 100,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert!(p.is_empty(), "`_` in a prefix is literal, not a wildcard");
         let since = time_us(&all[5]);
         let until = time_us(&all[10]);
         let (p, _) = store
-            .list(&EventQuery { since_us: Some(since), until_us: Some(until), limit: 100, ..Default::default() })
+            .list(&EventQuery {
+                since_us: Some(since),
+                until_us: Some(until),
+                limit: 100,
+                ..Default::default()
+            })
             .await
             .unwrap();
         let got: Vec<String> = p.into_iter().map(|e| e.id).collect();
@@ -295,10 +367,19 @@ pub mod contract {
         assert_eq!(got, want, "since inclusive, until exclusive");
 
         // a batch with one bad event stores nothing
-        let mut bad = vec![ev(clock.as_ref(), "sec.crypto.key.created"), ev(clock.as_ref(), "sec.crypto.key.created")];
+        let mut bad = vec![
+            ev(clock.as_ref(), "sec.crypto.key.created"),
+            ev(clock.as_ref(), "sec.crypto.key.created"),
+        ];
         bad[1].id = "nope".into();
         assert!(store.insert_batch(&bad).await.is_err());
-        let (p, _) = store.list(&EventQuery { limit: 100, ..Default::default() }).await.unwrap();
+        let (p, _) = store
+            .list(&EventQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(p.len(), 25, "all or nothing");
     }
 }
@@ -309,7 +390,10 @@ mod tests {
 
     #[test]
     fn cursor_round_trip_and_garbage() {
-        let c = Cursor { time_us: 1_700_000_000_123_456, id: uuid::Uuid::now_v7() };
+        let c = Cursor {
+            time_us: 1_700_000_000_123_456,
+            id: uuid::Uuid::now_v7(),
+        };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
         assert_eq!(Cursor::decode("!!!"), None);
         assert_eq!(Cursor::decode("bm9wZQ"), None);

@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use sec_common::events::SecurityEvent;
 use sqlx::PgPool;
 
-use super::{Cursor, EventQuery, EventStore, Row, StoreError, cursor_after, from_row, like_prefix, to_row};
+use super::{
+    Cursor, EventQuery, EventStore, Row, StoreError, cursor_after, from_row, like_prefix, to_row,
+};
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
@@ -20,7 +22,8 @@ impl PgEventStore {
 }
 
 fn ts(us: i64) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_micros(us).ok_or_else(|| StoreError::Corrupt("time out of range".into()))
+    DateTime::from_timestamp_micros(us)
+        .ok_or_else(|| StoreError::Corrupt("time out of range".into()))
 }
 
 type PgRow = (
@@ -46,7 +49,10 @@ impl EventStore for PgEventStore {
             return Ok(0);
         }
         let rows = events.iter().map(to_row).collect::<Result<Vec<Row>, _>>()?;
-        let times = rows.iter().map(|r| ts(r.time_us)).collect::<Result<Vec<_>, _>>()?;
+        let times = rows
+            .iter()
+            .map(|r| ts(r.time_us))
+            .collect::<Result<Vec<_>, _>>()?;
         let col = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
         let result = sqlx::query(
             r#"INSERT INTO security_events
@@ -69,7 +75,11 @@ impl EventStore for PgEventStore {
         .bind(col(|r| r.actor_kind.clone()))
         .bind(col(|r| r.actor_id.clone()))
         .bind(col(|r| r.subject.clone()))
-        .bind(rows.iter().map(|r| r.ip_address.clone()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.ip_address.clone())
+                .collect::<Vec<_>>(),
+        )
         .bind(col(|r| r.outcome.clone()))
         .bind(col(|r| r.severity.clone()))
         .bind(col(|r| r.details.clone()))
@@ -79,7 +89,10 @@ impl EventStore for PgEventStore {
         Ok(result.rows_affected())
     }
 
-    async fn list(&self, q: &EventQuery) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
+    async fn list(
+        &self,
+        q: &EventQuery,
+    ) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
         let limit = i64::from(q.limit.max(1));
         let since = q.since_us.map(ts).transpose()?;
         let until = q.until_us.map(ts).transpose()?;
@@ -139,11 +152,18 @@ mod tests {
 
     #[tokio::test]
     async fn contract_postgres() {
-        let Some(url) = backend_url(Backend::Postgres) else { return };
+        let Some(url) = backend_url(Backend::Postgres) else {
+            return;
+        };
         let schema = format!("audit_t{}", uuid::Uuid::new_v4().simple());
-        let pool = sec_common::storage::connect_postgres(&url, &schema, 4).await.unwrap();
+        let pool = sec_common::storage::connect_postgres(&url, &schema, 4)
+            .await
+            .unwrap();
         crate::MIGRATIONS.postgres.run(&pool).await.unwrap();
         super::super::contract::run(&PgEventStore::new(pool.clone())).await;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
 }

@@ -4,7 +4,9 @@ use async_trait::async_trait;
 use sec_common::events::SecurityEvent;
 use sqlx::SqlitePool;
 
-use super::{Cursor, EventQuery, EventStore, Row, StoreError, cursor_after, from_row, like_prefix, to_row};
+use super::{
+    Cursor, EventQuery, EventStore, Row, StoreError, cursor_after, from_row, like_prefix, to_row,
+};
 
 #[derive(Debug, Clone)]
 pub struct SqliteEventStore {
@@ -17,7 +19,21 @@ impl SqliteEventStore {
     }
 }
 
-type SqlRow = (String, String, i64, String, Option<String>, String, String, String, Option<String>, String, String, String, String);
+type SqlRow = (
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    String,
+    String,
+);
 
 #[async_trait]
 impl EventStore for SqliteEventStore {
@@ -58,7 +74,10 @@ impl EventStore for SqliteEventStore {
         Ok(inserted)
     }
 
-    async fn list(&self, q: &EventQuery) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
+    async fn list(
+        &self,
+        q: &EventQuery,
+    ) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
         let limit = i64::from(q.limit.max(1));
         let rows: Vec<SqlRow> = sqlx::query_as(
             r"SELECT id, event_type, ts_us, service, user_id, actor_kind, actor_id, subject,
@@ -86,7 +105,8 @@ impl EventStore for SqliteEventStore {
             .into_iter()
             .take(limit as usize)
             .map(|r| {
-                let id = uuid::Uuid::parse_str(&r.0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let id =
+                    uuid::Uuid::parse_str(&r.0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let user_id = r.4.as_deref().and_then(|u| uuid::Uuid::parse_str(u).ok());
                 from_row(Row {
                     id,
@@ -117,7 +137,9 @@ mod tests {
     #[tokio::test]
     async fn contract_sqlite() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4).await.unwrap();
+        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4)
+            .await
+            .unwrap();
         crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
         super::super::contract::run(&SqliteEventStore::new(pool)).await;
     }

@@ -30,13 +30,19 @@ pub struct MemoryTransport {
 
 impl std::fmt::Debug for MemoryTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryTransport").field("capacity", &self.capacity).finish()
+        f.debug_struct("MemoryTransport")
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 
 impl MemoryTransport {
     pub fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(Self { state: Mutex::new(State::default()), available: Notify::new(), capacity })
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            available: Notify::new(),
+            capacity,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -72,14 +78,16 @@ impl EventTransport for Arc<MemoryTransport> {
                     return Ok(()); // duplicate: already stored once, like Nats-Msg-Id dedup
                 }
                 if s.queue.len() + s.in_flight.len() >= self.capacity {
-                    return Err(TransportError::Unavailable("in-process queue full: no consumer is keeping up".into()));
+                    return Err(TransportError::Unavailable(
+                        "in-process queue full: no consumer is keeping up".into(),
+                    ));
                 }
                 s.seen.insert(o.event.id.clone());
                 s.seen_order.push_back(o.event.id.clone());
-                if s.seen_order.len() > DEDUP_WINDOW {
-                    if let Some(old) = s.seen_order.pop_front() {
-                        s.seen.remove(&old);
-                    }
+                if s.seen_order.len() > DEDUP_WINDOW
+                    && let Some(old) = s.seen_order.pop_front()
+                {
+                    s.seen.remove(&old);
                 }
                 s.queue.push_back(o.event.clone());
                 Ok(())
@@ -102,7 +110,10 @@ impl EventTransport for Arc<MemoryTransport> {
                     let mut out = Vec::with_capacity(n);
                     for e in taken {
                         s.in_flight.insert(e.id.clone(), e.clone());
-                        out.push(Delivery { event: e, handle: DeliveryHandle::Memory(Arc::clone(self)) });
+                        out.push(Delivery {
+                            event: e,
+                            handle: DeliveryHandle::Memory(Arc::clone(self)),
+                        });
                     }
                     return Ok(out);
                 }
@@ -125,14 +136,23 @@ mod tests {
     use crate::events::new_event;
 
     fn out(e: &SecurityEvent) -> Outgoing {
-        Outgoing { subject: "s".into(), event: e.clone(), trace_headers: vec![] }
+        Outgoing {
+            subject: "s".into(),
+            event: e.clone(),
+            trace_headers: vec![],
+        }
     }
 
     #[tokio::test]
     async fn duplicates_are_stored_once_and_nack_redelivers() {
         let t = MemoryTransport::new(10);
         let e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
-        assert!(t.publish(&[out(&e), out(&e)]).await.iter().all(Result::is_ok));
+        assert!(
+            t.publish(&[out(&e), out(&e)])
+                .await
+                .iter()
+                .all(Result::is_ok)
+        );
         let first = t.fetch(10, Duration::from_millis(10)).await.unwrap();
         assert_eq!(first.len(), 1, "same id twice is one event");
         first.into_iter().next().unwrap().nack().await.unwrap();
@@ -140,10 +160,20 @@ mod tests {
         assert_eq!(again.len(), 1, "a nacked event comes back");
         assert_eq!(again[0].event.id, e.id);
         again.into_iter().next().unwrap().ack().await.unwrap();
-        assert!(t.fetch(10, Duration::from_millis(10)).await.unwrap().is_empty());
+        assert!(
+            t.fetch(10, Duration::from_millis(10))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // published again after ack: still a duplicate inside the window
         assert!(t.publish(&[out(&e)]).await[0].is_ok());
-        assert!(t.fetch(10, Duration::from_millis(10)).await.unwrap().is_empty());
+        assert!(
+            t.fetch(10, Duration::from_millis(10))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]
@@ -160,7 +190,8 @@ mod tests {
     async fn fetch_wakes_on_publish() {
         let t = MemoryTransport::new(10);
         let t2 = Arc::clone(&t);
-        let waiter = tokio::spawn(async move { t2.fetch(10, Duration::from_secs(5)).await.unwrap().len() });
+        let waiter =
+            tokio::spawn(async move { t2.fetch(10, Duration::from_secs(5)).await.unwrap().len() });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
         t.publish(&[out(&e)]).await;

@@ -79,7 +79,10 @@ enum DeliveryHandle {
 impl Delivery {
     pub async fn ack(self) -> Result<(), TransportError> {
         match self.handle {
-            DeliveryHandle::Nats(m) => m.ack().await.map_err(|e| TransportError::Unavailable(e.to_string())),
+            DeliveryHandle::Nats(m) => m
+                .ack()
+                .await
+                .map_err(|e| TransportError::Unavailable(e.to_string())),
             DeliveryHandle::Memory(t) => {
                 t.ack(&self.event.id);
                 Ok(())
@@ -90,7 +93,9 @@ impl Delivery {
     pub async fn nack(self) -> Result<(), TransportError> {
         match self.handle {
             DeliveryHandle::Nats(m) => m
-                .ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                .ack_with(async_nats::jetstream::AckKind::Nak(Some(
+                    Duration::from_secs(1),
+                )))
                 .await
                 .map_err(|e| TransportError::Unavailable(e.to_string())),
             DeliveryHandle::Memory(t) => {
@@ -138,7 +143,9 @@ pub struct EventBus {
 
 impl std::fmt::Debug for EventBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventBus").field("transport", &self.inner.transport.kind()).finish()
+        f.debug_struct("EventBus")
+            .field("transport", &self.inner.transport.kind())
+            .finish()
     }
 }
 
@@ -161,7 +168,10 @@ impl EventBus {
 
     /// The in-process bus: events stay in this process (dev launcher, tests).
     pub fn in_process(cfg: &EventsConfig) -> Self {
-        Self::new(Arc::new(memory::MemoryTransport::new(cfg.spool_capacity)), cfg)
+        Self::new(
+            Arc::new(memory::MemoryTransport::new(cfg.spool_capacity)),
+            cfg,
+        )
     }
 
     pub fn transport_kind(&self) -> &'static str {
@@ -179,7 +189,11 @@ impl EventBus {
                 trace_headers.push((k.as_str().to_owned(), v.to_owned()));
             }
         }
-        let out = Outgoing { subject, event, trace_headers };
+        let out = Outgoing {
+            subject,
+            event,
+            trace_headers,
+        };
         // Count before sending so the worker's decrement can never run first.
         self.inner.pending.fetch_add(1, Ordering::SeqCst);
         match self.inner.tx.try_send(out) {
@@ -190,12 +204,16 @@ impl EventBus {
             Err(e) => {
                 self.inner.pending.fetch_sub(1, Ordering::SeqCst);
                 let ev = match &e {
-                    mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => &o.event,
+                    mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => {
+                        &o.event
+                    }
                 };
                 tracing::error!(event_id = %ev.id, event_type = %ev.r#type, "security event refused: spool full or closed");
                 self.inner.metrics.rejected.inc();
                 match e {
-                    mpsc::error::TrySendError::Full(_) => Err(PublishError::SpoolFull(self.inner.capacity)),
+                    mpsc::error::TrySendError::Full(_) => {
+                        Err(PublishError::SpoolFull(self.inner.capacity))
+                    }
                     mpsc::error::TrySendError::Closed(_) => Err(PublishError::Closed),
                 }
             }
@@ -235,27 +253,53 @@ impl EventBus {
     /// several services in one process; each registry shows the same values).
     pub fn register_metrics(&self, registry: &mut Registry) {
         let m = &self.inner.metrics;
-        registry.register("sec_events_published", "Security events stored by the broker", m.published.clone());
-        registry.register("sec_events_publish_retries", "Event publish attempts that failed and were retried", m.retries.clone());
-        registry.register("sec_events_spool_rejected", "Events refused because the spool was full", m.rejected.clone());
-        registry.register("sec_events_spool_depth", "Events waiting in the spool for the broker", m.depth.clone());
+        registry.register(
+            "sec_events_published",
+            "Security events stored by the broker",
+            m.published.clone(),
+        );
+        registry.register(
+            "sec_events_publish_retries",
+            "Event publish attempts that failed and were retried",
+            m.retries.clone(),
+        );
+        registry.register(
+            "sec_events_spool_rejected",
+            "Events refused because the spool was full",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "sec_events_spool_depth",
+            "Events waiting in the spool for the broker",
+            m.depth.clone(),
+        );
     }
 }
 
 /// `sec.crypto.key.rotated` → `<prefix>.crypto.key.rotated`.
 fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishError> {
-    let rest = event
-        .r#type
-        .strip_prefix("sec.")
-        .ok_or_else(|| PublishError::Invalid(format!("type `{}` must start with `sec.`", event.r#type)))?;
+    let rest = event.r#type.strip_prefix("sec.").ok_or_else(|| {
+        PublishError::Invalid(format!("type `{}` must start with `sec.`", event.r#type))
+    })?;
     let tokens: Vec<&str> = rest.split('.').collect();
     if tokens.len() < 3
-        || tokens.iter().any(|t| t.is_empty() || !t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        || tokens.iter().any(|t| {
+            t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        })
     {
-        return Err(PublishError::Invalid(format!("type `{}` is not `sec.<service>.<noun>.<verb>`", event.r#type)));
+        return Err(PublishError::Invalid(format!(
+            "type `{}` is not `sec.<service>.<noun>.<verb>`",
+            event.r#type
+        )));
     }
     if tokens[0] != event.service {
-        return Err(PublishError::Invalid(format!("type `{}` does not belong to service `{}`", event.r#type, event.service)));
+        return Err(PublishError::Invalid(format!(
+            "type `{}` does not belong to service `{}`",
+            event.r#type, event.service
+        )));
     }
     if uuid::Uuid::parse_str(&event.id).is_err() {
         return Err(PublishError::Invalid("id must be a UUID".into()));
@@ -342,7 +386,10 @@ fn new_event_id(now: DateTime<Utc>) -> uuid::Uuid {
 }
 
 pub fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0) }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
 }
 
 pub fn from_timestamp(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
@@ -355,19 +402,34 @@ mod tests {
     use crate::clock::SystemClock;
 
     fn cfg(capacity: usize) -> EventsConfig {
-        EventsConfig { spool_capacity: capacity, ..EventsConfig::default() }
+        EventsConfig {
+            spool_capacity: capacity,
+            ..EventsConfig::default()
+        }
     }
 
     #[test]
     fn subjects_follow_the_naming_rule() {
         let e = new_event(&SystemClock, "crypto", "sec.crypto.key.rotated");
-        assert_eq!(subject_for("sec.events", &e).unwrap(), "sec.events.crypto.key.rotated");
+        assert_eq!(
+            subject_for("sec.events", &e).unwrap(),
+            "sec.events.crypto.key.rotated"
+        );
         let bad = new_event(&SystemClock, "crypto", "crypto.key.rotated");
-        assert!(matches!(subject_for("p", &bad), Err(PublishError::Invalid(_))));
+        assert!(matches!(
+            subject_for("p", &bad),
+            Err(PublishError::Invalid(_))
+        ));
         let wrong_owner = new_event(&SystemClock, "token", "sec.crypto.key.rotated");
-        assert!(matches!(subject_for("p", &wrong_owner), Err(PublishError::Invalid(_))));
+        assert!(matches!(
+            subject_for("p", &wrong_owner),
+            Err(PublishError::Invalid(_))
+        ));
         let wildcard = new_event(&SystemClock, "crypto", "sec.crypto.*.rotated");
-        assert!(matches!(subject_for("p", &wildcard), Err(PublishError::Invalid(_))));
+        assert!(matches!(
+            subject_for("p", &wildcard),
+            Err(PublishError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -375,7 +437,10 @@ mod tests {
         let a = new_event(&SystemClock, "crypto", "sec.crypto.key.created");
         std::thread::sleep(Duration::from_millis(2));
         let b = new_event(&SystemClock, "crypto", "sec.crypto.key.created");
-        let (ua, ub) = (uuid::Uuid::parse_str(&a.id).unwrap(), uuid::Uuid::parse_str(&b.id).unwrap());
+        let (ua, ub) = (
+            uuid::Uuid::parse_str(&a.id).unwrap(),
+            uuid::Uuid::parse_str(&b.id).unwrap(),
+        );
         assert_eq!(ua.get_version_num(), 7);
         assert!(ua < ub);
     }
@@ -384,7 +449,8 @@ mod tests {
     async fn in_process_bus_delivers_and_flushes() {
         let bus = EventBus::in_process(&cfg(100));
         for _ in 0..10 {
-            bus.publish(new_event(&SystemClock, "audit", "sec.audit.test.happened")).unwrap();
+            bus.publish(new_event(&SystemClock, "audit", "sec.audit.test.happened"))
+                .unwrap();
         }
         assert_eq!(bus.flush(Duration::from_secs(5)).await, 0);
         let got = bus.fetch(100, Duration::from_millis(100)).await.unwrap();
@@ -392,7 +458,12 @@ mod tests {
         for d in got {
             d.ack().await.unwrap();
         }
-        assert!(bus.fetch(100, Duration::from_millis(20)).await.unwrap().is_empty());
+        assert!(
+            bus.fetch(100, Duration::from_millis(20))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// A broker that is down until told otherwise.
@@ -429,7 +500,10 @@ mod tests {
 
     #[tokio::test]
     async fn broker_outage_keeps_events_and_full_spool_refuses_loudly() {
-        let flaky = Arc::new(Flaky { up: false.into(), stored: Default::default() });
+        let flaky = Arc::new(Flaky {
+            up: false.into(),
+            stored: Default::default(),
+        });
         let bus = EventBus::new(flaky.clone(), &cfg(4));
         let mut ids = Vec::new();
         let mut refused = 0;
@@ -443,12 +517,19 @@ mod tests {
             }
         }
         assert!(refused > 0, "a bounded spool must refuse when full");
-        assert_eq!(bus.flush(Duration::from_millis(200)).await, ids.len(), "nothing is stored while down");
+        assert_eq!(
+            bus.flush(Duration::from_millis(200)).await,
+            ids.len(),
+            "nothing is stored while down"
+        );
         let mut reg = Registry::default();
         bus.register_metrics(&mut reg);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
-        assert!(text.contains(&format!("sec_events_spool_rejected_total {refused}")), "{text}");
+        assert!(
+            text.contains(&format!("sec_events_spool_rejected_total {refused}")),
+            "{text}"
+        );
 
         flaky.up.store(true, Ordering::SeqCst);
         assert_eq!(bus.flush(Duration::from_secs(10)).await, 0);
@@ -457,6 +538,9 @@ mod tests {
         let mut got = stored.clone();
         want.sort();
         got.sort();
-        assert_eq!(got, want, "every accepted event reaches the broker once it is back");
+        assert_eq!(
+            got, want,
+            "every accepted event reaches the broker once it is back"
+        );
     }
 }

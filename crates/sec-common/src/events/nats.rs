@@ -26,7 +26,9 @@ pub struct NatsTransport {
 
 impl std::fmt::Debug for NatsTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsTransport").field("stream", &self.cfg.stream).finish()
+        f.debug_struct("NatsTransport")
+            .field("stream", &self.cfg.stream)
+            .finish()
     }
 }
 
@@ -42,7 +44,13 @@ impl NatsTransport {
             .await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(ACK_TIMEOUT);
-        Ok(Self { client, js, cfg: cfg.clone(), stream: OnceCell::new(), consumer: OnceCell::new() })
+        Ok(Self {
+            client,
+            js,
+            cfg: cfg.clone(),
+            stream: OnceCell::new(),
+            consumer: OnceCell::new(),
+        })
     }
 
     /// Creates the stream if it does not exist (idempotent; an existing stream is kept).
@@ -61,7 +69,12 @@ impl NatsTransport {
                     .get_or_create_stream(config)
                     .await
                     .map(|_| ())
-                    .map_err(|e| TransportError::Unavailable(format!("cannot create stream {}: {e}", self.cfg.stream)))
+                    .map_err(|e| {
+                        TransportError::Unavailable(format!(
+                            "cannot create stream {}: {e}",
+                            self.cfg.stream
+                        ))
+                    })
             })
             .await
             .map(|_| ())
@@ -89,7 +102,9 @@ impl NatsTransport {
                         },
                     )
                     .await
-                    .map_err(|e| TransportError::Unavailable(format!("cannot create consumer: {e}")))
+                    .map_err(|e| {
+                        TransportError::Unavailable(format!("cannot create consumer: {e}"))
+                    })
             })
             .await
     }
@@ -104,7 +119,10 @@ impl EventTransport for NatsTransport {
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>> {
         if let Err(e) = self.ensure_stream().await {
             let msg = e.to_string();
-            return batch.iter().map(|_| Err(TransportError::Unavailable(msg.clone()))).collect();
+            return batch
+                .iter()
+                .map(|_| Err(TransportError::Unavailable(msg.clone())))
+                .collect();
         }
         // Send the whole batch, then await the acks: one round trip per batch, not per event.
         let mut acks = Vec::with_capacity(batch.len());
@@ -122,7 +140,10 @@ impl EventTransport for NatsTransport {
         let mut results = Vec::with_capacity(batch.len());
         for ack in acks {
             results.push(match ack {
-                Ok(fut) => fut.await.map(|_| ()).map_err(|e| TransportError::Unavailable(e.to_string())),
+                Ok(fut) => fut
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| TransportError::Unavailable(e.to_string())),
                 Err(e) => Err(TransportError::Unavailable(e.to_string())),
             });
         }
@@ -142,7 +163,10 @@ impl EventTransport for NatsTransport {
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| TransportError::Unavailable(e.to_string()))?;
             match SecurityEvent::decode(m.payload.as_ref()) {
-                Ok(event) => out.push(Delivery { event, handle: DeliveryHandle::Nats(Box::new(m)) }),
+                Ok(event) => out.push(Delivery {
+                    event,
+                    handle: DeliveryHandle::Nats(Box::new(m)),
+                }),
                 Err(e) => {
                     // Not ours to store; terminate it so it is not redelivered forever.
                     tracing::error!(subject = %m.subject, error = %e, "undecodable message on the event stream, terminating it");

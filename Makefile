@@ -1,0 +1,34 @@
+# Every workflow of the project. CI (.ci/run) runs `make lint` and `make test`.
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= always
+
+.PHONY: dev test lint fmt bench build check-config deny help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+dev: ## run the whole platform on the embedded default (data in ./.secdata)
+	$(CARGO) run -p secd -- dev
+
+test: ## run every test; backend suites skip loudly unless SEC_TEST_BACKENDS=required
+	$(CARGO) test --workspace --all-targets
+	@tests/interop/run.sh
+
+lint: ## formatting check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+bench: ## criterion benches and the end-to-end load run; table + JSON in target/bench/
+	scripts/bench.sh
+
+build: ## release binaries
+	$(CARGO) build --release -p secd -p secctl
+
+check-config: ## validate the configuration secd would use
+	$(CARGO) run -q -p secd -- check-config
+
+deny: ## licenses, duplicate versions, banned crates (needs cargo-deny)
+	cargo deny check
