@@ -38,6 +38,7 @@ pub struct Config {
     /// The HTTP facade (served by auth-svc).
     pub facade: FacadeConfig,
     pub services: ServicesConfig,
+    pub crypto: CryptoConfig,
 }
 
 impl Default for Config {
@@ -52,6 +53,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             facade: FacadeConfig::default(),
             services: ServicesConfig::default(),
+            crypto: CryptoConfig::default(),
         }
     }
 }
@@ -145,6 +147,40 @@ impl Default for FacadeConfig {
     fn default() -> Self {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// crypto-svc: the root of trust and operation limits.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CryptoConfig {
+    /// The key-encryption key, base64 of 32 bytes (e.g. from `SEC_CRYPTO__KEK`).
+    pub kek: Option<Secret>,
+    /// A file holding the KEK (base64, or 32 raw bytes): a mounted Kubernetes secret.
+    pub kek_file: Option<PathBuf>,
+    /// KEKs being rotated out: still used to unwrap until `secctl kek rotate` re-wraps.
+    pub previous_keks: Vec<Secret>,
+    pub previous_kek_files: Vec<PathBuf>,
+    /// Largest plaintext, message or ciphertext one operation accepts.
+    pub max_payload_bytes: usize,
+    /// How long unwrapped keys stay cached; another replica's rotation or policy change
+    /// is seen after at most this long.
+    pub cache_ttl_ms: u64,
+    /// How often automatic rotation looks for keys that are due.
+    pub rotation_check_seconds: u64,
+}
+
+impl Default for CryptoConfig {
+    fn default() -> Self {
+        Self {
+            kek: None,
+            kek_file: None,
+            previous_keks: Vec::new(),
+            previous_kek_files: Vec::new(),
+            max_payload_bytes: 4 * 1024 * 1024,
+            cache_ttl_ms: 5_000,
+            rotation_check_seconds: 60,
         }
     }
 }
@@ -414,6 +450,15 @@ impl Config {
             if !(u.starts_with("nats://") || u.starts_with("tls://")) {
                 return invalid("events.nats_url", "must be a nats:// or tls:// URL");
             }
+        }
+        if self.crypto.kek.is_some() && self.crypto.kek_file.is_some() {
+            return invalid("crypto", "set kek or kek_file, not both");
+        }
+        if self.crypto.max_payload_bytes == 0 || self.crypto.max_payload_bytes > 64 * 1024 * 1024 {
+            return invalid(
+                "crypto.max_payload_bytes",
+                "must be between 1 byte and 64 MiB",
+            );
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return invalid("tls", "cert_file and key_file must be set together");

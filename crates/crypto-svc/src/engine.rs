@@ -1,0 +1,1117 @@
+//! crypto-svc's logic, independent of gRPC: key lifecycle, operations, automatic
+//! rotation, backup/restore and KEK rotation, over a [`KeyStore`] and the [`KekRing`].
+//!
+//! Every failure is a `sec_common::error::Error` whose message is safe for a caller: it
+//! never contains key material, plaintext or another key's details.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sec_common::auth::Caller;
+use sec_common::clock::SharedClock;
+use sec_common::error::{Error, ErrorCode};
+use sec_common::events::{Actor, ActorKind, Outcome, SecurityEvent, Severity, new_event};
+use zeroize::Zeroizing;
+
+use crate::kek::KekRing;
+use crate::material::{KeyType, Loaded, Op, OpError, generate, wire};
+use crate::store::{KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord};
+
+pub type Emit = Arc<dyn Fn(SecurityEvent) + Send + Sync>;
+
+/// A key as callers see it: its record and per-version metadata (never material).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyView {
+    pub record: KeyRecord,
+    pub key_type: KeyType,
+    /// (version, created_at, public key DER)
+    pub versions: Vec<(u32, DateTime<Utc>, Option<Vec<u8>>)>,
+}
+
+struct CachedKey {
+    record: KeyRecord,
+    key_type: KeyType,
+    versions: BTreeMap<u32, Arc<Loaded>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    key: String,
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpName {
+    operation: &'static str,
+}
+
+#[derive(Clone)]
+pub struct CryptoMetrics {
+    ops: Family<OpLabels, Counter>,
+    seconds: Family<OpName, Histogram>,
+}
+
+impl CryptoMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            ops: Family::default(),
+            seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_01, 2.5, 14))
+            }),
+        };
+        registry.register(
+            "sec_crypto_operations",
+            "Key operations by key, operation and outcome",
+            m.ops.clone(),
+        );
+        registry.register(
+            "sec_crypto_operation_duration_seconds",
+            "Time spent in key operations",
+            m.seconds.clone(),
+        );
+        m
+    }
+
+    pub fn unregistered() -> Self {
+        Self::register(&mut Registry::default())
+    }
+}
+
+/// Limits and tuning.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+    pub cache_ttl: Duration,
+}
+
+pub struct Engine {
+    store: Arc<dyn KeyStore>,
+    kek: Arc<KekRing>,
+    clock: SharedClock,
+    emit: Emit,
+    limits: Limits,
+    metrics: CryptoMetrics,
+    cache: Mutex<HashMap<String, (Instant, Arc<CachedKey>)>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("kek", &self.kek)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: StoreError) -> Error {
+    match e {
+        StoreError::AlreadyExists => Error::new(
+            ErrorCode::AlreadyExists,
+            "a key with that name already exists",
+        ),
+        StoreError::NotFound => Error::not_found("key not found"),
+        StoreError::Conflict => {
+            Error::new(ErrorCode::Aborted, "the key changed concurrently; retry")
+        }
+        other => Error::unavailable("key store failed", &other),
+    }
+}
+
+pub fn validate_name(name: &str, field: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            "key names are 1-128 characters: letters, digits, '-', '_', '.'",
+        ))
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// Changes to a key's policy; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyUpdate {
+    pub min_decryption_version: Option<u32>,
+    pub min_encryption_version: Option<u32>,
+    pub rotation_period_seconds: Option<u64>,
+    pub deletion_allowed: Option<bool>,
+    pub exportable: Option<bool>,
+}
+
+const BACKUP_PREFIX: &str = "sec-backup:v1:";
+const BACKUP_AAD: &[u8] = b"sec-crypto-backup:v1";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BackupDoc {
+    format: String,
+    name: String,
+    key_type: String,
+    latest_version: u32,
+    min_decryption_version: u32,
+    min_encryption_version: u32,
+    rotation_period_seconds: u64,
+    deletion_allowed: bool,
+    exportable: bool,
+    created_at: DateTime<Utc>,
+    last_rotated_at: DateTime<Utc>,
+    versions: Vec<BackupVersion>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BackupVersion {
+    version: u32,
+    created_at: DateTime<Utc>,
+    material: String,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        kek: Arc<KekRing>,
+        clock: SharedClock,
+        emit: Emit,
+        limits: Limits,
+        metrics: CryptoMetrics,
+    ) -> Self {
+        Self {
+            store,
+            kek,
+            clock,
+            emit,
+            limits,
+            metrics,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn event(&self, who: &Caller, ty: &str, subject: &str) -> SecurityEvent {
+        let mut e = new_event(self.clock.as_ref(), "crypto", ty);
+        e.actor = Some(match who {
+            Caller::Admin => Actor {
+                kind: ActorKind::User as i32,
+                id: "admin".into(),
+            },
+            Caller::Service(id) => Actor {
+                kind: ActorKind::Service as i32,
+                id: id.clone(),
+            },
+        });
+        e.subject = subject.to_owned();
+        e
+    }
+
+    fn invalidate(&self, name: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+
+    fn check_payload(&self, field: &str, len: usize) -> Result<(), Error> {
+        if len > self.limits.max_payload_bytes {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "payload exceeds the limit of {} bytes",
+                    self.limits.max_payload_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn view(record: KeyRecord, versions: &[VersionRecord]) -> Result<KeyView, Error> {
+        let key_type = KeyType::parse(&record.key_type)
+            .ok_or_else(|| Error::internal("unknown stored key type", &record.key_type))?;
+        Ok(KeyView {
+            key_type,
+            versions: versions
+                .iter()
+                .map(|v| (v.version, v.created_at, v.public_key.clone()))
+                .collect(),
+            record,
+        })
+    }
+
+    // ---- key management -------------------------------------------------------------
+
+    pub async fn create_key(
+        &self,
+        who: &Caller,
+        name: &str,
+        key_type: KeyType,
+        policy: KeyPolicy,
+    ) -> Result<KeyView, Error> {
+        validate_name(name, "name")?;
+        if policy.min_decryption_version > 1 || policy.min_encryption_version > 1 {
+            return Err(Error::invalid("config", "a new key has only version 1"));
+        }
+        let material =
+            generate(key_type).map_err(|e| Error::internal("key generation failed", &e))?;
+        let loaded = Loaded::load(key_type, &material)
+            .map_err(|e| Error::internal("new key does not load", &e))?;
+        let (kek_id, wrapped) = self
+            .kek
+            .wrap(name, 1, &material)
+            .map_err(|e| Error::internal("wrapping failed", &e))?;
+        let now = micros(self.clock.now());
+        let record = KeyRecord {
+            name: name.to_owned(),
+            key_type: key_type.name().to_owned(),
+            latest_version: 1,
+            policy,
+            created_at: now,
+            updated_at: now,
+            last_rotated_at: now,
+        };
+        let version = VersionRecord {
+            version: 1,
+            created_at: now,
+            kek_id,
+            wrapped,
+            public_key: loaded.public_der.clone(),
+        };
+        self.store
+            .insert(&record, std::slice::from_ref(&version))
+            .await
+            .map_err(store_err)?;
+        let mut e = self.event(who, "sec.crypto.key.created", name);
+        e.details.insert("key_type".into(), key_type.name().into());
+        (self.emit)(e);
+        tracing::info!(key = name, key_type = key_type.name(), "key created");
+        Self::view(record, &[version])
+    }
+
+    pub async fn get_key(&self, name: &str) -> Result<KeyView, Error> {
+        validate_name(name, "name")?;
+        let (record, versions) = self
+            .store
+            .get(name)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::not_found("key not found"))?;
+        Self::view(record, &versions)
+    }
+
+    /// Keys by name after `after`; the second value is the cursor for the next page.
+    pub async fn list_keys(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<KeyView>, Option<String>), Error> {
+        let limit = limit.clamp(1, 100);
+        let records = self.store.list(after, limit + 1).await.map_err(store_err)?;
+        let more = records.len() > limit as usize;
+        let mut out = Vec::new();
+        for r in records.into_iter().take(limit as usize) {
+            // A key deleted between list and get simply drops out of the page.
+            if let Some((record, versions)) = self.store.get(&r.name).await.map_err(store_err)? {
+                out.push(Self::view(record, &versions)?);
+            }
+        }
+        let next = if more {
+            out.last().map(|k| k.record.name.clone())
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    pub async fn rotate_key(&self, who: &Caller, name: &str) -> Result<KeyView, Error> {
+        let view = self.get_key(name).await?;
+        let next = view.record.latest_version + 1;
+        let material =
+            generate(view.key_type).map_err(|e| Error::internal("key generation failed", &e))?;
+        let loaded = Loaded::load(view.key_type, &material)
+            .map_err(|e| Error::internal("new key does not load", &e))?;
+        let (kek_id, wrapped) = self
+            .kek
+            .wrap(name, next, &material)
+            .map_err(|e| Error::internal("wrapping failed", &e))?;
+        let now = micros(self.clock.now());
+        let version = VersionRecord {
+            version: next,
+            created_at: now,
+            kek_id,
+            wrapped,
+            public_key: loaded.public_der.clone(),
+        };
+        self.store
+            .add_version(name, view.record.latest_version, &version, now)
+            .await
+            .map_err(store_err)?;
+        self.invalidate(name);
+        let mut e = self.event(who, "sec.crypto.key.rotated", name);
+        e.details.insert("version".into(), next.to_string());
+        (self.emit)(e);
+        tracing::info!(key = name, version = next, "key rotated");
+        self.get_key(name).await
+    }
+
+    pub async fn update_policy(
+        &self,
+        who: &Caller,
+        name: &str,
+        u: PolicyUpdate,
+    ) -> Result<KeyView, Error> {
+        let view = self.get_key(name).await?;
+        let mut p = view.record.policy.clone();
+        if let Some(v) = u.min_decryption_version {
+            p.min_decryption_version = v;
+        }
+        if let Some(v) = u.min_encryption_version {
+            p.min_encryption_version = v;
+        }
+        if let Some(v) = u.rotation_period_seconds {
+            p.rotation_period_seconds = v;
+        }
+        if let Some(v) = u.deletion_allowed {
+            p.deletion_allowed = v;
+        }
+        if let Some(v) = u.exportable {
+            p.exportable = v;
+        }
+        let latest = view.record.latest_version;
+        if p.min_decryption_version > latest {
+            return Err(Error::invalid(
+                "min_decryption_version",
+                format!("cannot exceed the latest version ({latest})"),
+            ));
+        }
+        if p.min_encryption_version > latest {
+            return Err(Error::invalid(
+                "min_encryption_version",
+                format!("cannot exceed the latest version ({latest})"),
+            ));
+        }
+        if p.min_encryption_version != 0 && p.min_encryption_version < p.min_decryption_version {
+            return Err(Error::invalid(
+                "min_encryption_version",
+                "must be 0 or at least min_decryption_version",
+            ));
+        }
+        if p.rotation_period_seconds != 0 && p.rotation_period_seconds < 3600 {
+            return Err(Error::invalid(
+                "rotation_period_seconds",
+                "must be 0 (off) or at least 3600",
+            ));
+        }
+        self.store
+            .update_policy(name, &p, micros(self.clock.now()))
+            .await
+            .map_err(store_err)?;
+        self.invalidate(name);
+        let mut e = self.event(who, "sec.crypto.key.config_updated", name);
+        e.details.insert(
+            "min_decryption_version".into(),
+            p.min_decryption_version.to_string(),
+        );
+        e.details
+            .insert("deletion_allowed".into(), p.deletion_allowed.to_string());
+        e.details
+            .insert("exportable".into(), p.exportable.to_string());
+        e.details.insert(
+            "rotation_period_seconds".into(),
+            p.rotation_period_seconds.to_string(),
+        );
+        (self.emit)(e);
+        self.get_key(name).await
+    }
+
+    pub async fn delete_key(&self, who: &Caller, name: &str) -> Result<(), Error> {
+        let view = self.get_key(name).await?;
+        if !view.record.policy.deletion_allowed {
+            let mut e = self.event(who, "sec.crypto.key.delete_refused", name);
+            e.outcome = Outcome::Denied as i32;
+            e.severity = Severity::Medium as i32;
+            (self.emit)(e);
+            return Err(Error::precondition(
+                "key is protected from deletion: set deletion_allowed first",
+            ));
+        }
+        if !self.store.delete(name).await.map_err(store_err)? {
+            return Err(Error::not_found("key not found"));
+        }
+        self.invalidate(name);
+        let mut e = self.event(who, "sec.crypto.key.deleted", name);
+        e.severity = Severity::Medium as i32;
+        (self.emit)(e);
+        tracing::warn!(key = name, "key deleted");
+        Ok(())
+    }
+
+    // ---- operations -----------------------------------------------------------------
+
+    /// The key with its usable versions unwrapped, from the cache when fresh.
+    async fn load(&self, name: &str) -> Result<Arc<CachedKey>, Error> {
+        validate_name(name, "key_name")?;
+        if let Some((at, k)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            && at.elapsed() < self.limits.cache_ttl
+        {
+            return Ok(Arc::clone(k));
+        }
+        let (record, versions) = self
+            .store
+            .get(name)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::not_found("key not found"))?;
+        let key_type = KeyType::parse(&record.key_type)
+            .ok_or_else(|| Error::internal("unknown stored key type", &record.key_type))?;
+        let mut loaded = BTreeMap::new();
+        for v in versions
+            .iter()
+            .filter(|v| v.version >= record.policy.min_decryption_version)
+        {
+            let material = self
+                .kek
+                .unwrap(&v.kek_id, name, v.version, &v.wrapped)
+                .map_err(|e| Error::internal("unwrapping key material failed", &e))?;
+            let l = Loaded::load(key_type, &material)
+                .map_err(|e| Error::internal("stored key material does not load", &e))?;
+            loaded.insert(v.version, Arc::new(l));
+        }
+        let k = Arc::new(CachedKey {
+            record,
+            key_type,
+            versions: loaded,
+        });
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), (Instant::now(), Arc::clone(&k)));
+        Ok(k)
+    }
+
+    fn require(k: &CachedKey, op: Op) -> Result<(), Error> {
+        if k.key_type.supports(op) {
+            Ok(())
+        } else {
+            Err(Error::precondition(format!(
+                "key type {} does not support {}",
+                k.key_type.name(),
+                op.as_str()
+            )))
+        }
+    }
+
+    fn latest(k: &CachedKey) -> Result<(u32, &Arc<Loaded>), Error> {
+        let v = k.record.latest_version;
+        k.versions
+            .get(&v)
+            .map(|l| (v, l))
+            .ok_or_else(|| Error::internal("latest version not loaded", &v))
+    }
+
+    /// The version a ciphertext/signature names, if policy allows it.
+    fn version<'a>(k: &'a CachedKey, v: u32, field: &str) -> Result<&'a Arc<Loaded>, Error> {
+        if v < k.record.policy.min_decryption_version {
+            return Err(Error::precondition(format!(
+                "version {v} is below the key's min_decryption_version ({})",
+                k.record.policy.min_decryption_version
+            ))
+            .with_field(field));
+        }
+        k.versions
+            .get(&v)
+            .ok_or_else(|| Error::invalid(field, "no such key version"))
+    }
+
+    fn record(&self, key: &str, op: Op, started: Instant, r: &Result<impl Sized, Error>) {
+        let outcome = match r {
+            Ok(_) => "ok",
+            Err(e) => e.code.as_str(),
+        };
+        self.metrics
+            .ops
+            .get_or_create(&OpLabels {
+                key: key.to_owned(),
+                operation: op.as_str(),
+                outcome,
+            })
+            .inc();
+        self.metrics
+            .seconds
+            .get_or_create(&OpName {
+                operation: op.as_str(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn op_error(e: OpError, field: &str) -> Error {
+        match e {
+            OpError::Authentication => Error::invalid(field, e.to_string()),
+            OpError::TooLarge { .. } => Error::invalid(field, e.to_string()),
+            OpError::Failed => Error::internal("cryptographic operation failed", &e),
+        }
+    }
+
+    pub async fn encrypt(
+        &self,
+        name: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(String, u32), Error> {
+        let started = Instant::now();
+        let r = async {
+            self.check_payload("plaintext", plaintext.len())?;
+            self.check_payload("associated_data", aad.len())?;
+            let k = self.load(name).await?;
+            Self::require(&k, Op::Encrypt)?;
+            let (v, l) = Self::latest(&k)?;
+            let body = l
+                .encrypt(plaintext, aad)
+                .map_err(|e| Self::op_error(e, "plaintext"))?;
+            Ok((wire::format(v, &body), v))
+        }
+        .await;
+        self.record(name, Op::Encrypt, started, &r);
+        r
+    }
+
+    pub async fn decrypt(
+        &self,
+        who: &Caller,
+        name: &str,
+        ciphertext: &str,
+        aad: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
+        let started = Instant::now();
+        let r: Result<(Zeroizing<Vec<u8>>, u32), Error> = async {
+            self.check_payload("ciphertext", ciphertext.len())?;
+            let k = self.load(name).await?;
+            Self::require(&k, Op::Decrypt)?;
+            let (v, body) = wire::parse(ciphertext).ok_or_else(|| {
+                Error::invalid(
+                    "ciphertext",
+                    "ciphertext is not of the form sec:v<version>:<base64>",
+                )
+            })?;
+            let l = Self::version(&k, v, "ciphertext")?;
+            let pt = l
+                .decrypt(&body, aad)
+                .map_err(|e| Self::op_error(e, "ciphertext"))?;
+            Ok((pt, v))
+        }
+        .await;
+        if let Err(e) = &r
+            && matches!(
+                e.code,
+                ErrorCode::InvalidArgument | ErrorCode::FailedPrecondition
+            )
+        {
+            let mut ev = self.event(who, "sec.crypto.decrypt.failed", name);
+            ev.outcome = Outcome::Failure as i32;
+            ev.severity = Severity::Medium as i32;
+            ev.details.insert("reason".into(), e.code.as_str().into());
+            (self.emit)(ev);
+        }
+        self.record(name, Op::Decrypt, started, &r);
+        r
+    }
+
+    pub async fn rewrap(
+        &self,
+        who: &Caller,
+        name: &str,
+        ciphertext: &str,
+        aad: &[u8],
+    ) -> Result<(String, u32), Error> {
+        let started = Instant::now();
+        let r = async {
+            let (pt, _) = self.decrypt(who, name, ciphertext, aad).await?;
+            let k = self.load(name).await?;
+            let (v, l) = Self::latest(&k)?;
+            let body = l
+                .encrypt(&pt, aad)
+                .map_err(|e| Self::op_error(e, "ciphertext"))?;
+            Ok((wire::format(v, &body), v))
+        }
+        .await;
+        self.record(name, Op::Rewrap, started, &r);
+        r
+    }
+
+    /// A fresh random data key and its encryption under `name`.
+    pub async fn generate_data_key(
+        &self,
+        name: &str,
+        bytes: u32,
+        aad: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, String, u32), Error> {
+        let started = Instant::now();
+        let r = async {
+            let n = match bytes {
+                0 => 32,
+                n @ 16..=64 => n as usize,
+                _ => return Err(Error::invalid("bytes", "data keys are 16 to 64 bytes")),
+            };
+            let k = self.load(name).await?;
+            Self::require(&k, Op::DataKey)?;
+            let mut dk = Zeroizing::new(vec![0_u8; n]);
+            aws_lc_rs::rand::fill(&mut dk)
+                .map_err(|_| Error::internal("random generator failed", &"fill"))?;
+            let (v, l) = Self::latest(&k)?;
+            let body = l
+                .encrypt(&dk, aad)
+                .map_err(|e| Self::op_error(e, "bytes"))?;
+            Ok((dk, wire::format(v, &body), v))
+        }
+        .await;
+        self.record(name, Op::DataKey, started, &r);
+        r
+    }
+
+    pub async fn sign(&self, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
+        let started = Instant::now();
+        let r = async {
+            self.check_payload("message", message.len())?;
+            let k = self.load(name).await?;
+            Self::require(&k, Op::Sign)?;
+            let (v, l) = Self::latest(&k)?;
+            let sig = l.sign(message).map_err(|e| Self::op_error(e, "message"))?;
+            Ok((wire::format(v, &sig), v))
+        }
+        .await;
+        self.record(name, Op::Sign, started, &r);
+        r
+    }
+
+    /// Ok(false) for a signature that does not verify; errors for malformed input.
+    pub async fn verify(&self, name: &str, message: &[u8], signature: &str) -> Result<bool, Error> {
+        let started = Instant::now();
+        let r = async {
+            self.check_payload("message", message.len())?;
+            let k = self.load(name).await?;
+            Self::require(&k, Op::Verify)?;
+            let (v, sig) = wire::parse(signature).ok_or_else(|| {
+                Error::invalid(
+                    "signature",
+                    "signature is not of the form sec:v<version>:<base64>",
+                )
+            })?;
+            let l = Self::version(&k, v, "signature")?;
+            Ok(l.verify(message, &sig))
+        }
+        .await;
+        self.record(name, Op::Verify, started, &r);
+        r
+    }
+
+    pub async fn hmac(&self, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
+        let started = Instant::now();
+        let r = async {
+            self.check_payload("message", message.len())?;
+            let k = self.load(name).await?;
+            Self::require(&k, Op::Hmac)?;
+            let (v, l) = Self::latest(&k)?;
+            let tag = l.hmac(message).map_err(|e| Self::op_error(e, "message"))?;
+            Ok((wire::format(v, &tag), v))
+        }
+        .await;
+        self.record(name, Op::Hmac, started, &r);
+        r
+    }
+
+    pub async fn verify_hmac(&self, name: &str, message: &[u8], tag: &str) -> Result<bool, Error> {
+        let started = Instant::now();
+        let r = async {
+            self.check_payload("message", message.len())?;
+            let k = self.load(name).await?;
+            Self::require(&k, Op::Hmac)?;
+            let (v, t) = wire::parse(tag).ok_or_else(|| {
+                Error::invalid("hmac", "hmac is not of the form sec:v<version>:<base64>")
+            })?;
+            let l = Self::version(&k, v, "hmac")?;
+            Ok(l.verify_hmac(message, &t))
+        }
+        .await;
+        self.record(name, Op::Hmac, started, &r);
+        r
+    }
+
+    /// PEM public key of `version` (0: latest).
+    pub async fn public_key(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<(String, u32, KeyType), Error> {
+        let view = self.get_key(name).await?;
+        if !view.key_type.is_asymmetric() {
+            return Err(Error::precondition(format!(
+                "key type {} has no public key",
+                view.key_type.name()
+            )));
+        }
+        let v = if version == 0 {
+            view.record.latest_version
+        } else {
+            version
+        };
+        let der = view
+            .versions
+            .iter()
+            .find(|(n, _, _)| *n == v)
+            .and_then(|(_, _, d)| d.clone())
+            .ok_or_else(|| Error::not_found("no such key version").with_field("version"))?;
+        Ok((crate::material::public_pem(&der), v, view.key_type))
+    }
+
+    // ---- rotation -------------------------------------------------------------------
+
+    /// Rotates every key whose rotation period has elapsed at `now`; returns their names.
+    pub async fn rotate_due(&self, now: DateTime<Utc>) -> Result<Vec<String>, Error> {
+        let mut rotated = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list(after.as_deref(), 200)
+                .await
+                .map_err(store_err)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.name.clone());
+            for r in &page {
+                let period = r.policy.rotation_period_seconds;
+                if period == 0 {
+                    continue;
+                }
+                let due = r.last_rotated_at
+                    + chrono::Duration::seconds(i64::try_from(period).unwrap_or(i64::MAX / 2));
+                if now >= due {
+                    match self
+                        .rotate_key(&Caller::Service("crypto-svc".into()), &r.name)
+                        .await
+                    {
+                        Ok(_) => rotated.push(r.name.clone()),
+                        // Another replica rotated it first: nothing to do.
+                        Err(e) if e.code == ErrorCode::Aborted => {}
+                        Err(e) => {
+                            tracing::warn!(key = %r.name, error = %e, "automatic rotation failed")
+                        }
+                    }
+                }
+            }
+            if page.len() < 200 {
+                break;
+            }
+        }
+        Ok(rotated)
+    }
+
+    // ---- backup, restore, KEK rotation -----------------------------------------------
+
+    /// The key with all versions, encrypted to an RSA public key (3072+ bits).
+    pub async fn backup_key(
+        &self,
+        who: &Caller,
+        name: &str,
+        wrapping_pem: &str,
+    ) -> Result<String, Error> {
+        use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+        use aws_lc_rs::rsa::{
+            OAEP_SHA256_MGF1SHA256, OaepPublicEncryptingKey, PublicEncryptingKey,
+        };
+        validate_name(name, "name")?;
+        let der = crate::material::pem_to_der(wrapping_pem)
+            .ok_or_else(|| Error::invalid("wrapping_public_key_pem", "not a PEM public key"))?;
+        let public = PublicEncryptingKey::from_der(&der)
+            .map_err(|_| Error::invalid("wrapping_public_key_pem", "not an RSA public key"))?;
+        if public.key_size_bits() < 3072 {
+            return Err(Error::invalid(
+                "wrapping_public_key_pem",
+                "wrapping key must be RSA with at least 3072 bits",
+            ));
+        }
+        let oaep = OaepPublicEncryptingKey::new(public)
+            .map_err(|_| Error::invalid("wrapping_public_key_pem", "unusable RSA key"))?;
+        let (record, versions) = self
+            .store
+            .get(name)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::not_found("key not found"))?;
+        if !record.policy.exportable {
+            return Err(Error::precondition(
+                "key is not exportable: set exportable first",
+            ));
+        }
+        let mut doc = BackupDoc {
+            format: "sec-crypto-backup/v1".into(),
+            name: record.name.clone(),
+            key_type: record.key_type.clone(),
+            latest_version: record.latest_version,
+            min_decryption_version: record.policy.min_decryption_version,
+            min_encryption_version: record.policy.min_encryption_version,
+            rotation_period_seconds: record.policy.rotation_period_seconds,
+            deletion_allowed: record.policy.deletion_allowed,
+            exportable: record.policy.exportable,
+            created_at: record.created_at,
+            last_rotated_at: record.last_rotated_at,
+            versions: Vec::new(),
+        };
+        for v in &versions {
+            let m = self
+                .kek
+                .unwrap(&v.kek_id, name, v.version, &v.wrapped)
+                .map_err(|e| Error::internal("unwrapping key material failed", &e))?;
+            doc.versions.push(BackupVersion {
+                version: v.version,
+                created_at: v.created_at,
+                material: base64::engine::general_purpose::STANDARD.encode(m.as_slice()),
+            });
+        }
+        let json = Zeroizing::new(
+            serde_json::to_vec(&doc).map_err(|e| Error::internal("backup encoding failed", &e))?,
+        );
+        for v in &mut doc.versions {
+            zeroize::Zeroize::zeroize(&mut v.material);
+        }
+        let mut cek = Zeroizing::new([0_u8; 32]);
+        let mut nonce = [0_u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(cek.as_mut())
+            .map_err(|_| Error::internal("random generator failed", &"fill"))?;
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| Error::internal("random generator failed", &"fill"))?;
+        let key = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, cek.as_ref())
+                .map_err(|_| Error::internal("cek", &"aes"))?,
+        );
+        let mut body = json.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(BACKUP_AAD),
+            &mut body,
+        )
+        .map_err(|_| Error::internal("backup encryption failed", &"seal"))?;
+        let mut wrapped_cek = vec![0_u8; oaep.ciphertext_size()];
+        let n = oaep
+            .encrypt(
+                &OAEP_SHA256_MGF1SHA256,
+                cek.as_ref(),
+                &mut wrapped_cek,
+                Some(BACKUP_AAD),
+            )
+            .map_err(|_| Error::internal("backup key wrapping failed", &"oaep"))?
+            .len();
+        wrapped_cek.truncate(n);
+        let mut blob = Vec::with_capacity(2 + n + NONCE_LEN + body.len());
+        blob.extend_from_slice(
+            &u16::try_from(n)
+                .map_err(|_| Error::internal("wrapped key too long", &n))?
+                .to_be_bytes(),
+        );
+        blob.extend_from_slice(&wrapped_cek);
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&body);
+        let mut e = self.event(who, "sec.crypto.key.backed_up", name);
+        e.severity = Severity::Medium as i32;
+        e.details
+            .insert("versions".into(), versions.len().to_string());
+        (self.emit)(e);
+        Ok(format!(
+            "{BACKUP_PREFIX}{}",
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        ))
+    }
+
+    pub async fn restore_key(
+        &self,
+        who: &Caller,
+        backup: &str,
+        wrapping_key: &str,
+        new_name: Option<&str>,
+    ) -> Result<KeyView, Error> {
+        use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+        let bad = || {
+            Error::invalid(
+                "backup",
+                "backup is malformed, tampered with, or not made for this wrapping key",
+            )
+        };
+        let raw = backup
+            .trim()
+            .strip_prefix(BACKUP_PREFIX)
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .ok_or_else(bad)?;
+        if raw.len() < 2 {
+            return Err(bad());
+        }
+        let n = usize::from(u16::from_be_bytes([raw[0], raw[1]]));
+        if raw.len() < 2 + n + NONCE_LEN + 16 {
+            return Err(bad());
+        }
+        let (wrapped_cek, rest) = raw[2..].split_at(n);
+        let (nonce, body) = rest.split_at(NONCE_LEN);
+        let k = self.load(wrapping_key).await?;
+        if !matches!(k.key_type, KeyType::Rsa3072 | KeyType::Rsa4096) {
+            return Err(Error::precondition("the wrapping key must be an RSA key")
+                .with_field("wrapping_key_name"));
+        }
+        // The backup names no version: try each usable version of the wrapping key.
+        let cek = k
+            .versions
+            .values()
+            .rev()
+            .find_map(|l| l.decrypt(wrapped_cek, BACKUP_AAD).ok())
+            .ok_or_else(bad)?;
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &cek).map_err(|_| bad())?);
+        let mut buf = Zeroizing::new(body.to_vec());
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad())?;
+        let len = key
+            .open_in_place(nonce, Aad::from(BACKUP_AAD), &mut buf)
+            .map_err(|_| bad())?
+            .len();
+        buf.truncate(len);
+        let mut doc: BackupDoc = serde_json::from_slice(&buf).map_err(|_| bad())?;
+        if doc.format != "sec-crypto-backup/v1" {
+            return Err(Error::invalid("backup", "unsupported backup format"));
+        }
+        let key_type = KeyType::parse(&doc.key_type).ok_or_else(bad)?;
+        let name = new_name
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&doc.name)
+            .to_owned();
+        validate_name(&name, "new_name")?;
+        let mut versions = Vec::new();
+        for v in &mut doc.versions {
+            let material = Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&v.material)
+                    .map_err(|_| bad())?,
+            );
+            zeroize::Zeroize::zeroize(&mut v.material);
+            let loaded = Loaded::load(key_type, &material).map_err(|_| bad())?;
+            let (kek_id, wrapped) = self
+                .kek
+                .wrap(&name, v.version, &material)
+                .map_err(|e| Error::internal("wrapping failed", &e))?;
+            versions.push(VersionRecord {
+                version: v.version,
+                created_at: v.created_at,
+                kek_id,
+                wrapped,
+                public_key: loaded.public_der.clone(),
+            });
+        }
+        versions.sort_by_key(|v| v.version);
+        let contiguous = versions
+            .iter()
+            .enumerate()
+            .all(|(i, v)| v.version as usize == i + 1);
+        if versions.is_empty() || !contiguous || versions.len() != doc.latest_version as usize {
+            return Err(bad());
+        }
+        let now = micros(self.clock.now());
+        let record = KeyRecord {
+            name: name.clone(),
+            key_type: key_type.name().into(),
+            latest_version: doc.latest_version,
+            policy: KeyPolicy {
+                min_decryption_version: doc.min_decryption_version,
+                min_encryption_version: doc.min_encryption_version,
+                rotation_period_seconds: doc.rotation_period_seconds,
+                deletion_allowed: doc.deletion_allowed,
+                exportable: doc.exportable,
+            },
+            created_at: micros(doc.created_at),
+            updated_at: now,
+            last_rotated_at: micros(doc.last_rotated_at),
+        };
+        self.store
+            .insert(&record, &versions)
+            .await
+            .map_err(store_err)?;
+        let mut e = self.event(who, "sec.crypto.key.restored", &name);
+        e.severity = Severity::Medium as i32;
+        e.details
+            .insert("versions".into(), versions.len().to_string());
+        (self.emit)(e);
+        Self::view(record, &versions)
+    }
+
+    /// Re-wraps every version not under the current KEK. Returns (re-wrapped, already current).
+    pub async fn rotate_kek(&self, who: &Caller) -> Result<(u64, u64), Error> {
+        let current = self.kek.current_id().to_owned();
+        let mut rewrapped = 0_u64;
+        loop {
+            let batch = self
+                .store
+                .versions_not_wrapped_by(&current, 100)
+                .await
+                .map_err(store_err)?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut progressed = false;
+            for (name, v) in batch {
+                let m = self
+                    .kek
+                    .unwrap(&v.kek_id, &name, v.version, &v.wrapped)
+                    .map_err(|e| {
+                        Error::precondition(format!("cannot re-wrap {name} v{}: {e}", v.version))
+                    })?;
+                let (id, wrapped) = self
+                    .kek
+                    .wrap(&name, v.version, &m)
+                    .map_err(|e| Error::internal("wrapping failed", &e))?;
+                if self
+                    .store
+                    .rewrap_version(&name, v.version, &v.kek_id, &id, &wrapped)
+                    .await
+                    .map_err(store_err)?
+                {
+                    rewrapped += 1;
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        let usage = self.store.kek_usage().await.map_err(store_err)?;
+        let current_count = usage
+            .iter()
+            .find(|(id, _)| *id == current)
+            .map_or(0, |(_, n)| *n);
+        let mut e = self.event(who, "sec.crypto.kek.rotated", &current);
+        e.severity = Severity::Medium as i32;
+        e.details.insert("rewrapped".into(), rewrapped.to_string());
+        (self.emit)(e);
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok((rewrapped, current_count.saturating_sub(rewrapped)))
+    }
+
+    pub fn kek_id(&self) -> &str {
+        self.kek.current_id()
+    }
+}

@@ -1,0 +1,306 @@
+//! The root of trust: the key-encryption key (KEK) that wraps every key version at rest.
+//!
+//! Wrapping is AES-256-GCM with a random nonce and the key name and version as
+//! associated data, so a wrapped blob cannot be moved to another key or version. Each
+//! blob records the id of the KEK that wrapped it; the ring holds the current KEK and any
+//! previous ones, so a KEK rotation needs no downtime: new material is wrapped by the
+//! current KEK at once, old material is still readable, and `RotateKek` re-wraps it.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use base64::Engine as _;
+use sec_common::config::{Config, Secret};
+use zeroize::Zeroizing;
+
+const KEK_LEN: usize = 32;
+/// File the embedded default keeps its generated KEK in (inside the data directory).
+pub const GENERATED_KEK_FILE: &str = "crypto-kek";
+
+struct Kek {
+    id: String,
+    key: LessSafeKey,
+}
+
+/// The current KEK and the previous ones.
+pub struct KekRing {
+    current: Kek,
+    previous: Vec<Kek>,
+}
+
+impl std::fmt::Debug for KekRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KekRing")
+            .field("current", &self.current.id)
+            .field("previous", &self.previous.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KekError {
+    #[error("key material is wrapped by KEK {0}, which is not configured")]
+    UnknownKek(String),
+    #[error("wrapped key material failed authentication")]
+    Corrupt,
+}
+
+fn aad(name: &str, version: u32) -> Vec<u8> {
+    format!("sec-crypto-kek:v1:{name}:{version}").into_bytes()
+}
+
+impl Kek {
+    fn new(bytes: &[u8]) -> anyhow::Result<Self> {
+        anyhow::ensure!(bytes.len() == KEK_LEN, "a KEK must be {KEK_LEN} bytes");
+        // The id names the KEK without revealing it: HMAC of a fixed label under the KEK.
+        let tag = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes),
+            b"sec-crypto-kek-id",
+        );
+        let id = tag.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let key = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| anyhow::anyhow!("invalid KEK"))?,
+        );
+        Ok(Self { id, key })
+    }
+}
+
+/// Decodes a KEK given as base64 text (whitespace ignored) or as 32 raw bytes.
+fn decode(raw: &[u8]) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let text: String = String::from_utf8_lossy(raw)
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&text)
+        && bytes.len() == KEK_LEN
+    {
+        return Ok(Zeroizing::new(bytes));
+    }
+    if raw.len() == KEK_LEN {
+        return Ok(Zeroizing::new(raw.to_vec()));
+    }
+    anyhow::bail!("a KEK must be base64 of {KEK_LEN} bytes (or {KEK_LEN} raw bytes)")
+}
+
+fn from_secret(s: &Secret, what: &str) -> anyhow::Result<Kek> {
+    Kek::new(&decode(s.expose().as_bytes()).with_context(|| what.to_owned())?)
+}
+
+fn from_file(path: &Path) -> anyhow::Result<Kek> {
+    let raw = Zeroizing::new(
+        std::fs::read(path).with_context(|| format!("reading KEK file {}", path.display()))?,
+    );
+    Kek::new(&decode(&raw).with_context(|| format!("KEK file {}", path.display()))?)
+}
+
+impl KekRing {
+    /// From `crypto.kek` / `crypto.kek_file` (+ previous ones). With neither configured
+    /// and embedded storage, a KEK is generated once in the data directory; with a real
+    /// database and no KEK the service refuses to start.
+    pub fn load(cfg: &Config) -> anyhow::Result<Self> {
+        let c = &cfg.crypto;
+        let current = match (&c.kek, &c.kek_file) {
+            (Some(s), _) => from_secret(s, "crypto.kek")?,
+            (None, Some(p)) => from_file(p)?,
+            (None, None) if cfg.storage.database_url.is_none() => Self::generated(&cfg.data_dir)?,
+            (None, None) => anyhow::bail!(
+                "no KEK configured: set crypto.kek (SEC_CRYPTO__KEK) or crypto.kek_file; a KEK is generated only for the embedded default"
+            ),
+        };
+        let mut previous = Vec::new();
+        for (i, s) in c.previous_keks.iter().enumerate() {
+            previous.push(from_secret(s, &format!("crypto.previous_keks[{i}]"))?);
+        }
+        for p in &c.previous_kek_files {
+            previous.push(from_file(p)?);
+        }
+        previous.retain(|k| k.id != current.id);
+        Ok(Self { current, previous })
+    }
+
+    fn generated(data_dir: &Path) -> anyhow::Result<Kek> {
+        let path = data_dir.join(GENERATED_KEK_FILE);
+        if !path.exists() {
+            std::fs::create_dir_all(data_dir)?;
+            let mut bytes = Zeroizing::new([0_u8; KEK_LEN]);
+            aws_lc_rs::rand::fill(bytes.as_mut())
+                .map_err(|_| anyhow::anyhow!("random generator failed"))?;
+            let text =
+                Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes.as_ref()));
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            use std::io::Write as _;
+            opts.open(&path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .with_context(|| format!("writing {}", path.display()))?;
+            tracing::warn!(path = %path.display(), "generated a KEK for the embedded default; production must supply crypto.kek or crypto.kek_file");
+        }
+        from_file(&path)
+    }
+
+    /// A ring from raw KEKs (tests).
+    pub fn from_bytes(current: &[u8], previous: &[&[u8]]) -> anyhow::Result<Self> {
+        Ok(Self {
+            current: Kek::new(current)?,
+            previous: previous
+                .iter()
+                .map(|p| Kek::new(p))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn current_id(&self) -> &str {
+        &self.current.id
+    }
+
+    /// Wraps key material for `name` version `version` under the current KEK.
+    pub fn wrap(
+        &self,
+        name: &str,
+        version: u32,
+        material: &[u8],
+    ) -> anyhow::Result<(String, Vec<u8>)> {
+        let mut nonce = [0_u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| anyhow::anyhow!("random generator failed"))?;
+        let mut buf = material.to_vec();
+        self.current
+            .key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(name, version)),
+                &mut buf,
+            )
+            .map_err(|_| anyhow::anyhow!("wrapping failed"))?;
+        let mut out = nonce.to_vec();
+        out.append(&mut buf);
+        Ok((self.current.id.clone(), out))
+    }
+
+    /// Unwraps material wrapped by KEK `kek_id` for `name` version `version`.
+    pub fn unwrap(
+        &self,
+        kek_id: &str,
+        name: &str,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KekError> {
+        let kek = std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|k| k.id == kek_id)
+            .ok_or_else(|| KekError::UnknownKek(kek_id.to_owned()))?;
+        if wrapped.len() < NONCE_LEN {
+            return Err(KekError::Corrupt);
+        }
+        let (nonce, body) = wrapped.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| KekError::Corrupt)?;
+        let mut buf = Zeroizing::new(body.to_vec());
+        let len = kek
+            .key
+            .open_in_place(nonce, Aad::from(aad(name, version)), &mut buf)
+            .map_err(|_| KekError::Corrupt)?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_binds_name_and_version_and_detects_tampering() {
+        let ring = KekRing::from_bytes(&[7; 32], &[]).unwrap();
+        let (id, blob) = ring.wrap("orders", 3, b"secret material").unwrap();
+        assert_eq!(
+            ring.unwrap(&id, "orders", 3, &blob).unwrap().as_slice(),
+            b"secret material"
+        );
+        assert_eq!(
+            ring.unwrap(&id, "orders", 4, &blob),
+            Err(KekError::Corrupt),
+            "other version"
+        );
+        assert_eq!(
+            ring.unwrap(&id, "billing", 3, &blob),
+            Err(KekError::Corrupt),
+            "other key"
+        );
+        let mut t = blob.clone();
+        t[20] ^= 1;
+        assert_eq!(
+            ring.unwrap(&id, "orders", 3, &t),
+            Err(KekError::Corrupt),
+            "tampered"
+        );
+        assert_eq!(
+            ring.unwrap(&id, "orders", 3, &blob[..5]),
+            Err(KekError::Corrupt),
+            "truncated"
+        );
+        assert!(matches!(
+            ring.unwrap("0000", "orders", 3, &blob),
+            Err(KekError::UnknownKek(_))
+        ));
+    }
+
+    #[test]
+    fn previous_keks_still_unwrap_and_ids_differ() {
+        let old = KekRing::from_bytes(&[1; 32], &[]).unwrap();
+        let (old_id, blob) = old.wrap("k", 1, b"m").unwrap();
+        let ring = KekRing::from_bytes(&[2; 32], &[&[1; 32]]).unwrap();
+        assert_ne!(ring.current_id(), old_id);
+        assert_eq!(
+            ring.unwrap(&old_id, "k", 1, &blob).unwrap().as_slice(),
+            b"m"
+        );
+        let (new_id, _) = ring.wrap("k", 1, b"m").unwrap();
+        assert_eq!(new_id, ring.current_id());
+    }
+
+    #[test]
+    fn embedded_default_generates_once_and_production_requires_a_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            data_dir: dir.path().into(),
+            ..Default::default()
+        };
+        let a = KekRing::load(&cfg).unwrap();
+        let b = KekRing::load(&cfg).unwrap();
+        assert_eq!(
+            a.current_id(),
+            b.current_id(),
+            "second start reuses the generated KEK"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(GENERATED_KEK_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let mut prod = cfg.clone();
+        prod.storage.database_url = Some(Secret::new("postgres://x@db/sec"));
+        let err = KekRing::load(&prod).unwrap_err().to_string();
+        assert!(err.contains("no KEK configured"), "{err}");
+        prod.crypto.kek = Some(Secret::new(
+            base64::engine::general_purpose::STANDARD.encode([9_u8; 32]),
+        ));
+        assert!(KekRing::load(&prod).is_ok());
+        prod.crypto.kek = Some(Secret::new("dG9vIHNob3J0"));
+        let err = format!("{:#}", KekRing::load(&prod).unwrap_err());
+        assert!(err.contains("crypto.kek") && !err.contains("dG9v"), "{err}");
+    }
+}

@@ -1,0 +1,337 @@
+//! PostgreSQL key store. Times are TIMESTAMPTZ (microsecond precision), versions BIGINT.
+//! A key and its versions are read in one statement, so a reader never sees a key
+//! half-way through a rotation.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row as _};
+
+use super::{
+    KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db, is_unique_violation,
+    period_from_db, period_to_db, version_from_db, version_to_db,
+};
+
+#[derive(Debug, Clone)]
+pub struct PgKeyStore {
+    pool: PgPool,
+}
+
+impl PgKeyStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+fn key_from(r: &PgRow) -> Result<KeyRecord, StoreError> {
+    Ok(KeyRecord {
+        name: r.try_get("name")?,
+        key_type: r.try_get("key_type")?,
+        latest_version: version_from_db(r.try_get("latest_version")?, "latest_version")?,
+        policy: KeyPolicy {
+            min_decryption_version: version_from_db(
+                r.try_get("min_decryption_version")?,
+                "min_decryption_version",
+            )?,
+            min_encryption_version: version_from_db(
+                r.try_get("min_encryption_version")?,
+                "min_encryption_version",
+            )?,
+            rotation_period_seconds: period_from_db(r.try_get("rotation_period_seconds")?)?,
+            deletion_allowed: r.try_get("deletion_allowed")?,
+            exportable: r.try_get("exportable")?,
+        },
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        last_rotated_at: r.try_get("last_rotated_at")?,
+    })
+}
+
+/// The version in columns `v_*`, or `None` when they are NULL (a key without versions,
+/// left-joined).
+fn version_from(r: &PgRow) -> Result<Option<VersionRecord>, StoreError> {
+    let Some(version) = r.try_get::<Option<i64>, _>("v_version")? else {
+        return Ok(None);
+    };
+    Ok(Some(VersionRecord {
+        version: version_from_db(version, "version")?,
+        created_at: r.try_get("v_created_at")?,
+        kek_id: r.try_get("v_kek_id")?,
+        wrapped: r.try_get("v_wrapped")?,
+        public_key: r.try_get("v_public_key")?,
+    }))
+}
+
+#[async_trait]
+impl KeyStore for PgKeyStore {
+    async fn insert(&self, key: &KeyRecord, versions: &[VersionRecord]) -> Result<(), StoreError> {
+        let period = period_to_db(key.policy.rotation_period_seconds)?;
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO crypto_keys
+               (name, key_type, latest_version, min_decryption_version, min_encryption_version,
+                rotation_period_seconds, deletion_allowed, exportable,
+                created_at, updated_at, last_rotated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&key.name)
+        .bind(&key.key_type)
+        .bind(version_to_db(key.latest_version))
+        .bind(version_to_db(key.policy.min_decryption_version))
+        .bind(version_to_db(key.policy.min_encryption_version))
+        .bind(period)
+        .bind(key.policy.deletion_allowed)
+        .bind(key.policy.exportable)
+        .bind(key.created_at)
+        .bind(key.updated_at)
+        .bind(key.last_rotated_at)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(e) if is_unique_violation(&e) => return Err(StoreError::AlreadyExists),
+            r => r?,
+        };
+        for v in versions {
+            sqlx::query(
+                "INSERT INTO crypto_key_versions
+                   (key_name, version, created_at, kek_id, wrapped, public_key)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&key.name)
+            .bind(version_to_db(v.version))
+            .bind(v.created_at)
+            .bind(&v.kek_id)
+            .bind(&v.wrapped)
+            .bind(v.public_key.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<(KeyRecord, Vec<VersionRecord>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT k.name, k.key_type, k.latest_version, k.min_decryption_version,
+                    k.min_encryption_version, k.rotation_period_seconds, k.deletion_allowed,
+                    k.exportable, k.created_at, k.updated_at, k.last_rotated_at,
+                    v.version AS v_version, v.created_at AS v_created_at,
+                    v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key
+             FROM crypto_keys k
+             LEFT JOIN crypto_key_versions v ON v.key_name = k.name
+             WHERE k.name = $1
+             ORDER BY v.version",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let key = key_from(first)?;
+        let mut versions = Vec::with_capacity(rows.len());
+        for r in &rows {
+            versions.extend(version_from(r)?);
+        }
+        Ok(Some((key, versions)))
+    }
+
+    async fn list(&self, after: Option<&str>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, key_type, latest_version, min_decryption_version,
+                    min_encryption_version, rotation_period_seconds, deletion_allowed,
+                    exportable, created_at, updated_at, last_rotated_at
+             FROM crypto_keys
+             WHERE ($1::text IS NULL OR name > $1)
+             ORDER BY name
+             LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from).collect()
+    }
+
+    async fn add_version(
+        &self,
+        name: &str,
+        expected_latest: u32,
+        version: &VersionRecord,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if expected_latest.checked_add(1) != Some(version.version) {
+            return Err(StoreError::Conflict);
+        }
+        let mut tx = self.pool.begin().await?;
+        // The row lock taken here serialises racing rotations: the loser re-checks
+        // `latest_version` once the winner commits and matches nothing.
+        let updated = sqlx::query(
+            "UPDATE crypto_keys
+             SET latest_version = $1, updated_at = $2, last_rotated_at = $2
+             WHERE name = $3 AND latest_version = $4",
+        )
+        .bind(version_to_db(version.version))
+        .bind(now)
+        .bind(name)
+        .bind(version_to_db(expected_latest))
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            let (exists,): (bool,) =
+                sqlx::query_as("SELECT EXISTS (SELECT 1 FROM crypto_keys WHERE name = $1)")
+                    .bind(name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            return Err(if exists {
+                StoreError::Conflict
+            } else {
+                StoreError::NotFound
+            });
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO crypto_key_versions
+               (key_name, version, created_at, kek_id, wrapped, public_key)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(name)
+        .bind(version_to_db(version.version))
+        .bind(version.created_at)
+        .bind(&version.kek_id)
+        .bind(&version.wrapped)
+        .bind(version.public_key.as_deref())
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            // A stray row for that version already exists: the key is not as expected.
+            Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict),
+            r => r?,
+        };
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_policy(
+        &self,
+        name: &str,
+        policy: &KeyPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let updated = sqlx::query(
+            "UPDATE crypto_keys
+             SET min_decryption_version = $1, min_encryption_version = $2,
+                 rotation_period_seconds = $3, deletion_allowed = $4, exportable = $5,
+                 updated_at = $6
+             WHERE name = $7",
+        )
+        .bind(version_to_db(policy.min_decryption_version))
+        .bind(version_to_db(policy.min_encryption_version))
+        .bind(period_to_db(policy.rotation_period_seconds)?)
+        .bind(policy.deletion_allowed)
+        .bind(policy.exportable)
+        .bind(now)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        // Versions go with the key (ON DELETE CASCADE).
+        let deleted = sqlx::query("DELETE FROM crypto_keys WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn versions_not_wrapped_by(
+        &self,
+        kek_id: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, VersionRecord)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_name, version AS v_version, created_at AS v_created_at,
+                    kek_id AS v_kek_id, wrapped AS v_wrapped, public_key AS v_public_key
+             FROM crypto_key_versions
+             WHERE kek_id <> $1
+             ORDER BY key_name, version
+             LIMIT $2",
+        )
+        .bind(kek_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let name: String = r.try_get("key_name")?;
+            let v = version_from(r)?
+                .ok_or_else(|| StoreError::Corrupt("version row without a version".into()))?;
+            out.push((name, v));
+        }
+        Ok(out)
+    }
+
+    async fn rewrap_version(
+        &self,
+        name: &str,
+        version: u32,
+        old_kek_id: &str,
+        new_kek_id: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE crypto_key_versions
+             SET kek_id = $1, wrapped = $2
+             WHERE key_name = $3 AND version = $4 AND kek_id = $5",
+        )
+        .bind(new_kek_id)
+        .bind(wrapped)
+        .bind(name)
+        .bind(version_to_db(version))
+        .bind(old_kek_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    async fn kek_usage(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT kek_id, COUNT(*) FROM crypto_key_versions GROUP BY kek_id ORDER BY kek_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(kek, n)| Ok((kek, count_from_db(n)?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sec_common::testing::{Backend, backend_url};
+
+    #[tokio::test]
+    async fn contract_postgres() {
+        let Some(url) = backend_url(Backend::Postgres) else {
+            return;
+        };
+        let schema = format!("crypto_t{}", uuid::Uuid::new_v4().simple());
+        let pool = sec_common::storage::connect_postgres(&url, &schema, 4)
+            .await
+            .unwrap();
+        sqlx::migrate!("../../migrations/crypto/postgres")
+            .run(&pool)
+            .await
+            .unwrap();
+        super::super::contract::run(&PgKeyStore::new(pool.clone())).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
