@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use base64::Engine as _;
+
 use sec_common::auth::{Authenticator, generate_token, hash_token};
 use sec_common::config::{Config, Secret};
 use sec_common::grpc::{BearerToken, channel};
@@ -84,6 +86,12 @@ impl TestPlatform {
             config.events.stream = format!("SECTEST_{run_id}");
             config.events.subject_prefix = format!("sectest.{run_id}");
             config.events.stream_max_age_hours = 1;
+            // crypto-svc refuses to start on a real database without a KEK.
+            let mut kek = [0_u8; 32];
+            aws_lc_rs::rand::fill(&mut kek).unwrap();
+            config.crypto.kek = Some(Secret::new(
+                base64::engine::general_purpose::STANDARD.encode(kek),
+            ));
         }
         Some(Seed {
             config,

@@ -1,0 +1,256 @@
+//! crypto-svc over gRPC, as a platform service calls it, on the embedded default and on
+//! PostgreSQL + NATS: authorization, the precise error codes, restart keeping every key,
+//! and its lifecycle events reaching the audit trail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::time::Duration;
+
+use sec_common::grpc::BearerToken;
+use sec_proto::audit::v1::ListEventsRequest;
+use sec_proto::crypto::v1::crypto_service_client::CryptoServiceClient;
+use sec_proto::crypto::v1::*;
+use sec_tests::{Backends, TestPlatform};
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Client = CryptoServiceClient<InterceptedService<Channel, BearerToken>>;
+
+fn client(tp: &TestPlatform, token: Option<&str>) -> Client {
+    CryptoServiceClient::with_interceptor(tp.channel("crypto"), BearerToken::new(token).unwrap())
+}
+
+fn create(name: &str, t: KeyType) -> CreateKeyRequest {
+    CreateKeyRequest {
+        name: name.into(),
+        r#type: t as i32,
+        config: None,
+    }
+}
+
+async fn crypto_over_grpc(backends: Backends) {
+    let Some(seed) = TestPlatform::seed(backends) else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let tp = TestPlatform::start_with(seed.clone(), Some(data.path().to_owned())).await;
+    let mut c = client(&tp, Some(&tp.token));
+
+    let key = c
+        .create_key(create("orders", KeyType::Aes256Gcm))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(key.type_name, "aes256-gcm");
+    assert_eq!(key.latest_version, 1);
+    assert!(!key.config.unwrap().deletion_allowed);
+    assert_eq!(key.operations, ["encrypt", "decrypt", "rewrap", "datakey"]);
+
+    let one_kib = vec![0xA5_u8; 1024];
+    let ct = c
+        .encrypt(EncryptRequest {
+            key_name: "orders".into(),
+            plaintext: one_kib.clone(),
+            associated_data: b"tenant-1".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ct.ciphertext.starts_with("sec:v1:"));
+    let pt = c
+        .decrypt(DecryptRequest {
+            key_name: "orders".into(),
+            ciphertext: ct.ciphertext.clone(),
+            associated_data: b"tenant-1".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pt.plaintext, one_kib);
+
+    // precise codes, messages without key material or plaintext
+    let wrong_aad = c
+        .decrypt(DecryptRequest {
+            key_name: "orders".into(),
+            ciphertext: ct.ciphertext.clone(),
+            associated_data: b"tenant-2".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_aad.code(), Code::InvalidArgument);
+    let missing = c
+        .encrypt(EncryptRequest {
+            key_name: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(
+        c.delete_key(DeleteKeyRequest {
+            name: "orders".into()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::FailedPrecondition
+    );
+    c.create_key(create("signer", KeyType::Ed25519))
+        .await
+        .unwrap();
+    let enc_only = c
+        .sign(SignRequest {
+            key_name: "orders".into(),
+            message: b"m".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(enc_only.code(), Code::FailedPrecondition);
+    let big = c
+        .encrypt(EncryptRequest {
+            key_name: "orders".into(),
+            plaintext: vec![0; 4 * 1024 * 1024 + 1],
+            associated_data: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(big.code(), Code::InvalidArgument, "{big:?}");
+    let bad_type = c
+        .create_key(CreateKeyRequest {
+            name: "x".into(),
+            r#type: 0,
+            config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_type.code(), Code::InvalidArgument);
+
+    // batch: per-item results, one bad item does not fail the rest
+    let batch = c
+        .batch_decrypt(BatchDecryptRequest {
+            key_name: "orders".into(),
+            items: vec![
+                BatchDecryptItem {
+                    ciphertext: ct.ciphertext.clone(),
+                    associated_data: b"tenant-1".to_vec(),
+                },
+                BatchDecryptItem {
+                    ciphertext: "sec:v1:AAAA".into(),
+                    associated_data: vec![],
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        batch.results[0].result,
+        Some(batch_decrypt_result::Result::Ok(_))
+    ));
+    match &batch.results[1].result {
+        Some(batch_decrypt_result::Result::Error(e)) => assert_eq!(e.code, "invalid_argument"),
+        other => panic!("{other:?}"),
+    }
+
+    // who may call what
+    let mut anon = client(&tp, None);
+    assert_eq!(
+        anon.list_keys(ListKeysRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        anon.encrypt(EncryptRequest {
+            key_name: "orders".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::Unauthenticated
+    );
+
+    // rotation keeps old ciphertexts readable; restart keeps every key
+    let rotated = c
+        .rotate_key(RotateKeyRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.latest_version, 2);
+    let (result, _) = tp.stop().await;
+    result.unwrap();
+    let tp = TestPlatform::start_with(seed.clone(), Some(data.path().to_owned())).await;
+    let mut c = client(&tp, Some(&tp.token));
+    let pt = c
+        .decrypt(DecryptRequest {
+            key_name: "orders".into(),
+            ciphertext: ct.ciphertext.clone(),
+            associated_data: b"tenant-1".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        pt.plaintext, one_kib,
+        "after restart, v1 ciphertext still decrypts"
+    );
+    let listed = c
+        .list_keys(ListKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = listed.keys.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["orders", "signer"]);
+    assert_eq!(listed.keys[0].latest_version, 2);
+
+    // lifecycle events and the refused decrypt reached the audit trail
+    let want = [
+        "sec.crypto.key.created",
+        "sec.crypto.key.rotated",
+        "sec.crypto.decrypt.failed",
+        "sec.crypto.key.delete_refused",
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = tp
+            .audit()
+            .list_events(ListEventsRequest {
+                event_type: "sec.crypto.*".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if want.iter().all(|w| events.iter().any(|e| e.r#type == *w)) {
+            for e in &events {
+                let dump = format!("{e:?}");
+                assert!(!dump.contains("sec:v1:"), "no ciphertext in events: {dump}");
+            }
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events missing: {:?}",
+            events.iter().map(|e| &e.r#type).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tp.stop().await.0.unwrap();
+    TestPlatform::cleanup(&seed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crypto_over_grpc_embedded() {
+    crypto_over_grpc(Backends::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crypto_over_grpc_production() {
+    crypto_over_grpc(Backends::Production).await;
+}
