@@ -730,11 +730,7 @@ async fn concurrent_rotations_do_not_lose_versions() {
         "no gaps, no duplicates"
     );
     if ok == 1 {
-        let err = if a.is_err() {
-            a.unwrap_err()
-        } else {
-            b.unwrap_err()
-        };
+        let err = [a, b].into_iter().find_map(Result::err).unwrap();
         assert_eq!(err.code, ErrorCode::Aborted);
     }
 }
