@@ -77,7 +77,6 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let mut builder = Server::builder()
         .layer(TraceContextLayer)
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     let router = builder.add_routes(routes);
     let signal = stop.clone().cancelled_owned();
@@ -89,7 +88,10 @@ pub async fn serve(
                 .await?;
         }
         None => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // serve_with_incoming ignores the builder's tcp_nodelay: set it on the stream,
+            // or small responses wait on delayed ACKs (~40 ms p99 stalls).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             router
                 .serve_with_incoming_shutdown(incoming, signal)
                 .await?;
