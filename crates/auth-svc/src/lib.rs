@@ -36,7 +36,7 @@ pub async fn run(
     let serve = Serve {
         grpc_names: GRPC_NAMES,
         routes: tonic::service::Routes::new(api),
-        http: Some(facade::router()),
+        http: Some(facade::router(&platform)?),
     };
     let result = host.serve(serve, listeners, shutdown).await;
     db.close().await;
