@@ -8,6 +8,7 @@ use crate::platform::Target;
 use crate::runner::{self, RunParams, ScenarioResult};
 
 pub mod audit_list_events;
+pub mod crypto_encrypt_decrypt;
 pub mod grpc_health_check;
 
 /// One kind of request to put under load.
@@ -60,5 +61,6 @@ pub fn all() -> Vec<Entry> {
     vec![
         entry::<grpc_health_check::GrpcHealthCheck>(),
         entry::<audit_list_events::AuditListEvents>(),
+        entry::<crypto_encrypt_decrypt::CryptoEncryptDecrypt>(),
     ]
 }
