@@ -543,6 +543,19 @@ impl Engine {
             .ok_or_else(|| Error::invalid(field, "no such key version"))
     }
 
+    /// Runs an operation and records its outcome and duration.
+    async fn metered<T>(
+        &self,
+        key: &str,
+        op: Op,
+        f: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let r = f.await;
+        self.record(key, op, started, &r);
+        r
+    }
+
     fn record(&self, key: &str, op: Op, started: Instant, r: &Result<impl Sized, Error>) {
         let outcome = match r {
             Ok(_) => "ok",
@@ -578,8 +591,7 @@ impl Engine {
         plaintext: &[u8],
         aad: &[u8],
     ) -> Result<(String, u32), Error> {
-        let started = Instant::now();
-        let r = async {
+        self.metered(name, Op::Encrypt, async {
             self.check_payload("plaintext", plaintext.len())?;
             self.check_payload("associated_data", aad.len())?;
             let k = self.load(name).await?;
@@ -589,10 +601,8 @@ impl Engine {
                 .encrypt(plaintext, aad)
                 .map_err(|e| Self::op_error(e, "plaintext"))?;
             Ok((wire::format(v, &body), v))
-        }
-        .await;
-        self.record(name, Op::Encrypt, started, &r);
-        r
+        })
+        .await
     }
 
     pub async fn decrypt(
@@ -643,8 +653,7 @@ impl Engine {
         ciphertext: &str,
         aad: &[u8],
     ) -> Result<(String, u32), Error> {
-        let started = Instant::now();
-        let r = async {
+        self.metered(name, Op::Rewrap, async {
             let (pt, _) = self.decrypt(who, name, ciphertext, aad).await?;
             let k = self.load(name).await?;
             let (v, l) = Self::latest(&k)?;
@@ -652,10 +661,8 @@ impl Engine {
                 .encrypt(&pt, aad)
                 .map_err(|e| Self::op_error(e, "ciphertext"))?;
             Ok((wire::format(v, &body), v))
-        }
-        .await;
-        self.record(name, Op::Rewrap, started, &r);
-        r
+        })
+        .await
     }
 
     /// A fresh random data key and its encryption under `name`.
@@ -665,8 +672,7 @@ impl Engine {
         bytes: u32,
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, String, u32), Error> {
-        let started = Instant::now();
-        let r = async {
+        self.metered(name, Op::DataKey, async {
             let n = match bytes {
                 0 => 32,
                 n @ 16..=64 => n as usize,
@@ -682,31 +688,25 @@ impl Engine {
                 .encrypt(&dk, aad)
                 .map_err(|e| Self::op_error(e, "bytes"))?;
             Ok((dk, wire::format(v, &body), v))
-        }
-        .await;
-        self.record(name, Op::DataKey, started, &r);
-        r
+        })
+        .await
     }
 
     pub async fn sign(&self, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
-        let started = Instant::now();
-        let r = async {
+        self.metered(name, Op::Sign, async {
             self.check_payload("message", message.len())?;
             let k = self.load(name).await?;
             Self::require(&k, Op::Sign)?;
             let (v, l) = Self::latest(&k)?;
             let sig = l.sign(message).map_err(|e| Self::op_error(e, "message"))?;
             Ok((wire::format(v, &sig), v))
-        }
-        .await;
-        self.record(name, Op::Sign, started, &r);
-        r
+        })
+        .await
     }
 
     /// Ok(false) for a signature that does not verify; errors for malformed input.
     pub async fn verify(&self, name: &str, message: &[u8], signature: &str) -> Result<bool, Error> {
-        let started = Instant::now();
-        let r = async {
+        self.metered(name, Op::Verify, async {
             self.check_payload("message", message.len())?;
             let k = self.load(name).await?;
             Self::require(&k, Op::Verify)?;
@@ -718,30 +718,24 @@ impl Engine {
             })?;
             let l = Self::version(&k, v, "signature")?;
             Ok(l.verify(message, &sig))
-        }
-        .await;
-        self.record(name, Op::Verify, started, &r);
-        r
+        })
+        .await
     }
 
     pub async fn hmac(&self, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
-        let started = Instant::now();
-        let r = async {
+        self.metered(name, Op::Hmac, async {
             self.check_payload("message", message.len())?;
             let k = self.load(name).await?;
             Self::require(&k, Op::Hmac)?;
             let (v, l) = Self::latest(&k)?;
             let tag = l.hmac(message).map_err(|e| Self::op_error(e, "message"))?;
             Ok((wire::format(v, &tag), v))
-        }
-        .await;
-        self.record(name, Op::Hmac, started, &r);
-        r
+        })
+        .await
     }
 
     pub async fn verify_hmac(&self, name: &str, message: &[u8], tag: &str) -> Result<bool, Error> {
-        let started = Instant::now();
-        let r = async {
+        self.metered(name, Op::Hmac, async {
             self.check_payload("message", message.len())?;
             let k = self.load(name).await?;
             Self::require(&k, Op::Hmac)?;
@@ -750,10 +744,8 @@ impl Engine {
             })?;
             let l = Self::version(&k, v, "hmac")?;
             Ok(l.verify_hmac(message, &t))
-        }
-        .await;
-        self.record(name, Op::Hmac, started, &r);
-        r
+        })
+        .await
     }
 
     /// PEM public key of `version` (0: latest).
