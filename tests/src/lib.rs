@@ -47,6 +47,8 @@ pub struct Seed {
 pub struct TestPlatform {
     pub config: Config,
     pub token: String,
+    /// The in-process service credential (a service caller, not admin).
+    pub service_token: String,
     pub seed: Seed,
     pub grpc: BTreeMap<&'static str, SocketAddr>,
     pub admin: BTreeMap<&'static str, SocketAddr>,
@@ -125,7 +127,10 @@ impl TestPlatform {
             .map(|(n, l)| (*n, l.admin.local_addr().unwrap()))
             .collect();
         let http = config.facade.http_addr;
-        let auth = Authenticator::from_config(&config).unwrap();
+        let service_token = generate_token().unwrap();
+        let auth = Authenticator::from_config(&config)
+            .unwrap()
+            .with_service_token(&service_token);
         let platform = Platform::connect(
             config.clone(),
             auth,
@@ -139,6 +144,7 @@ impl TestPlatform {
         let tp = Self {
             config,
             token: seed.token.clone(),
+            service_token,
             seed,
             grpc,
             admin,

@@ -173,6 +173,49 @@ async fn crypto_over_grpc(backends: Backends) {
         Code::Unauthenticated
     );
 
+    // a service caller may use keys but not manage them
+    let mut svc = client(&tp, Some(&tp.service_token));
+    assert!(
+        svc.encrypt(EncryptRequest {
+            key_name: "orders".into(),
+            plaintext: b"x".to_vec(),
+            associated_data: vec![]
+        })
+        .await
+        .is_ok()
+    );
+    assert_eq!(
+        svc.create_key(create("svc-made", KeyType::Aes256Gcm))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        svc.delete_key(DeleteKeyRequest {
+            name: "orders".into()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::PermissionDenied
+    );
+
+    // per-key, per-operation metrics on the admin port
+    let (_, metrics) = sec_tests::http_get(tp.admin["crypto"], "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"sec_crypto_operations_total{key="orders",operation="encrypt",outcome="ok"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"operation="decrypt",outcome="invalid_argument""#),
+        "{metrics}"
+    );
+
     // rotation keeps old ciphertexts readable; restart keeps every key
     let rotated = c
         .rotate_key(RotateKeyRequest {
