@@ -12,7 +12,8 @@ dev: ## run the whole platform on the embedded default (data in ./.secdata)
 
 test: ## run every test; backend suites skip loudly unless SEC_TEST_BACKENDS=required
 	$(CARGO) test --workspace --all-targets
-	@tests/interop/run.sh
+	@# reuse the secd the tests just built (a separate `cargo build` would recompile it)
+	@SECD_BIN=$${CARGO_TARGET_DIR:-target}/debug/secd tests/interop/run.sh
 
 lint: ## formatting check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
