@@ -13,14 +13,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use base64::Engine as _;
 
+use crypto_svc::CryptoConfig;
 use sec_common::auth::{Authenticator, generate_token, hash_token};
 use sec_common::config::{Config, Secret};
 use sec_common::grpc::{BearerToken, channel};
 use sec_common::service::Platform;
-use sec_common::testing::{Backend, backend_url};
 use sec_proto::audit::v1::audit_service_client::AuditServiceClient;
+use sec_testkit::{Backend, backend_url};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -59,6 +61,16 @@ pub struct TestPlatform {
     _data_dir: Option<tempfile::TempDir>,
 }
 
+/// The default configuration of every service in `secd::SERVICES`, as `secd` loads it
+/// with no file and no environment.
+pub fn default_config() -> anyhow::Result<Config> {
+    Ok(sec_common::spec::load_config(
+        None,
+        &BTreeMap::<String, String>::new(),
+        secd::SERVICES,
+    )?)
+}
+
 impl TestPlatform {
     /// A fresh platform; `None` when the backends are not reachable and not required.
     pub async fn start(backends: Backends) -> Option<Self> {
@@ -69,18 +81,26 @@ impl TestPlatform {
     /// The configuration of a fresh platform, without starting it.
     #[track_caller]
     pub fn seed(backends: Backends) -> Option<Seed> {
+        Self::try_seed(backends, "t").unwrap()
+    }
+
+    /// As [`seed`](Self::seed), fallible (for `sec-load`); `tag` starts the schema prefix.
+    #[track_caller]
+    pub fn try_seed(backends: Backends, tag: &str) -> anyhow::Result<Option<Seed>> {
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let token = generate_token().unwrap();
-        let mut config = Config::default();
-        config.auth.admin_token_hash = Some(Secret::new(hash_token(&token).unwrap()));
+        let token = generate_token()?;
+        let mut config = default_config()?;
+        config.auth.admin_token_hash = Some(Secret::new(hash_token(&token)));
         config.shutdown.grace_seconds = 5;
         if backends == Backends::Production {
             let pg = backend_url(Backend::Postgres);
             let redis = backend_url(Backend::Redis);
             let nats = backend_url(Backend::Nats);
-            let (pg, redis, nats) = (pg?, redis?, nats?);
+            let (Some(pg), Some(redis), Some(nats)) = (pg, redis, nats) else {
+                return Ok(None);
+            };
             config.storage.database_url = Some(Secret::new(pg));
-            config.storage.postgres_schema_prefix = format!("t{run_id}_");
+            config.storage.postgres_schema_prefix = format!("{tag}{run_id}_");
             config.storage.max_connections = 4;
             config.storage.redis_url = Some(Secret::new(redis));
             config.storage.redis_key_prefix = format!("sectest:{run_id}:");
@@ -90,21 +110,31 @@ impl TestPlatform {
             config.events.stream_max_age_hours = 1;
             // crypto-svc refuses to start on a real database without a KEK.
             let mut kek = [0_u8; 32];
-            aws_lc_rs::rand::fill(&mut kek).unwrap();
-            config.crypto.kek = Some(Secret::new(
-                base64::engine::general_purpose::STANDARD.encode(kek),
-            ));
+            aws_lc_rs::rand::fill(&mut kek).map_err(|_| anyhow::anyhow!("random"))?;
+            let crypto = CryptoConfig {
+                kek: Some(Secret::new(
+                    base64::engine::general_purpose::STANDARD.encode(kek),
+                )),
+                ..config.section::<CryptoConfig>(crypto_svc::NAME)?.clone()
+            };
+            config.set_section(crypto_svc::NAME, crypto)?;
         }
-        Some(Seed {
+        Ok(Some(Seed {
             config,
             token,
             run_id,
-        })
+        }))
     }
 
     /// Starts the platform from `seed`; with `data_dir`, the embedded data lives there
     /// (so a restart can reuse it), otherwise in a temporary directory.
     pub async fn start_with(seed: Seed, data_dir: Option<PathBuf>) -> Self {
+        Self::try_start_with(seed, data_dir).await.unwrap()
+    }
+
+    /// As [`start_with`](Self::start_with), fallible: the same preflight as `secd`, then
+    /// every service through `secd::run_all`, ready when each `/readyz` answers 200.
+    pub async fn try_start_with(seed: Seed, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let mut config = seed.config.clone();
         let temp = match data_dir {
             Some(d) => {
@@ -112,33 +142,29 @@ impl TestPlatform {
                 None
             }
             None => {
-                let t = tempfile::tempdir().unwrap();
+                let t = tempfile::tempdir()?;
                 config.data_dir = t.path().to_owned();
                 Some(t)
             }
         };
-        let listeners = secd::bind_ephemeral(&mut config).await.unwrap();
-        let grpc = listeners
-            .iter()
-            .map(|(n, l)| (*n, l.grpc.local_addr().unwrap()))
-            .collect();
-        let admin = listeners
-            .iter()
-            .map(|(n, l)| (*n, l.admin.local_addr().unwrap()))
-            .collect();
+        sec_common::spec::preflight(&config, secd::SERVICES)?;
+        let listeners = secd::bind_ephemeral(&mut config).await?;
+        let mut grpc = BTreeMap::new();
+        let mut admin = BTreeMap::new();
+        for (name, l) in &listeners {
+            grpc.insert(*name, l.grpc.local_addr()?);
+            admin.insert(*name, l.admin.local_addr()?);
+        }
         let http = config.facade.http_addr;
-        let service_token = generate_token().unwrap();
-        let auth = Authenticator::from_config(&config)
-            .unwrap()
-            .with_service_token(&service_token);
+        let service_token = generate_token()?;
+        let auth = Authenticator::from_config(&config)?.with_service_token(&service_token);
         let platform = Platform::connect(
             config.clone(),
             auth,
             sec_common::clock::system(),
             "sec-tests",
         )
-        .await
-        .unwrap();
+        .await?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(secd::run_all(platform.clone(), listeners, shutdown.clone()));
         let tp = Self {
@@ -154,46 +180,65 @@ impl TestPlatform {
             task,
             _data_dir: temp,
         };
-        tp.wait_ready().await;
-        tp
+        if let Err(e) = tp.wait_ready().await {
+            let seed = tp.seed.clone();
+            let _ = tp.stop().await;
+            Self::cleanup(&seed).await;
+            return Err(e);
+        }
+        Ok(tp)
     }
 
     /// Waits until every service's `/readyz` answers 200 (bounded).
-    pub async fn wait_ready(&self) {
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for (name, addr) in &self.admin {
             loop {
                 if matches!(http_get(*addr, "/readyz").await, Ok((200, _))) {
                     break;
                 }
-                assert!(
+                anyhow::ensure!(
                     tokio::time::Instant::now() < deadline,
                     "{name}-svc never became ready"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        Ok(())
     }
 
+    /// A lazily connecting plaintext channel to a service's gRPC port.
     pub fn channel(&self, service: &str) -> Channel {
-        channel(&format!("http://{}", self.grpc[service]), &self.config.tls).unwrap()
+        self.try_channel(service).unwrap()
+    }
+
+    pub fn try_channel(&self, service: &str) -> anyhow::Result<Channel> {
+        let addr = self
+            .grpc
+            .get(service)
+            .with_context(|| format!("no service `{service}`"))?;
+        channel(&format!("http://{addr}"), &self.config.tls)
+    }
+
+    /// An interceptor sending the admin token.
+    pub fn admin_bearer(&self) -> anyhow::Result<BearerToken> {
+        BearerToken::new(Some(&self.token))
     }
 
     /// An audit client authenticated with the admin token.
     pub fn audit(&self) -> AuditServiceClient<InterceptedService<Channel, BearerToken>> {
-        AuditServiceClient::with_interceptor(
-            self.channel("audit"),
-            BearerToken::new(Some(&self.token)).unwrap(),
-        )
+        AuditServiceClient::with_interceptor(self.channel("audit"), self.admin_bearer().unwrap())
     }
 
     /// Stops the platform the way SIGTERM does and returns what `run_all` returned.
     pub async fn stop(self) -> (anyhow::Result<()>, Option<tempfile::TempDir>) {
         self.shutdown.cancel();
-        let r = tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("platform did not stop within 20 s");
-        (r.unwrap(), self._data_dir)
+        let r = match tokio::time::timeout(Duration::from_secs(20), self.task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(anyhow::anyhow!("platform task: {e}")),
+            Err(_) => Err(anyhow::anyhow!("platform did not stop within 20 s")),
+        };
+        (r, self._data_dir)
     }
 
     /// Drops this run's PostgreSQL schemas and NATS stream (production backends).
@@ -205,8 +250,8 @@ impl TestPlatform {
             .as_ref()
             .map(|u| sqlx::PgPool::connect_lazy(u.expose()));
         if let Some(Ok(pool)) = pg {
-            for svc in sec_common::config::SERVICES {
-                let schema = format!("{}{svc}", seed.config.storage.postgres_schema_prefix);
+            for svc in secd::SERVICES {
+                let schema = format!("{}{}", seed.config.storage.postgres_schema_prefix, svc.name);
                 let drop = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
                 let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
             }

@@ -55,10 +55,10 @@ async fn wait_port(port: u16, up: bool) {
 async fn nats_outage_loses_no_event() {
     let Some(bin) = nats_server_binary() else {
         assert!(
-            !sec_common::testing::backends_required(),
+            !sec_testkit::backends_required(),
             "nats-server binary required for the outage test"
         );
-        eprintln!("\n*** SKIPPED nats_outage_loses_no_event: no nats-server binary ***\n");
+        sec_testkit::skipped("nats_outage_loses_no_event: no nats-server binary");
         return;
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sec_common::service::standalone_main(assess_svc::NAME, assess_svc::run)
+    sec_common::service::standalone_main(&assess_svc::SPEC)
 }

@@ -11,13 +11,32 @@ pub mod store;
 
 use std::sync::Arc;
 
+use sec_common::auth::{Access, AccessTable};
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
+use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::{Db, Migrations};
 use sec_proto::audit::v1::audit_service_server::AuditServiceServer;
 use tokio_util::sync::CancellationToken;
 
 pub const NAME: &str = "audit";
-pub const GRPC_NAMES: &[&str] = &["sec.audit.v1.AuditService"];
+
+/// The audit trail names every actor and subject on the platform: admin only.
+pub const ACCESS: AccessTable = AccessTable {
+    service: "sec.audit.v1.AuditService",
+    methods: &[("ListEvents", Access::Admin)],
+};
+
+/// audit-svc as every launcher sees it.
+pub static SPEC: ServiceSpec = ServiceSpec {
+    name: NAME,
+    default_ports: (50054, 9104),
+    http_facade: false,
+    access: &[ACCESS],
+    calls: &[],
+    config: None,
+    preflight: no_preflight,
+    run: |p, l, s| Box::pin(run(p, l, s)),
+};
 
 pub static MIGRATIONS: Migrations = Migrations {
     postgres: &sqlx::migrate!("../../migrations/audit/postgres"),
@@ -38,7 +57,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut host = ServiceHost::new(NAME, &platform);
+    let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let store = event_store(&db);
 
@@ -51,10 +70,8 @@ pub async fn run(
         ingest_stop.clone(),
     ));
 
-    let api =
-        AuditServiceServer::with_interceptor(grpc::AuditApi { store }, platform.auth.interceptor());
+    let api = AuditServiceServer::new(grpc::AuditApi { store });
     let serve = Serve {
-        grpc_names: GRPC_NAMES,
         routes: tonic::service::Routes::new(api),
         http: None,
     };
@@ -72,4 +89,13 @@ pub async fn run(
     let _ = ingest.await;
     db.close().await;
     served
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn access_table_covers_every_rpc() {
+        sec_common::auth::check_tables_cover(sec_proto::FILE_DESCRIPTOR_SET, super::SPEC.access)
+            .unwrap();
+    }
 }

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sec_common::service::standalone_main(audit_svc::NAME, audit_svc::run)
+    sec_common::service::standalone_main(&audit_svc::SPEC)
 }

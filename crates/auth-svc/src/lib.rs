@@ -5,13 +5,32 @@
 
 pub mod facade;
 
+use sec_common::auth::AccessTable;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
+use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::Migrations;
 use sec_proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
 use tokio_util::sync::CancellationToken;
 
 pub const NAME: &str = "auth";
-pub const GRPC_NAMES: &[&str] = &["sec.auth.v1.AuthService"];
+
+/// Every RPC of the service and who may call it; a method missing here is refused.
+pub const ACCESS: AccessTable = AccessTable {
+    service: "sec.auth.v1.AuthService",
+    methods: &[],
+};
+
+/// auth-svc as every launcher sees it.
+pub static SPEC: ServiceSpec = ServiceSpec {
+    name: NAME,
+    default_ports: (50051, 9101),
+    http_facade: true,
+    access: &[ACCESS],
+    calls: &["crypto"],
+    config: None,
+    preflight: no_preflight,
+    run: |p, l, s| Box::pin(run(p, l, s)),
+};
 
 pub static MIGRATIONS: Migrations = Migrations {
     postgres: &sqlx::migrate!("../../migrations/auth/postgres"),
@@ -29,16 +48,24 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut host = ServiceHost::new(NAME, &platform);
+    let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let _kv = host.open_kv().await?;
-    let api = AuthServiceServer::with_interceptor(AuthApi, platform.auth.interceptor());
+    let api = AuthServiceServer::new(AuthApi);
     let serve = Serve {
-        grpc_names: GRPC_NAMES,
         routes: tonic::service::Routes::new(api),
         http: Some(facade::router(&platform)?),
     };
     let result = host.serve(serve, listeners, shutdown).await;
     db.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn access_table_covers_every_rpc() {
+        sec_common::auth::check_tables_cover(sec_proto::FILE_DESCRIPTOR_SET, super::SPEC.access)
+            .unwrap();
+    }
 }

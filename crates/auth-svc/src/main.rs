@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sec_common::service::standalone_main(auth_svc::NAME, auth_svc::run)
+    sec_common::service::standalone_main(&auth_svc::SPEC)
 }

@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use sec_common::auth::Caller;
 use sec_common::clock::SharedClock;
 use sec_common::error::{Error, ErrorCode};
-use sec_common::events::{Actor, ActorKind, Outcome, SecurityEvent, Severity, new_event};
+use sec_common::events::{Outcome, SecurityEvent, Severity, new_event};
 use zeroize::Zeroizing;
 
 use crate::kek::KekRing;
@@ -208,16 +208,7 @@ impl Engine {
 
     fn event(&self, who: &Caller, ty: &str, subject: &str) -> SecurityEvent {
         let mut e = new_event(self.clock.as_ref(), "crypto", ty);
-        e.actor = Some(match who {
-            Caller::Admin => Actor {
-                kind: ActorKind::User as i32,
-                id: "admin".into(),
-            },
-            Caller::Service(id) => Actor {
-                kind: ActorKind::Service as i32,
-                id: id.clone(),
-            },
-        });
+        e.actor = Some(who.actor());
         e.subject = subject.to_owned();
         e
     }

@@ -1,10 +1,10 @@
 //! `sec.crypto.v1.CryptoService`: request validation, authorization and proto mapping
-//! over the [`Engine`]. Key management needs the admin credential; cryptographic
-//! operations are open to admin and to trusted services.
+//! over the [`Engine`]. Who may call what is declared once in [`crate::ACCESS`] and
+//! enforced by the host before a handler runs; handlers only read the [`Caller`].
 
 use std::sync::Arc;
 
-use sec_common::auth::{Caller, caller};
+use sec_common::auth::Caller;
 use sec_common::error::Error;
 use sec_common::events::to_timestamp;
 use sec_proto::common::v1::PageResponse;
@@ -86,19 +86,6 @@ pub fn key_to_proto(k: KeyView) -> pb::Key {
     }
 }
 
-fn admin<T>(req: &Request<T>) -> Result<Caller, Status> {
-    match caller(req)? {
-        Caller::Admin => Ok(Caller::Admin),
-        Caller::Service(_) => {
-            Err(Error::denied("key management needs the admin credential").into())
-        }
-    }
-}
-
-fn any<T>(req: &Request<T>) -> Result<Caller, Status> {
-    Ok(caller(req)?.clone())
-}
-
 fn batch_error(e: Error) -> pb::BatchResultError {
     pb::BatchResultError {
         code: e.code.as_str().into(),
@@ -112,7 +99,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let who = admin(&req)?;
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         let t = key_type_from_proto(r.r#type)?;
         let c = r.config.unwrap_or_default();
@@ -136,7 +123,6 @@ impl CryptoService for CryptoApi {
     }
 
     async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
-        admin(&req)?;
         Ok(Response::new(key_to_proto(
             self.engine.get_key(&req.into_inner().name).await?,
         )))
@@ -146,7 +132,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        admin(&req)?;
         let page = req.into_inner().page.unwrap_or_default();
         let after = (!page.page_token.is_empty()).then_some(page.page_token.as_str());
         if let Some(a) = after {
@@ -170,7 +155,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let who = admin(&req)?;
+        let who = Caller::of(&req)?;
         Ok(Response::new(key_to_proto(
             self.engine.rotate_key(&who, &req.into_inner().name).await?,
         )))
@@ -180,7 +165,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::UpdateKeyConfigRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let who = admin(&req)?;
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         let u = PolicyUpdate {
             min_decryption_version: r.min_decryption_version,
@@ -198,7 +183,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let who = admin(&req)?;
+        let who = Caller::of(&req)?;
         self.engine.delete_key(&who, &req.into_inner().name).await?;
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
@@ -207,7 +192,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::BackupKeyRequest>,
     ) -> Result<Response<pb::BackupKeyResponse>, Status> {
-        let who = admin(&req)?;
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         let backup = self
             .engine
@@ -220,7 +205,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::RestoreKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let who = admin(&req)?;
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         let new_name = (!r.new_name.is_empty()).then_some(r.new_name.as_str());
         Ok(Response::new(key_to_proto(
@@ -234,7 +219,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::RotateKekRequest>,
     ) -> Result<Response<pb::RotateKekResponse>, Status> {
-        let who = admin(&req)?;
+        let who = Caller::of(&req)?;
         let (rewrapped, already_current) = self.engine.rotate_kek(&who).await?;
         Ok(Response::new(pb::RotateKekResponse {
             rewrapped,
@@ -247,7 +232,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let (ciphertext, key_version) = self
             .engine
@@ -263,7 +247,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let who = any(&req)?;
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         let (pt, key_version) = self
             .engine
@@ -279,7 +263,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let total: usize = r
             .items
@@ -316,7 +299,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::BatchDecryptRequest>,
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
-        let who = any(&req)?;
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         let total: usize = r
             .items
@@ -353,7 +336,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        let who = any(&req)?;
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         let (ciphertext, key_version) = self
             .engine
@@ -369,7 +352,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let (pt, ciphertext, key_version) = self
             .engine
@@ -391,7 +373,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let (signature, key_version) = self.engine.sign(&r.key_name, &r.message).await?;
         Ok(Response::new(pb::SignResponse {
@@ -404,7 +385,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let valid = self
             .engine
@@ -417,7 +397,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::HmacRequest>,
     ) -> Result<Response<pb::HmacResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let (hmac, key_version) = self.engine.hmac(&r.key_name, &r.message).await?;
         Ok(Response::new(pb::HmacResponse { hmac, key_version }))
@@ -427,7 +406,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::VerifyHmacRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let valid = self
             .engine
@@ -440,7 +418,6 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
-        any(&req)?;
         let r = req.into_inner();
         let (public_key_pem, version, t) = self.engine.public_key(&r.key_name, r.version).await?;
         Ok(Response::new(pb::GetPublicKeyResponse {

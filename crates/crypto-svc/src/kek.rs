@@ -12,6 +12,8 @@ use anyhow::Context as _;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use base64::Engine as _;
 use sec_common::config::{Config, Secret};
+
+use crate::config::CryptoConfig;
 use zeroize::Zeroizing;
 
 const KEK_LEN: usize = 32;
@@ -102,7 +104,7 @@ impl KekRing {
     /// and embedded storage, a KEK is generated once in the data directory; with a real
     /// database and no KEK the service refuses to start.
     pub fn load(cfg: &Config) -> anyhow::Result<Self> {
-        let c = &cfg.crypto;
+        let c = cfg.section::<CryptoConfig>(crate::NAME)?;
         let current = match (&c.kek, &c.kek_file) {
             (Some(s), _) => from_secret(s, "crypto.kek")?,
             (None, Some(p)) => from_file(p)?,
@@ -120,6 +122,32 @@ impl KekRing {
         }
         previous.retain(|k| k.id != current.id);
         Ok(Self { current, previous })
+    }
+
+    /// Every KEK setting parses and every configured file is readable, without generating
+    /// anything: run before any port is bound.
+    pub fn check_config(cfg: &Config) -> anyhow::Result<()> {
+        let c = cfg.section::<CryptoConfig>(crate::NAME)?;
+        match (&c.kek, &c.kek_file) {
+            (Some(s), _) => drop(from_secret(s, "crypto.kek")?),
+            (None, Some(p)) => drop(from_file(p)?),
+            (None, None) if cfg.storage.database_url.is_none() => {
+                let generated = cfg.data_dir.join(GENERATED_KEK_FILE);
+                if generated.exists() {
+                    drop(from_file(&generated)?);
+                }
+            }
+            (None, None) => anyhow::bail!(
+                "no KEK configured: set crypto.kek (SEC_CRYPTO__KEK) or crypto.kek_file; a KEK is generated only for the embedded default"
+            ),
+        }
+        for (i, s) in c.previous_keks.iter().enumerate() {
+            from_secret(s, &format!("crypto.previous_keks[{i}]"))?;
+        }
+        for p in &c.previous_kek_files {
+            from_file(p)?;
+        }
+        Ok(())
     }
 
     fn generated(data_dir: &Path) -> anyhow::Result<Kek> {
@@ -271,10 +299,12 @@ mod tests {
     #[test]
     fn embedded_default_generates_once_and_production_requires_a_kek() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config {
+        let mut cfg = Config {
             data_dir: dir.path().into(),
             ..Default::default()
         };
+        cfg.set_section(crate::NAME, CryptoConfig::default())
+            .unwrap();
         let a = KekRing::load(&cfg).unwrap();
         let b = KekRing::load(&cfg).unwrap();
         assert_eq!(
@@ -295,11 +325,18 @@ mod tests {
         prod.storage.database_url = Some(Secret::new("postgres://x@db/sec"));
         let err = KekRing::load(&prod).unwrap_err().to_string();
         assert!(err.contains("no KEK configured"), "{err}");
-        prod.crypto.kek = Some(Secret::new(
-            base64::engine::general_purpose::STANDARD.encode([9_u8; 32]),
-        ));
+        let mut c = CryptoConfig {
+            kek: Some(Secret::new(
+                base64::engine::general_purpose::STANDARD.encode([9_u8; 32]),
+            )),
+            ..CryptoConfig::default()
+        };
+        prod.set_section(crate::NAME, c.clone()).unwrap();
         assert!(KekRing::load(&prod).is_ok());
-        prod.crypto.kek = Some(Secret::new("dG9vIHNob3J0"));
+        assert!(KekRing::check_config(&prod).is_ok());
+        c.kek = Some(Secret::new("dG9vIHNob3J0"));
+        prod.set_section(crate::NAME, c).unwrap();
+        assert!(KekRing::check_config(&prod).is_err());
         let err = format!("{:#}", KekRing::load(&prod).unwrap_err());
         assert!(err.contains("crypto.kek") && !err.contains("dG9v"), "{err}");
     }

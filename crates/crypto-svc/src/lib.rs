@@ -3,9 +3,11 @@
 //! automatic rotation; backup and restore; KEK rotation.
 //!
 //! Layout (copy it for a new service): `store/` (trait, PostgreSQL, SQLite, contract
-//! suite), `engine.rs` (the logic, no gRPC), `grpc.rs` (validation, authorization and
-//! proto mapping), `material.rs` and `kek.rs` (the cryptography), `run` below.
+//! suite), `engine.rs` (the logic, no gRPC), `grpc.rs` (validation and proto mapping),
+//! `config.rs` (its `[crypto]` section), `material.rs` and `kek.rs` (the cryptography),
+//! and below: [`SPEC`] (name, access table, config, preflight) and `run`.
 
+pub mod config;
 pub mod engine;
 pub mod grpc;
 pub mod kek;
@@ -15,13 +17,65 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sec_common::auth::{Access, AccessTable};
+use sec_common::config::{Config, ConfigError, ConfigSection};
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
+use sec_common::spec::ServiceSpec;
 use sec_common::storage::{Db, Migrations};
 use sec_proto::crypto::v1::crypto_service_server::CryptoServiceServer;
 use tokio_util::sync::CancellationToken;
 
+pub use config::CryptoConfig;
+
 pub const NAME: &str = "crypto";
-pub const GRPC_NAMES: &[&str] = &["sec.crypto.v1.CryptoService"];
+
+/// Key management is the admin's; using keys is open to trusted services.
+pub const ACCESS: AccessTable = AccessTable {
+    service: "sec.crypto.v1.CryptoService",
+    methods: &[
+        ("CreateKey", Access::Admin),
+        ("GetKey", Access::Admin),
+        ("ListKeys", Access::Admin),
+        ("RotateKey", Access::Admin),
+        ("UpdateKeyConfig", Access::Admin),
+        ("DeleteKey", Access::Admin),
+        ("BackupKey", Access::Admin),
+        ("RestoreKey", Access::Admin),
+        ("RotateKek", Access::Admin),
+        ("Encrypt", Access::Service),
+        ("Decrypt", Access::Service),
+        ("BatchEncrypt", Access::Service),
+        ("BatchDecrypt", Access::Service),
+        ("Rewrap", Access::Service),
+        ("GenerateDataKey", Access::Service),
+        ("Sign", Access::Service),
+        ("Verify", Access::Service),
+        ("Hmac", Access::Service),
+        ("VerifyHmac", Access::Service),
+        ("GetPublicKey", Access::Service),
+    ],
+};
+
+/// crypto-svc as every launcher sees it.
+pub static SPEC: ServiceSpec = ServiceSpec {
+    name: NAME,
+    default_ports: (50055, 9105),
+    http_facade: false,
+    access: &[ACCESS],
+    calls: &[],
+    config: Some(ConfigSection::of::<CryptoConfig>()),
+    preflight,
+    run: |p, l, s| Box::pin(run(p, l, s)),
+};
+
+/// The KEK settings parse and their files are readable: a bad KEK exits 64 before any
+/// port is bound.
+fn preflight(config: &Config) -> Result<(), ConfigError> {
+    kek::KekRing::check_config(config).map_err(|e| ConfigError::Invalid {
+        key: "crypto.kek".into(),
+        message: format!("{e:#}"),
+    })
+}
 
 pub static MIGRATIONS: Migrations = Migrations {
     postgres: &sqlx::migrate!("../../migrations/crypto/postgres"),
@@ -42,10 +96,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let cfg = &platform.config.crypto;
+    let cfg = platform.config.section::<CryptoConfig>(NAME)?;
     // Load the root of trust before anything else: no KEK, no service.
     let kek = Arc::new(kek::KekRing::load(&platform.config)?);
-    let mut host = ServiceHost::new(NAME, &platform);
+    let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let metrics = engine::CryptoMetrics::register(&mut host.registry);
     let emitter = platform.clone();
@@ -77,11 +131,8 @@ pub async fn run(
     let server = CryptoServiceServer::new(grpc::CryptoApi { engine })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let api =
-        tonic::service::interceptor::InterceptedService::new(server, platform.auth.interceptor());
     let serve = Serve {
-        grpc_names: GRPC_NAMES,
-        routes: tonic::service::Routes::new(api),
+        routes: tonic::service::Routes::new(server),
         http: None,
     };
     let result = host.serve(serve, listeners, shutdown).await;
@@ -108,5 +159,14 @@ async fn rotation_loop(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "automatic rotation check failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn access_table_covers_every_rpc() {
+        sec_common::auth::check_tables_cover(sec_proto::FILE_DESCRIPTOR_SET, super::SPEC.access)
+            .unwrap();
     }
 }

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sec_common::service::standalone_main(crypto_svc::NAME, crypto_svc::run)
+    sec_common::service::standalone_main(&crypto_svc::SPEC)
 }

@@ -40,7 +40,7 @@ async fn sqlite_store() -> (Arc<dyn KeyStore>, tempfile::TempDir) {
 }
 
 async fn pg_store() -> Option<Arc<dyn KeyStore>> {
-    let url = sec_common::testing::backend_url(sec_common::testing::Backend::Postgres)?;
+    let url = sec_testkit::backend_url(sec_testkit::Backend::Postgres)?;
     let schema = format!("crypto_t{}", uuid::Uuid::new_v4().simple());
     let pool = sec_common::storage::connect_postgres(&url, &schema, 4)
         .await

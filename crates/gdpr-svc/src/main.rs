@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sec_common::service::standalone_main(gdpr_svc::NAME, gdpr_svc::run)
+    sec_common::service::standalone_main(&gdpr_svc::SPEC)
 }

@@ -15,11 +15,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::telemetry::TelemetryConfig;
 use crate::tls::TlsConfig;
 
-/// The seven services, in start order (audit first so it consumes from the start).
-pub const SERVICES: [&str; 7] = [
-    "audit", "crypto", "token", "session", "auth", "gdpr", "assess",
-];
-
 /// Environment variables with the `SEC_` prefix that are not configuration keys.
 const NON_CONFIG_VARS: [&str; 3] = ["SEC_CONFIG", "SEC_TOKEN", "SEC_TEST_"];
 
@@ -37,8 +32,12 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// The HTTP facade (served by auth-svc).
     pub facade: FacadeConfig,
-    pub services: ServicesConfig,
-    pub crypto: CryptoConfig,
+    /// Where each service listens and is reached, by short name (`crypto`). Defaults come
+    /// from the [`ServiceSpec`]s of this process; peers it calls are configured here.
+    pub services: BTreeMap<String, ServiceAddrs>,
+    /// Each service's own section (`[crypto]`), typed and validated by the service's spec.
+    #[serde(skip)]
+    pub sections: Sections,
 }
 
 impl Default for Config {
@@ -52,8 +51,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             shutdown: ShutdownConfig::default(),
             facade: FacadeConfig::default(),
-            services: ServicesConfig::default(),
-            crypto: CryptoConfig::default(),
+            services: BTreeMap::new(),
+            sections: Sections::default(),
         }
     }
 }
@@ -151,54 +150,27 @@ impl Default for FacadeConfig {
     }
 }
 
-/// crypto-svc: the root of trust and operation limits.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CryptoConfig {
-    /// The key-encryption key, base64 of 32 bytes (e.g. from `SEC_CRYPTO__KEK`).
-    pub kek: Option<Secret>,
-    /// A file holding the KEK (base64, or 32 raw bytes): a mounted Kubernetes secret.
-    pub kek_file: Option<PathBuf>,
-    /// KEKs being rotated out: still used to unwrap until `secctl kek rotate` re-wraps.
-    pub previous_keks: Vec<Secret>,
-    pub previous_kek_files: Vec<PathBuf>,
-    /// Largest plaintext, message or ciphertext one operation accepts.
-    pub max_payload_bytes: usize,
-    /// How long unwrapped keys stay cached; another replica's rotation or policy change
-    /// is seen after at most this long.
-    pub cache_ttl_ms: u64,
-    /// How often automatic rotation looks for keys that are due.
-    pub rotation_check_seconds: u64,
-}
-
-impl Default for CryptoConfig {
-    fn default() -> Self {
-        Self {
-            kek: None,
-            kek_file: None,
-            previous_keks: Vec::new(),
-            previous_kek_files: Vec::new(),
-            max_payload_bytes: 4 * 1024 * 1024,
-            cache_ttl_ms: 5_000,
-            rotation_check_seconds: 60,
-        }
-    }
-}
-
 /// Where one service listens, and where its clients find it.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceAddrs {
+    /// Port 0 with no `endpoint` means "not configured" for a peer this process calls.
+    #[serde(default = "unset_addr")]
     pub grpc_addr: SocketAddr,
     /// `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default = "unset_addr")]
     pub admin_addr: SocketAddr,
     /// URL clients dial (e.g. `https://crypto-svc.sec.svc:50055`); default derived from grpc_addr.
     #[serde(default)]
     pub endpoint: Option<String>,
 }
 
+fn unset_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
 impl ServiceAddrs {
-    fn local(grpc: u16, admin: u16) -> Self {
+    pub fn local(grpc: u16, admin: u16) -> Self {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], admin)),
@@ -220,61 +192,6 @@ impl ServiceAddrs {
                 format!("{scheme}://{addr}")
             }
         }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServicesConfig {
-    pub auth: ServiceAddrs,
-    pub token: ServiceAddrs,
-    pub session: ServiceAddrs,
-    pub audit: ServiceAddrs,
-    pub crypto: ServiceAddrs,
-    pub gdpr: ServiceAddrs,
-    pub assess: ServiceAddrs,
-}
-
-impl Default for ServicesConfig {
-    fn default() -> Self {
-        Self {
-            auth: ServiceAddrs::local(50051, 9101),
-            token: ServiceAddrs::local(50052, 9102),
-            session: ServiceAddrs::local(50053, 9103),
-            audit: ServiceAddrs::local(50054, 9104),
-            crypto: ServiceAddrs::local(50055, 9105),
-            gdpr: ServiceAddrs::local(50056, 9106),
-            assess: ServiceAddrs::local(50057, 9107),
-        }
-    }
-}
-
-impl ServicesConfig {
-    /// Addresses of a service by its short name (`"crypto"`).
-    pub fn get(&self, service: &str) -> Option<&ServiceAddrs> {
-        Some(match service {
-            "auth" => &self.auth,
-            "token" => &self.token,
-            "session" => &self.session,
-            "audit" => &self.audit,
-            "crypto" => &self.crypto,
-            "gdpr" => &self.gdpr,
-            "assess" => &self.assess,
-            _ => return None,
-        })
-    }
-
-    pub fn get_mut(&mut self, service: &str) -> Option<&mut ServiceAddrs> {
-        Some(match service {
-            "auth" => &mut self.auth,
-            "token" => &mut self.token,
-            "session" => &mut self.session,
-            "audit" => &mut self.audit,
-            "crypto" => &mut self.crypto,
-            "gdpr" => &mut self.gdpr,
-            "assess" => &mut self.assess,
-            _ => return None,
-        })
     }
 }
 
@@ -361,14 +278,144 @@ pub enum ConfigError {
     Env { var: String, message: String },
 }
 
+/// A service's own configuration section (`[crypto]`): a typed struct that denies unknown
+/// fields, with defaults and checks of its own. The service crate owns the type; its
+/// [`ServiceSpec`](crate::spec::ServiceSpec) registers it with [`ConfigSection::of`].
+pub trait ServiceConfig:
+    serde::de::DeserializeOwned + Serialize + Default + Clone + fmt::Debug + Send + Sync + 'static
+{
+    /// Checks beyond types: `Err((key within the section, message))`.
+    fn validate(&self) -> Result<(), (String, String)> {
+        Ok(())
+    }
+}
+
+/// A parsed section, type-erased so `Config` can hold every service's.
+pub trait Section: std::any::Any + fmt::Debug + Send + Sync {
+    fn to_toml(&self) -> toml::Value;
+    fn clone_box(&self) -> Box<dyn Section>;
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+impl<T: ServiceConfig> Section for T {
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::try_from(self).unwrap_or_else(|e| toml::Value::String(format!("<{e}>")))
+    }
+    fn clone_box(&self) -> Box<dyn Section> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// The service sections of a configuration, by section name.
+#[derive(Debug, Default)]
+pub struct Sections(BTreeMap<&'static str, Box<dyn Section>>);
+
+impl Clone for Sections {
+    fn clone(&self) -> Self {
+        Self(self.0.iter().map(|(k, v)| (*k, v.clone_box())).collect())
+    }
+}
+
+impl PartialEq for Sections {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other.0.iter())
+                .all(|((ka, a), (kb, b))| ka == kb && a.to_toml() == b.to_toml())
+    }
+}
+
+/// How a spec hands its section type to the loader (plain function pointers, so a spec
+/// can be a `static`).
+#[derive(Clone, Copy)]
+pub struct ConfigSection {
+    defaults: fn() -> toml::Value,
+    parse: ParseSection,
+}
+
+type ParseSection = fn(&str, toml::Value) -> Result<Box<dyn Section>, ConfigError>;
+
+impl fmt::Debug for ConfigSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConfigSection")
+    }
+}
+
+impl ConfigSection {
+    pub const fn of<T: ServiceConfig>() -> Self {
+        Self {
+            defaults: section_defaults::<T>,
+            parse: parse_section::<T>,
+        }
+    }
+}
+
+fn section_defaults<T: ServiceConfig>() -> toml::Value {
+    T::default().to_toml()
+}
+
+fn parse_section<T: ServiceConfig>(
+    name: &str,
+    value: toml::Value,
+) -> Result<Box<dyn Section>, ConfigError> {
+    let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Invalid {
+        key: format!("{name}.{}", e.path()),
+        message: e.inner().to_string(),
+    })?;
+    parsed
+        .validate()
+        .map_err(|(key, message)| ConfigError::Invalid {
+            key: format!("{name}.{key}"),
+            message,
+        })?;
+    Ok(Box::new(parsed))
+}
+
+/// What the loader needs to know of one service: its name, default addresses, the peers it
+/// calls, and its section.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceConfigSpec {
+    pub name: &'static str,
+    pub default_ports: (u16, u16),
+    pub calls: &'static [&'static str],
+    pub section: Option<ConfigSection>,
+}
+
 impl Config {
     /// Defaults, overlaid by `file` (if any), overlaid by `SEC_*` variables from `env`.
-    pub fn load(file: Option<&Path>, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let template =
-            toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
-                key: String::new(),
-                message: e.to_string(),
-            })?;
+    /// `services` are the services of this process: their addresses get defaults and their
+    /// sections are parsed with their own types. Any other top-level key, or a
+    /// `[services.<name>]` that is neither one of them nor a peer they call, is an error.
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn EnvSource,
+        services: &[ServiceConfigSpec],
+    ) -> Result<Self, ConfigError> {
+        let mut base = Config::default();
+        for s in services {
+            base.services.insert(
+                s.name.to_owned(),
+                ServiceAddrs::local(s.default_ports.0, s.default_ports.1),
+            );
+        }
+        let mut template = toml::Table::try_from(&base).map_err(|e| ConfigError::Invalid {
+            key: String::new(),
+            message: e.to_string(),
+        })?;
+        for s in services {
+            if let Some(sec) = &s.section {
+                template.insert(s.name.to_owned(), (sec.defaults)());
+            }
+        }
         // Layers are merged key by key, so `[services.crypto] grpc_addr = ...` keeps the
         // default admin_addr.
         let mut tree = template.clone();
@@ -405,15 +452,69 @@ impl Config {
                 message,
             })?;
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
-                ConfigError::Invalid {
-                    key: e.path().to_string(),
-                    message: e.inner().to_string(),
-                }
+        // Service sections are the services' to parse; what remains is the common part.
+        let mut sections = Sections::default();
+        for s in services {
+            if let (Some(sec), Some(value)) = (&s.section, tree.remove(s.name)) {
+                sections.0.insert(s.name, (sec.parse)(s.name, value)?);
+            }
+        }
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| ConfigError::Invalid {
+                key: e.path().to_string(),
+                message: e.inner().to_string(),
             })?;
+        config.sections = sections;
+        for name in config.services.keys() {
+            let known = services
+                .iter()
+                .any(|s| s.name == name || s.calls.contains(&name.as_str()));
+            if !known {
+                return Err(ConfigError::Invalid {
+                    key: format!("services.{name}"),
+                    message: "not a service of this process or one it calls".into(),
+                });
+            }
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The section of service `name`, as its type `T`.
+    pub fn section<T: ServiceConfig>(&self, name: &str) -> anyhow::Result<&T> {
+        self.sections
+            .0
+            .get(name)
+            .and_then(|s| s.as_any().downcast_ref::<T>())
+            .ok_or_else(|| anyhow::anyhow!("configuration has no [{name}] section of that type"))
+    }
+
+    /// Sets the section of service `name` (tests, launchers). Checked like a loaded one.
+    pub fn set_section<T: ServiceConfig>(
+        &mut self,
+        name: &'static str,
+        value: T,
+    ) -> Result<(), ConfigError> {
+        value
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                key: format!("{name}.{key}"),
+                message,
+            })?;
+        self.sections.0.insert(name, Box::new(value));
+        Ok(())
+    }
+
+    /// Addresses of a service or peer by short name; a peer with neither an address nor
+    /// an endpoint is an error naming the key to set.
+    pub fn service_addrs(&self, name: &str) -> Result<&ServiceAddrs, ConfigError> {
+        match self.services.get(name) {
+            Some(a) if a.endpoint.is_some() || a.grpc_addr.port() != 0 => Ok(a),
+            _ => Err(ConfigError::Invalid {
+                key: format!("services.{name}.endpoint"),
+                message: format!("{name}-svc is called by this process: set its endpoint"),
+            }),
+        }
     }
 
     /// Checks that go beyond types. Run before any port is bound.
@@ -450,15 +551,6 @@ impl Config {
             if !(u.starts_with("nats://") || u.starts_with("tls://")) {
                 return invalid("events.nats_url", "must be a nats:// or tls:// URL");
             }
-        }
-        if self.crypto.kek.is_some() && self.crypto.kek_file.is_some() {
-            return invalid("crypto", "set kek or kek_file, not both");
-        }
-        if self.crypto.max_payload_bytes == 0 || self.crypto.max_payload_bytes > 64 * 1024 * 1024 {
-            return invalid(
-                "crypto.max_payload_bytes",
-                "must be between 1 byte and 64 MiB",
-            );
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return invalid("tls", "cert_file and key_file must be set together");
@@ -505,7 +597,14 @@ impl Config {
 
     /// The effective configuration as TOML, secrets redacted: what `check-config` prints.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+        let mut table = match toml::Table::try_from(self) {
+            Ok(t) => t,
+            Err(e) => return format!("# cannot render: {e}"),
+        };
+        for (name, section) in &self.sections.0 {
+            table.insert((*name).to_owned(), section.to_toml());
+        }
+        toml::to_string_pretty(&table).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 }
 
@@ -577,6 +676,47 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A service section as a service crate would declare it.
+    #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct CryptoLike {
+        kek: Option<Secret>,
+        max_payload_bytes: usize,
+    }
+
+    impl Default for CryptoLike {
+        fn default() -> Self {
+            Self {
+                kek: None,
+                max_payload_bytes: 4096,
+            }
+        }
+    }
+
+    impl ServiceConfig for CryptoLike {
+        fn validate(&self) -> Result<(), (String, String)> {
+            if self.max_payload_bytes == 0 {
+                return Err(("max_payload_bytes".into(), "must be at least 1".into()));
+            }
+            Ok(())
+        }
+    }
+
+    const SPECS: &[ServiceConfigSpec] = &[
+        ServiceConfigSpec {
+            name: "crypto",
+            default_ports: (50055, 9105),
+            calls: &[],
+            section: Some(ConfigSection::of::<CryptoLike>()),
+        },
+        ServiceConfigSpec {
+            name: "auth",
+            default_ports: (50051, 9101),
+            calls: &["crypto", "token"],
+            section: None,
+        },
+    ];
+
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -586,9 +726,9 @@ mod tests {
 
     #[test]
     fn defaults_are_the_embedded_platform() {
-        let c = Config::load(None, &env(&[])).unwrap();
+        let c = Config::load(None, &env(&[]), SPECS).unwrap();
         assert!(c.is_embedded());
-        assert_eq!(c.services.crypto.grpc_addr.port(), 50055);
+        assert_eq!(c.services["crypto"].grpc_addr.port(), 50055);
         assert_eq!(c.facade.http_addr.port(), 8080);
     }
 
@@ -610,15 +750,16 @@ mod tests {
                 ("SEC_TEST_BACKENDS", "required"),
                 ("HOME", "/root"),
             ]),
+            SPECS,
         )
         .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/sec"));
         assert_eq!(c.events.spool_capacity, 7, "env wins over file");
         assert_eq!(c.events.stream, "A");
         assert_eq!(c.storage.redis_key_prefix, "10", "string keys stay strings");
-        assert_eq!(c.services.crypto.grpc_addr.port(), 6000);
+        assert_eq!(c.services["crypto"].grpc_addr.port(), 6000);
         assert_eq!(
-            c.services.crypto.endpoint_url(false),
+            c.services["crypto"].endpoint_url(false),
             "http://127.0.0.1:6000"
         );
     }
@@ -627,7 +768,7 @@ mod tests {
     fn unknown_key_in_file_is_named() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "[storage]\ndatabse_url = \"postgres://x\"").unwrap();
-        let err = Config::load(Some(f.path()), &env(&[]))
+        let err = Config::load(Some(f.path()), &env(&[]), SPECS)
             .unwrap_err()
             .to_string();
         assert!(err.contains("databse_url"), "{err}");
@@ -636,7 +777,7 @@ mod tests {
 
     #[test]
     fn unknown_env_key_is_an_error() {
-        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL", "1")]))
+        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL", "1")]), SPECS)
             .unwrap_err()
             .to_string();
         assert!(err.contains("spool"), "{err}");
@@ -644,17 +785,23 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_with_key() {
-        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "lots")])).unwrap_err();
+        let err =
+            Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "lots")]), SPECS).unwrap_err();
         assert!(
             err.to_string().contains("SEC_EVENTS__SPOOL_CAPACITY"),
             "{err}"
         );
-        let err = Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "0")])).unwrap_err();
-        assert!(err.to_string().contains("events.spool_capacity"), "{err}");
         let err =
-            Config::load(None, &env(&[("SEC_STORAGE__DATABASE_URL", "mysql://x")])).unwrap_err();
+            Config::load(None, &env(&[("SEC_EVENTS__SPOOL_CAPACITY", "0")]), SPECS).unwrap_err();
+        assert!(err.to_string().contains("events.spool_capacity"), "{err}");
+        let err = Config::load(
+            None,
+            &env(&[("SEC_STORAGE__DATABASE_URL", "mysql://x")]),
+            SPECS,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("storage.database_url"), "{err}");
-        let err = Config::load(None, &env(&[("SEC_TLS__CERT_FILE", "/c.pem")])).unwrap_err();
+        let err = Config::load(None, &env(&[("SEC_TLS__CERT_FILE", "/c.pem")]), SPECS).unwrap_err();
         assert!(err.to_string().contains("key_file"), "{err}");
     }
 
@@ -669,6 +816,7 @@ mod tests {
                 ),
                 ("SEC_AUTH__ADMIN_TOKEN_HASH", "$argon2id$v=19$secret"),
             ]),
+            SPECS,
         )
         .unwrap();
         let shown = format!("{c:?}\n{}", c.to_redacted_toml());
@@ -682,5 +830,76 @@ mod tests {
             c.storage.database_url.unwrap().expose(),
             "postgres://admin:hunter2@db.internal:5432/sec"
         );
+    }
+
+    #[test]
+    fn service_sections_are_typed_checked_and_owned_by_their_spec() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("SEC_CRYPTO__MAX_PAYLOAD_BYTES", "10"),
+                ("SEC_CRYPTO__KEK", "s3cr3t"),
+            ]),
+            SPECS,
+        )
+        .unwrap();
+        let crypto = c.section::<CryptoLike>("crypto").unwrap();
+        assert_eq!(
+            crypto.max_payload_bytes, 10,
+            "env values get the section's types"
+        );
+        assert!(
+            !c.to_redacted_toml().contains("s3cr3t"),
+            "section secrets redacted"
+        );
+        assert!(c.to_redacted_toml().contains("[crypto]"));
+
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[crypto]\nkek_flie = \"/x\"").unwrap();
+        let err = Config::load(Some(f.path()), &env(&[]), SPECS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("crypto") && err.contains("kek_flie"), "{err}");
+
+        let err = Config::load(None, &env(&[("SEC_CRYPTO__MAX_PAYLOAD_BYTES", "0")]), SPECS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("crypto.max_payload_bytes"), "{err}");
+
+        // A section of a service this process does not run is a typo, not a setting.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[crytpo]\nkek = \"x\"").unwrap();
+        let err = Config::load(Some(f.path()), &env(&[]), SPECS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("crytpo"), "{err}");
+    }
+
+    #[test]
+    fn services_are_the_specs_and_the_peers_they_call() {
+        let c = Config::load(
+            None,
+            &env(&[("SEC_SERVICES__TOKEN__ENDPOINT", "https://token:50052")]),
+            SPECS,
+        )
+        .unwrap();
+        assert_eq!(c.services["auth"].grpc_addr.port(), 50051);
+        assert_eq!(
+            c.service_addrs("token").unwrap().endpoint_url(true),
+            "https://token:50052"
+        );
+        let err = Config::load(
+            None,
+            &env(&[("SEC_SERVICES__TOKNE__ENDPOINT", "https://t:1")]),
+            SPECS,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("services.tokne"), "{err}");
+        // A peer that is called but not configured is named.
+        let only_auth = &SPECS[1..];
+        let c = Config::load(None, &env(&[]), only_auth).unwrap();
+        let err = c.service_addrs("crypto").unwrap_err().to_string();
+        assert!(err.contains("services.crypto.endpoint"), "{err}");
     }
 }

@@ -73,12 +73,14 @@ pub async fn set_not_serving(reporter: &HealthReporter, served: &[&str]) {
 /// accepting and lets in-flight calls finish (the caller bounds that with its grace).
 pub async fn serve(
     routes: Routes,
+    access: crate::auth::AccessLayer,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut builder = Server::builder()
         .layer(TraceContextLayer)
+        .layer(access)
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     let router = builder.add_routes(routes);
     let signal = stop.clone().cancelled_owned();

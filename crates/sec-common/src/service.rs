@@ -6,7 +6,6 @@
 //! A service crate is a library with `run(platform, listeners, shutdown)`; its `main.rs`
 //! calls [`standalone_main`], and `secd` and the test harness call the same `run`.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +22,7 @@ use crate::auth::Authenticator;
 use crate::clock::SharedClock;
 use crate::config::{Config, ProcessEnv, ServiceAddrs};
 use crate::events::{ActorKind, EventBus, SecurityEvent, new_event};
+use crate::spec::ServiceSpec;
 
 /// Exit code for a configuration error (EX_CONFIG would be 78; 64 is EX_USAGE, which the
 /// conventions ask for: the operator must fix how the program is invoked).
@@ -83,12 +83,9 @@ impl Platform {
         }
     }
 
-    /// The addresses of `service` from the configuration.
+    /// The addresses of `service` (this one, or a peer it calls) from the configuration.
     pub fn addrs(&self, service: &str) -> anyhow::Result<&ServiceAddrs> {
-        self.config
-            .services
-            .get(service)
-            .ok_or_else(|| anyhow::anyhow!("unknown service {service}"))
+        Ok(self.config.service_addrs(service)?)
     }
 }
 
@@ -138,9 +135,8 @@ impl Listeners {
 
 /// What a service hands [`ServiceHost::serve`].
 pub struct Serve {
-    /// Fully qualified gRPC service names served (for health and reflection).
-    pub grpc_names: &'static [&'static str],
-    /// The service's own gRPC routes (already wrapped in the auth interceptor).
+    /// The service's own gRPC routes, unwrapped: the host enforces the spec's access
+    /// tables on every one of them.
     pub routes: tonic::service::Routes,
     /// The HTTP facade router, for the service that owns it.
     pub http: Option<axum::Router>,
@@ -149,6 +145,7 @@ pub struct Serve {
 /// Runs one service's lifecycle.
 pub struct ServiceHost {
     pub name: &'static str,
+    pub spec: &'static ServiceSpec,
     pub platform: Platform,
     pub readiness: Arc<Readiness>,
     pub registry: Registry,
@@ -166,7 +163,8 @@ impl std::fmt::Debug for ServiceHost {
 }
 
 impl ServiceHost {
-    pub fn new(name: &'static str, platform: &Platform) -> Self {
+    pub fn new(spec: &'static ServiceSpec, platform: &Platform) -> Self {
+        let name = spec.name;
         let readiness = Readiness::new();
         readiness.add_check("events", Arc::new(platform.events.clone()));
         let mut registry = Registry::default();
@@ -174,6 +172,7 @@ impl ServiceHost {
         let backends = vec![("events", platform.events.transport_kind())];
         Self {
             name,
+            spec,
             platform: platform.clone(),
             readiness,
             registry,
@@ -258,11 +257,17 @@ impl ServiceHost {
             admin_stop.clone(),
         ));
 
+        let grpc_names = self.spec.grpc_names();
         let (routes, health) =
-            crate::grpc::add_standard_services(serve.routes, serve.grpc_names).await?;
+            crate::grpc::add_standard_services(serve.routes, &grpc_names).await?;
         let tls = self.platform.config.tls.server_config()?;
+        let access = crate::auth::AccessLayer::new(
+            self.platform.auth.clone(),
+            crate::auth::AccessPolicy::new(self.spec.access),
+        );
         let grpc = tokio::spawn(crate::grpc::serve(
             routes,
+            access,
             listeners.grpc,
             tls,
             shutdown.clone(),
@@ -291,7 +296,7 @@ impl ServiceHost {
             r = &mut grpc => Some(r),
         };
         self.readiness.start_draining();
-        crate::grpc::set_not_serving(&health, serve.grpc_names).await;
+        crate::grpc::set_not_serving(&health, &grpc_names).await;
         let mut result = Ok(());
         match early {
             Some(r) => {
@@ -347,24 +352,27 @@ pub enum ServiceCommand {
     CheckConfig,
 }
 
-/// Loads config or prints the error and returns the exit code to use.
-pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    Config::load(path, &ProcessEnv).map_err(|e| {
-        eprintln!("configuration error: {e}");
-        ExitCode::from(EXIT_BAD_CONFIG)
-    })
+/// Loads and preflights the configuration for `specs`, or prints the error and returns
+/// the exit code to use (64). Nothing is bound yet when this runs.
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    specs: &[&ServiceSpec],
+) -> Result<Config, ExitCode> {
+    crate::spec::load_config(path, &ProcessEnv, specs)
+        .and_then(|c| crate::spec::preflight(&c, specs).map(|()| c))
+        .map_err(|e| {
+            eprintln!("configuration error: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        })
 }
 
-/// The whole `main` of a service binary: flags, config (validated before any port is
-/// bound; exit 64 when bad), telemetry, platform, listeners, `run`, drain, exit 0.
-pub fn standalone_main<F, Fut>(service: &'static str, run: F) -> ExitCode
-where
-    F: FnOnce(Platform, Listeners, CancellationToken) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
+/// The whole `main` of a service binary: flags, config (validated and preflighted before
+/// any port is bound; exit 64 when bad), telemetry, platform, listeners, `run`, drain.
+pub fn standalone_main(spec: &'static ServiceSpec) -> ExitCode {
     use clap::Parser as _;
+    let service = spec.name;
     let args = ServiceArgs::parse();
-    let config = match load_config(args.config.as_deref()) {
+    let config = match load_config(args.config.as_deref(), &[spec]) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -392,8 +400,8 @@ where
             }
         };
         let result = async {
-            let addrs = config.services.get(service).cloned().context("unknown service")?;
-            let http = (service == "auth").then_some(config.facade.http_addr);
+            let addrs = config.service_addrs(service)?.clone();
+            let http = spec.http_facade.then_some(config.facade.http_addr);
             if config.events.nats_url.is_none() {
                 tracing::warn!("no events.nats_url: events stay inside this process; run audit-svc in the same process (secd) or configure NATS");
             }
@@ -401,7 +409,7 @@ where
             let platform = Platform::connect(config, auth, crate::clock::system(), &format!("{service}-svc")).await?;
             let listeners = Listeners::bind(&addrs, http).await?;
             let shutdown = crate::shutdown::on_signal();
-            run(platform.clone(), listeners, shutdown).await?;
+            (spec.run)(platform.clone(), listeners, shutdown).await?;
             drain_events(&platform).await;
             anyhow::Ok(())
         }

@@ -418,7 +418,7 @@ mod tests {
 
     #[tokio::test]
     async fn kv_contract_redis() {
-        let Some(url) = crate::testing::backend_url(crate::testing::Backend::Redis) else {
+        let Some(url) = sec_testkit::backend_url(sec_testkit::Backend::Redis) else {
             return;
         };
         let cfg = Config {

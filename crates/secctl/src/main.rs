@@ -22,9 +22,17 @@ use crate::cli::{AuditCommand, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match sec_common::service::load_config(cli.config.as_deref()) {
+    // The same file and `SEC_*` variables as `secd`, so the CLI finds every service.
+    let config = match sec_common::spec::load_config(
+        cli.config.as_deref(),
+        &sec_common::config::ProcessEnv,
+        secd::SERVICES,
+    ) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(e) => {
+            eprintln!("secctl: configuration error: {e}");
+            return ExitCode::from(sec_common::service::EXIT_BAD_CONFIG);
+        }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -14,7 +14,7 @@ pub type CryptoClient = CryptoServiceClient<InterceptedService<Channel, BearerTo
 
 /// The URL `secctl` dials for `service` (`http(s)://…` from the configuration).
 pub fn endpoint(config: &Config, service: &str) -> anyhow::Result<String> {
-    let addrs = config.services.get(service).context("unknown service")?;
+    let addrs = config.service_addrs(service)?;
     Ok(addrs.endpoint_url(config.tls.enabled()))
 }
 

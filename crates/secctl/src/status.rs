@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use sec_common::config::{Config, SERVICES};
+use sec_common::config::Config;
 use sec_common::grpc::channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -12,9 +12,15 @@ use crate::output::{Output, print_json};
 use crate::rpc::endpoint;
 
 pub async fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode> {
-    let checks = SERVICES.iter().map(|name| async move {
+    let checks = secd::SERVICES.iter().map(|spec| async move {
+        let name = spec.name;
         let url = endpoint(config, name)?;
-        let grpc_name = format!("sec.{name}.v1.{}Service", capitalize(name));
+        let grpc_name = spec
+            .grpc_names()
+            .first()
+            .copied()
+            .unwrap_or_default()
+            .to_owned();
         let started = Instant::now();
         let status = match channel(&url, &config.tls) {
             Ok(ch) => {
@@ -69,11 +75,4 @@ pub async fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode>
     } else {
         ExitCode::FAILURE
     })
-}
-
-fn capitalize(s: &str) -> String {
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-        .unwrap_or_default()
 }

@@ -4,47 +4,42 @@
 //! test harness both start the platform through [`run_all`].
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sec_common::config::{Config, SERVICES};
+use sec_common::config::Config;
 use sec_common::service::{Listeners, Platform};
+use sec_common::spec::ServiceSpec;
 use tokio_util::sync::CancellationToken;
 
-type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+/// Every service of the platform, in start order (audit first, so it consumes from the
+/// start). Adding a service: its crate, and one line here.
+pub static SERVICES: &[&ServiceSpec] = &[
+    &audit_svc::SPEC,
+    &crypto_svc::SPEC,
+    &token_svc::SPEC,
+    &session_svc::SPEC,
+    &auth_svc::SPEC,
+    &gdpr_svc::SPEC,
+    &assess_svc::SPEC,
+];
 
-/// The `run` of a service by short name.
-pub fn service_run(
-    name: &str,
-    platform: Platform,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) -> anyhow::Result<ServiceFuture> {
-    Ok(match name {
-        "audit" => Box::pin(audit_svc::run(platform, listeners, shutdown)),
-        "crypto" => Box::pin(crypto_svc::run(platform, listeners, shutdown)),
-        "token" => Box::pin(token_svc::run(platform, listeners, shutdown)),
-        "session" => Box::pin(session_svc::run(platform, listeners, shutdown)),
-        "auth" => Box::pin(auth_svc::run(platform, listeners, shutdown)),
-        "gdpr" => Box::pin(gdpr_svc::run(platform, listeners, shutdown)),
-        "assess" => Box::pin(assess_svc::run(platform, listeners, shutdown)),
-        other => anyhow::bail!("unknown service {other}"),
-    })
+/// The spec of a service by short name.
+pub fn spec(name: &str) -> Option<&'static ServiceSpec> {
+    SERVICES.iter().copied().find(|s| s.name == name)
 }
 
 /// Binds every configured address (before anything starts, so a taken port fails fast).
 pub async fn bind_all(config: &Config) -> anyhow::Result<BTreeMap<&'static str, Listeners>> {
     let mut out = BTreeMap::new();
-    for name in SERVICES {
-        let addrs = config.services.get(name).context("service addresses")?;
-        let http = (name == "auth").then_some(config.facade.http_addr);
+    for s in SERVICES {
+        let addrs = config.service_addrs(s.name)?;
+        let http = s.http_facade.then_some(config.facade.http_addr);
         out.insert(
-            name,
+            s.name,
             Listeners::bind(addrs, http)
                 .await
-                .with_context(|| format!("{name}-svc"))?,
+                .with_context(|| format!("{}-svc", s.name))?,
         );
     }
     Ok(out)
@@ -55,15 +50,18 @@ pub async fn bind_ephemeral(
     config: &mut Config,
 ) -> anyhow::Result<BTreeMap<&'static str, Listeners>> {
     let mut out = BTreeMap::new();
-    for name in SERVICES {
-        let l = Listeners::ephemeral(name == "auth").await?;
-        let addrs = config.services.get_mut(name).context("service addresses")?;
+    for s in SERVICES {
+        let l = Listeners::ephemeral(s.http_facade).await?;
+        let addrs = config
+            .services
+            .entry(s.name.to_owned())
+            .or_insert_with(|| sec_common::config::ServiceAddrs::local(0, 0));
         addrs.grpc_addr = l.grpc.local_addr()?;
         addrs.admin_addr = l.admin.local_addr()?;
         if let Some(h) = &l.http {
             config.facade.http_addr = h.local_addr()?;
         }
-        out.insert(name, l);
+        out.insert(s.name, l);
     }
     Ok(out)
 }
@@ -79,14 +77,15 @@ pub async fn run_all(
     let others_stop = CancellationToken::new();
     let audit_stop = CancellationToken::new();
     let mut tasks = Vec::new();
-    for name in SERVICES {
+    for s in SERVICES {
+        let name = s.name;
         let l = listeners.remove(name).context("missing listeners")?;
         let token = if name == "audit" {
             audit_stop.clone()
         } else {
             others_stop.clone()
         };
-        let fut = service_run(name, platform.clone(), l, token)?;
+        let fut = (s.run)(platform.clone(), l, token);
         tasks.push((name, tokio::spawn(fut)));
         if name == "audit" {
             // audit-svc subscribes before the others emit their started events

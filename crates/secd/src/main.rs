@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sec_common::auth::{Authenticator, ensure_bootstrap_token, generate_token};
-use sec_common::config::{Config, SERVICES};
-use sec_common::service::{Platform, load_config};
+use sec_common::auth::{Authenticator, Bootstrap, ensure_bootstrap_token, generate_token};
+use sec_common::config::{Config, ProcessEnv};
+use sec_common::service::{EXIT_BAD_CONFIG, Platform};
+use secd::SERVICES;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,26 +33,63 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Validate the configuration and print it with secrets redacted.
+    /// Validate the configuration (including TLS files and keys) and print it with
+    /// secrets redacted.
     CheckConfig,
+    /// Read a token on stdin and print the `auth.admin_token_hash` value for it
+    /// (`sha256:<hex>`, the same as `printf %s "$TOKEN" | sha256sum`).
+    HashToken,
+}
+
+fn bad_config(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("configuration error: {e}");
+    ExitCode::from(EXIT_BAD_CONFIG)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let mut config = match load_config(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(code) => return code,
+    if matches!(args.command, Command::HashToken) {
+        let mut token = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut token) {
+            eprintln!("secd: reading stdin: {e}");
+            return ExitCode::FAILURE;
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            eprintln!("secd: no token on stdin");
+            return ExitCode::FAILURE;
+        }
+        println!("{}", sec_common::auth::hash_token(token));
+        return ExitCode::SUCCESS;
+    }
+    let mut config =
+        match sec_common::spec::load_config(args.config.as_deref(), &ProcessEnv, SERVICES) {
+            Ok(c) => c,
+            Err(e) => return bad_config(e),
+        };
+    if let Command::Dev { data_dir: Some(d) } = &args.command {
+        config.data_dir = d.clone();
+    }
+    // The bootstrap token (or the migration of an older installation's hash) comes first,
+    // so the checks below see the credential the services will use.
+    let bootstrap = match (&args.command, &config.auth.admin_token_hash) {
+        (Command::Dev { .. }, None) => match ensure_bootstrap_token(&config.data_dir) {
+            Ok(b) => Some(b),
+            Err(e) => return bad_config(format!("{e:#}")),
+        },
+        _ => None,
     };
+    if let Err(e) = sec_common::spec::preflight(&config, SERVICES) {
+        return bad_config(e);
+    }
     match args.command {
+        Command::HashToken => ExitCode::SUCCESS,
         Command::CheckConfig => {
             print!("{}", config.to_redacted_toml());
             eprintln!("configuration ok");
             ExitCode::SUCCESS
         }
-        Command::Dev { data_dir } => {
-            if let Some(d) = data_dir {
-                config.data_dir = d;
-            }
+        Command::Dev { .. } => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -70,7 +108,7 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let r = dev(config).await;
+                let r = dev(config, bootstrap).await;
                 telemetry.shutdown();
                 match r {
                     Ok(()) => ExitCode::SUCCESS,
@@ -87,11 +125,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dev(config: Config) -> anyhow::Result<()> {
-    let bootstrap = match config.auth.admin_token_hash {
-        Some(_) => None,
-        None => Some(ensure_bootstrap_token(&config.data_dir)?),
-    };
+async fn dev(config: Config, bootstrap: Option<Bootstrap>) -> anyhow::Result<()> {
     if config.storage.database_url.is_none() {
         std::fs::create_dir_all(&config.data_dir)?;
     }
@@ -140,7 +174,7 @@ fn print_banner(
     if let Some(http) = listeners.get("auth").and_then(|l| l.http.as_ref()) {
         println!("  {:<8} http://{}  (HTTP facade)", "facade", addr(http));
     }
-    for name in SERVICES {
+    for name in SERVICES.iter().map(|s| s.name) {
         if let Some(l) = listeners.get(name) {
             println!(
                 "  {:<8} grpc {}  admin http://{}/readyz",
@@ -151,6 +185,10 @@ fn print_banner(
         }
     }
     match bootstrap {
+        Some(b) if b.migrated => println!(
+            "admin token: {} (reused; its argon2id hash was replaced by a sha256 digest)",
+            b.token_path.display()
+        ),
         Some(b) if b.created => println!(
             "admin token created: {} (owner-only; secctl reads it)",
             b.token_path.display()

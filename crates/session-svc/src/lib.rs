@@ -3,13 +3,32 @@
 //! The plumbing is real (storage, migrations, health, admin endpoints, events, drain);
 //! the RPCs arrive with this service's own issue.
 
+use sec_common::auth::AccessTable;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
+use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::Migrations;
 use sec_proto::session::v1::session_service_server::{SessionService, SessionServiceServer};
 use tokio_util::sync::CancellationToken;
 
 pub const NAME: &str = "session";
-pub const GRPC_NAMES: &[&str] = &["sec.session.v1.SessionService"];
+
+/// Every RPC of the service and who may call it; a method missing here is refused.
+pub const ACCESS: AccessTable = AccessTable {
+    service: "sec.session.v1.SessionService",
+    methods: &[],
+};
+
+/// session-svc as every launcher sees it.
+pub static SPEC: ServiceSpec = ServiceSpec {
+    name: NAME,
+    default_ports: (50053, 9103),
+    http_facade: false,
+    access: &[ACCESS],
+    calls: &[],
+    config: None,
+    preflight: no_preflight,
+    run: |p, l, s| Box::pin(run(p, l, s)),
+};
 
 pub static MIGRATIONS: Migrations = Migrations {
     postgres: &sqlx::migrate!("../../migrations/session/postgres"),
@@ -27,16 +46,24 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut host = ServiceHost::new(NAME, &platform);
+    let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let _kv = host.open_kv().await?;
-    let api = SessionServiceServer::with_interceptor(SessionApi, platform.auth.interceptor());
+    let api = SessionServiceServer::new(SessionApi);
     let serve = Serve {
-        grpc_names: GRPC_NAMES,
         routes: tonic::service::Routes::new(api),
         http: None,
     };
     let result = host.serve(serve, listeners, shutdown).await;
     db.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn access_table_covers_every_rpc() {
+        sec_common::auth::check_tables_cover(sec_proto::FILE_DESCRIPTOR_SET, super::SPEC.access)
+            .unwrap();
+    }
 }

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sec_common::service::standalone_main(session_svc::NAME, session_svc::run)
+    sec_common::service::standalone_main(&session_svc::SPEC)
 }

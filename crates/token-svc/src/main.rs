@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sec_common::service::standalone_main(token_svc::NAME, token_svc::run)
+    sec_common::service::standalone_main(&token_svc::SPEC)
 }

@@ -230,6 +230,7 @@ pub(crate) fn like_prefix(prefix: &str) -> String {
 
 /// The contract every [`EventStore`] implementation must meet. Called by each backend's
 /// tests (and by the cross-crate harness) with a fresh, empty store.
+#[cfg(test)]
 pub mod contract {
     use super::*;
     use sec_common::clock::{Clock, ManualClock};

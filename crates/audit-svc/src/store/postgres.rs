@@ -148,7 +148,7 @@ impl EventStore for PgEventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sec_common::testing::{Backend, backend_url};
+    use sec_testkit::{Backend, backend_url};
 
     #[tokio::test]
     async fn contract_postgres() {

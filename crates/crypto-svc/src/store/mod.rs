@@ -156,6 +156,7 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
 /// The contract every [`KeyStore`] implementation must meet. Each run uses key names
 /// and KEK ids unique to it, so it also holds on a store others use at the same time.
 #[allow(clippy::unwrap_used, clippy::panic)]
+#[cfg(test)]
 pub mod contract {
     use super::*;
 

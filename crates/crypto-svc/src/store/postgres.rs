@@ -313,7 +313,7 @@ impl KeyStore for PgKeyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sec_common::testing::{Backend, backend_url};
+    use sec_testkit::{Backend, backend_url};
 
     #[tokio::test]
     async fn contract_postgres() {

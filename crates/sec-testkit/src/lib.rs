@@ -1,10 +1,12 @@
-//! Test support shared by every crate's backend suites (not used by production code).
+//! Test support shared by every crate's backend suites: a dev-dependency only, so none
+//! of it can reach a production binary.
 //!
 //! Backend URLs come from `SEC_TEST_DATABASE_URL`, `SEC_TEST_REDIS_URL` and
 //! `SEC_TEST_NATS_URL`, defaulting to the local servers. When `SEC_TEST_BACKENDS=required`
 //! an unreachable backend fails the test; otherwise the suite is skipped with a loud line
 //! on stderr naming it.
 
+use std::io::Write as _;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -55,15 +57,22 @@ pub fn backend_url(backend: Backend) -> Option<String> {
             backend.var()
         );
     }
-    eprintln!(
-        "\n*** SKIPPED backend suite at {}:{}: {backend:?} not reachable ({}); set {} or start it, \
-         and SEC_TEST_BACKENDS=required to make this a failure ***\n",
+    skipped(&format!(
+        "backend suite at {}:{}: {backend:?} not reachable ({}); set {} or start it, \
+         and SEC_TEST_BACKENDS=required to make this a failure",
         caller.file(),
         caller.line(),
         host_port(&url).unwrap_or_default(),
         backend.var()
-    );
+    ));
     None
+}
+
+/// Prints `*** SKIPPED <what> ***` where `make test` shows it: straight to the process's
+/// stderr, which the test harness does not capture (`eprintln!` in a passing test is).
+pub fn skipped(what: &str) {
+    let line = format!("\n*** SKIPPED {what} ***\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 fn host_port(url: &str) -> Option<String> {
