@@ -400,7 +400,11 @@ pub fn standalone_main(spec: &'static ServiceSpec) -> ExitCode {
             }
         };
         let result = async {
-            let addrs = config.service_addrs(service)?.clone();
+            let addrs = config
+                .services
+                .get(service)
+                .cloned()
+                .with_context(|| format!("services.{service} is not configured"))?;
             let http = spec.http_facade.then_some(config.facade.http_addr);
             if config.events.nats_url.is_none() {
                 tracing::warn!("no events.nats_url: events stay inside this process; run audit-svc in the same process (secd) or configure NATS");

@@ -90,7 +90,12 @@ pub fn preflight(config: &Config, specs: &[&ServiceSpec]) -> Result<(), ConfigEr
     crate::auth::Authenticator::from_config(config)
         .map_err(|e| invalid("auth.admin_token_hash", &format!("{e:#}")))?;
     for s in specs {
-        for peer in s.calls {
+        // A peer served by this same process gets its address when it binds.
+        for peer in s
+            .calls
+            .iter()
+            .filter(|p| !specs.iter().any(|s| s.name == **p))
+        {
             config.service_addrs(peer)?;
         }
         (s.preflight)(config)?;

@@ -75,6 +75,52 @@ pub fn skipped(what: &str) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
+/// Runs a service binary with `env` on top of a clean `SEC_*` environment, its gRPC port
+/// set to one this test holds, and asserts it refused its configuration before binding
+/// anything: exit 64 (a bind attempt would have failed with "address in use" and exit 1)
+/// with `key` named on stderr, and no secret value of `env` echoed.
+#[allow(clippy::panic)] // test support: failing the test is the point
+#[track_caller]
+pub fn assert_config_error(
+    bin: &str,
+    args: &[&str],
+    service: &str,
+    env: &[(&str, &str)],
+    key: &str,
+) {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = held.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let data = std::env::temp_dir().join(format!("sec-cfg-{}-{}", std::process::id(), port));
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SEC_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("SEC_DATA_DIR", &data)
+        .env(
+            format!("SEC_SERVICES__{}__GRPC_ADDR", service.to_uppercase()),
+            &port,
+        )
+        .env("SEC_FACADE__HTTP_ADDR", "127.0.0.1:0");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
+    let _ = std::fs::remove_dir_all(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{bin} {args:?} with {env:?}: expected exit 64 before binding; stderr: {stderr}"
+    );
+    assert!(stderr.contains(key), "stderr must name `{key}`: {stderr}");
+    drop(held);
+}
+
 fn host_port(url: &str) -> Option<String> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);

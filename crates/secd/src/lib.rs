@@ -30,17 +30,25 @@ pub fn spec(name: &str) -> Option<&'static ServiceSpec> {
 }
 
 /// Binds every configured address (before anything starts, so a taken port fails fast).
-pub async fn bind_all(config: &Config) -> anyhow::Result<BTreeMap<&'static str, Listeners>> {
+/// A port 0 is replaced in `config` by the port it got, so services in this process dial
+/// each other where they really listen.
+pub async fn bind_all(config: &mut Config) -> anyhow::Result<BTreeMap<&'static str, Listeners>> {
     let mut out = BTreeMap::new();
     for s in SERVICES {
-        let addrs = config.service_addrs(s.name)?;
+        let addrs = config
+            .services
+            .get_mut(s.name)
+            .with_context(|| format!("services.{} is not configured", s.name))?;
         let http = s.http_facade.then_some(config.facade.http_addr);
-        out.insert(
-            s.name,
-            Listeners::bind(addrs, http)
-                .await
-                .with_context(|| format!("{}-svc", s.name))?,
-        );
+        let l = Listeners::bind(addrs, http)
+            .await
+            .with_context(|| format!("{}-svc", s.name))?;
+        addrs.grpc_addr = l.grpc.local_addr()?;
+        addrs.admin_addr = l.admin.local_addr()?;
+        if let Some(h) = &l.http {
+            config.facade.http_addr = h.local_addr()?;
+        }
+        out.insert(s.name, l);
     }
     Ok(out)
 }

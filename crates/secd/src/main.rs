@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dev(config: Config, bootstrap: Option<Bootstrap>) -> anyhow::Result<()> {
+async fn dev(mut config: Config, bootstrap: Option<Bootstrap>) -> anyhow::Result<()> {
     if config.storage.database_url.is_none() {
         std::fs::create_dir_all(&config.data_dir)?;
     }
@@ -133,7 +133,7 @@ async fn dev(config: Config, bootstrap: Option<Bootstrap>) -> anyhow::Result<()>
     // only as long as the process.
     let service_token = generate_token()?;
     let auth = Authenticator::from_config(&config)?.with_service_token(&service_token);
-    let listeners = secd::bind_all(&config).await?;
+    let listeners = secd::bind_all(&mut config).await?;
     let platform =
         Platform::connect(config.clone(), auth, sec_common::clock::system(), "secd").await?;
     print_banner(

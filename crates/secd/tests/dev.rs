@@ -132,12 +132,25 @@ fn check_config_redacts_secrets() {
             "SEC_STORAGE__DATABASE_URL",
             "postgres://sec:hunter2@db:5432/sec",
         )
+        .env(
+            "SEC_CRYPTO__KEK",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
         shown.contains("db:5432") && !shown.contains("hunter2"),
         "{shown}"
+    );
+    assert!(!shown.contains("AAAAAAAA"), "the KEK is a secret: {shown}");
+    assert!(
+        shown.contains("[crypto]"),
+        "service sections are shown: {shown}"
     );
 }
