@@ -9,6 +9,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod events;
+pub mod fsutil;
 pub mod grpc;
 pub mod service;
 pub mod shutdown;
