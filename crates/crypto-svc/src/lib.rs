@@ -47,6 +47,8 @@ pub async fn run(
     let kek = Arc::new(kek::KekRing::load(&platform.config)?);
     let mut host = ServiceHost::new(NAME, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
+    // A lost or wrong KEK must stop the start, not make every stored key unreadable.
+    kek.check_store(key_store(&db).as_ref()).await?;
     let metrics = engine::CryptoMetrics::register(&mut host.registry);
     let emitter = platform.clone();
     let engine = Arc::new(engine::Engine::new(
