@@ -162,12 +162,13 @@ pub async fn connect_sqlite(
 
 /// This installation's identity for a service: made on first start, then kept. Every
 /// service's first migration creates the `service_instance` table it lives in, so a
-/// restart that keeps its data reports the same id and first-start time.
+/// restart that keeps its data reports the same id and first-start time. `now` comes
+/// from the platform clock; the id is a v7 stamped with it.
 pub async fn ensure_instance(
     db: &Db,
     now: DateTime<Utc>,
 ) -> anyhow::Result<(uuid::Uuid, DateTime<Utc>)> {
-    let fresh = uuid::Uuid::now_v7();
+    let fresh = crate::clock::uuid_v7_at(now);
     match db {
         Db::Postgres(p) => {
             sqlx::query("INSERT INTO service_instance (id, created_at) SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM service_instance)")
@@ -401,9 +402,32 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn instance_identity_is_kept_and_stamped_with_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = connect_sqlite(&dir.path().join("i.db"), 1).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE service_instance (id TEXT PRIMARY KEY, created_us INTEGER NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let db = Db::Sqlite(pool);
+        let t0 = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let (id, created) = ensure_instance(&db, t0).await.unwrap();
+        assert_eq!(created, t0);
+        assert_eq!(id.get_timestamp().unwrap().to_unix(), (1_767_225_600, 0));
+        let later = t0 + chrono::Duration::days(1);
+        assert_eq!(
+            ensure_instance(&db, later).await.unwrap(),
+            (id, t0),
+            "a restart keeps the first identity"
+        );
+    }
+
     #[test]
     fn memory_kv_expires_with_the_clock() {
-        let clock = ManualClock::new(Utc::now());
+        let clock = ManualClock::new(DateTime::from_timestamp(1_767_225_600, 0).unwrap());
         let kv = MemoryKv::new(clock.clone());
         kv.set("a", b"1", Some(Duration::from_secs(10)));
         kv.set("b", b"2", None);
