@@ -12,6 +12,7 @@ pub mod store;
 use std::sync::Arc;
 
 use sec_common::auth::{Access, AccessTable};
+use sec_common::clock::SharedClock;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::{Db, Migrations};
@@ -43,11 +44,11 @@ pub static MIGRATIONS: Migrations = Migrations {
     sqlite: &sqlx::migrate!("../../migrations/audit/sqlite"),
 };
 
-/// The store for the configured backend.
-pub fn event_store(db: &Db) -> Arc<dyn store::EventStore> {
+/// The store for the configured backend; `clock` stamps each event's receipt time.
+pub fn event_store(db: &Db, clock: SharedClock) -> Arc<dyn store::EventStore> {
     match db {
-        Db::Postgres(p) => Arc::new(store::postgres::PgEventStore::new(p.clone())),
-        Db::Sqlite(p) => Arc::new(store::sqlite::SqliteEventStore::new(p.clone())),
+        Db::Postgres(p) => Arc::new(store::postgres::PgEventStore::new(p.clone(), clock)),
+        Db::Sqlite(p) => Arc::new(store::sqlite::SqliteEventStore::new(p.clone(), clock)),
     }
 }
 
@@ -59,7 +60,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
-    let store = event_store(&db);
+    let store = event_store(&db, platform.clock.clone());
 
     let metrics = pipeline::IngestMetrics::register(&mut host.registry);
     let ingest_stop = CancellationToken::new();

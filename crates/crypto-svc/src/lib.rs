@@ -101,6 +101,8 @@ pub async fn run(
     let kek = Arc::new(kek::KekRing::load(&platform.config)?);
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
+    // A lost or wrong KEK must stop the start, not make every stored key unreadable.
+    kek.check_store(key_store(&db).as_ref()).await?;
     let metrics = engine::CryptoMetrics::register(&mut host.registry);
     let emitter = platform.clone();
     let engine = Arc::new(engine::Engine::new(

@@ -133,6 +133,15 @@ pub async fn connect_postgres(
         .context("opening PostgreSQL pool")
 }
 
+/// A pool on the SQLite file at `path` (created if missing), in WAL mode with
+/// `synchronous=FULL`.
+///
+/// FULL, not NORMAL: in WAL mode NORMAL skips the fsync at each commit, so a power cut can
+/// lose transactions the service already acknowledged. For crypto-svc that is a committed
+/// key rotation (data encrypted under the new version becomes undecryptable); for
+/// audit-svc it is audit records. Every service gets FULL rather than a per-service knob:
+/// the embedded default serves small installations, where one fsync per commit is cheap
+/// and a silently lost write is not.
 pub async fn connect_sqlite(
     path: &std::path::Path,
     max_connections: u32,
@@ -141,7 +150,7 @@ pub async fn connect_sqlite(
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(5))
         .foreign_keys(true);
     SqlitePoolOptions::new()
@@ -153,12 +162,13 @@ pub async fn connect_sqlite(
 
 /// This installation's identity for a service: made on first start, then kept. Every
 /// service's first migration creates the `service_instance` table it lives in, so a
-/// restart that keeps its data reports the same id and first-start time.
+/// restart that keeps its data reports the same id and first-start time. `now` comes
+/// from the platform clock; the id is a v7 stamped with it.
 pub async fn ensure_instance(
     db: &Db,
     now: DateTime<Utc>,
 ) -> anyhow::Result<(uuid::Uuid, DateTime<Utc>)> {
-    let fresh = uuid::Uuid::now_v7();
+    let fresh = crate::clock::uuid_v7_at(now);
     match db {
         Db::Postgres(p) => {
             sqlx::query("INSERT INTO service_instance (id, created_at) SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM service_instance)")
@@ -369,9 +379,55 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
+    #[tokio::test]
+    async fn sqlite_commits_are_durable_on_every_pooled_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = connect_sqlite(&dir.path().join("t.db"), 3).await.unwrap();
+        // Hold several connections at once so the pool has to open more than one.
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.acquire().await.unwrap());
+        }
+        for c in &mut conns {
+            let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+            assert_eq!(sync, 2, "synchronous=FULL");
+            let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
+    }
+
+    #[tokio::test]
+    async fn instance_identity_is_kept_and_stamped_with_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = connect_sqlite(&dir.path().join("i.db"), 1).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE service_instance (id TEXT PRIMARY KEY, created_us INTEGER NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let db = Db::Sqlite(pool);
+        let t0 = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let (id, created) = ensure_instance(&db, t0).await.unwrap();
+        assert_eq!(created, t0);
+        assert_eq!(id.get_timestamp().unwrap().to_unix(), (1_767_225_600, 0));
+        let later = t0 + chrono::Duration::days(1);
+        assert_eq!(
+            ensure_instance(&db, later).await.unwrap(),
+            (id, t0),
+            "a restart keeps the first identity"
+        );
+    }
+
     #[test]
     fn memory_kv_expires_with_the_clock() {
-        let clock = ManualClock::new(Utc::now());
+        let clock = ManualClock::new(DateTime::from_timestamp(1_767_225_600, 0).unwrap());
         let kv = MemoryKv::new(clock.clone());
         kv.set("a", b"1", Some(Duration::from_secs(10)));
         kv.set("b", b"2", None);

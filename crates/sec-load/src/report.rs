@@ -1,9 +1,9 @@
 //! The table on stdout and the JSON file.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use sec_common::clock::Clock;
 use serde::Serialize;
 
 use crate::runner::ScenarioResult;
@@ -45,10 +45,14 @@ pub struct Report<P: Serialize> {
 }
 
 impl<P: Serialize> Report<P> {
+    /// A report stamped with the wall clock, read through the platform's `Clock`.
     pub fn new(params: P, results: Vec<ScenarioResult>) -> Self {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        Self::at(&sec_common::clock::SystemClock, params, results)
+    }
+
+    /// A report stamped with `clock`'s time (whole seconds; 0 before the epoch).
+    pub fn at(clock: &dyn Clock, params: P, results: Vec<ScenarioResult>) -> Self {
+        let unix = u64::try_from(clock.now().timestamp()).unwrap_or(0);
         Self {
             timestamp: rfc3339(unix),
             timestamp_unix: unix,

@@ -393,7 +393,7 @@ mod tests {
     fn cursor_round_trip_and_garbage() {
         let c = Cursor {
             time_us: 1_700_000_000_123_456,
-            id: uuid::Uuid::now_v7(),
+            id: sec_common::clock::system().new_uuid_v7(),
         };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
         assert_eq!(Cursor::decode("!!!"), None);

@@ -3,6 +3,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sec_common::clock::SharedClock;
 use sec_common::events::SecurityEvent;
 use sqlx::PgPool;
 
@@ -13,11 +14,14 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
     pool: PgPool,
+    /// Stamps `received_at` (rather than the column's `now()` default), so receipt
+    /// times follow the platform clock on both backends.
+    clock: SharedClock,
 }
 
 impl PgEventStore {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, clock: SharedClock) -> Self {
+        Self { pool, clock }
     }
 }
 
@@ -57,9 +61,9 @@ impl EventStore for PgEventStore {
         let result = sqlx::query(
             r#"INSERT INTO security_events
                  (id, event_type, "timestamp", service, user_id, actor_kind, actor_id, subject,
-                  ip_address, outcome, severity, details, trace_id)
+                  ip_address, outcome, severity, details, trace_id, received_at)
                SELECT id, event_type, ts, service, user_id, actor_kind, actor_id, subject,
-                      ip::inet, outcome, severity, details::jsonb, trace_id
+                      ip::inet, outcome, severity, details::jsonb, trace_id, $14::timestamptz
                FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::uuid[],
                            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
                            $11::text[], $12::text[], $13::text[])
@@ -84,6 +88,7 @@ impl EventStore for PgEventStore {
         .bind(col(|r| r.severity.clone()))
         .bind(col(|r| r.details.clone()))
         .bind(col(|r| r.trace_id.clone()))
+        .bind(self.clock.now())
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected())
@@ -160,7 +165,28 @@ mod tests {
             .await
             .unwrap();
         crate::MIGRATIONS.postgres.run(&pool).await.unwrap();
-        super::super::contract::run(&PgEventStore::new(pool.clone())).await;
+        super::super::contract::run(&PgEventStore::new(
+            pool.clone(),
+            sec_common::clock::system(),
+        ))
+        .await;
+        // Receipt time comes from the store's clock, not the database's.
+        let received = DateTime::from_timestamp_micros(1_767_225_600_123_456).unwrap();
+        let store = PgEventStore::new(pool.clone(), sec_common::clock::ManualClock::new(received));
+        let event = sec_common::events::new_event(
+            sec_common::clock::ManualClock::new(received - chrono::Duration::hours(1)).as_ref(),
+            "crypto",
+            "sec.crypto.key.created",
+        );
+        let id = uuid::Uuid::parse_str(&event.id).unwrap();
+        assert_eq!(store.insert_batch(&[event]).await.unwrap(), 1);
+        let (at,): (DateTime<Utc>,) =
+            sqlx::query_as("SELECT received_at FROM security_events WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(at, received);
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
             .execute(&pool)
             .await

@@ -1,6 +1,7 @@
 //! SQLite event store (the embedded default). A batch is one transaction.
 
 use async_trait::async_trait;
+use sec_common::clock::SharedClock;
 use sec_common::events::SecurityEvent;
 use sqlx::SqlitePool;
 
@@ -11,11 +12,13 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct SqliteEventStore {
     pool: SqlitePool,
+    /// Stamps `received_us`, so receipt times follow the platform clock (and tests).
+    clock: SharedClock,
 }
 
 impl SqliteEventStore {
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    pub fn new(pool: SqlitePool, clock: SharedClock) -> Self {
+        Self { pool, clock }
     }
 }
 
@@ -42,7 +45,7 @@ impl EventStore for SqliteEventStore {
             return Ok(0);
         }
         let rows = events.iter().map(to_row).collect::<Result<Vec<Row>, _>>()?;
-        let received = chrono::Utc::now().timestamp_micros();
+        let received = self.clock.now().timestamp_micros();
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;
         for r in rows {
@@ -141,6 +144,30 @@ mod tests {
             .await
             .unwrap();
         crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
-        super::super::contract::run(&SqliteEventStore::new(pool)).await;
+        super::super::contract::run(&SqliteEventStore::new(pool, sec_common::clock::system()))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn receipt_time_comes_from_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 1)
+            .await
+            .unwrap();
+        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
+        let received = chrono::DateTime::from_timestamp_micros(1_767_225_600_123_456).unwrap();
+        let clock = sec_common::clock::ManualClock::new(received);
+        let store = SqliteEventStore::new(pool.clone(), clock.clone());
+        let event = sec_common::events::new_event(
+            sec_common::clock::ManualClock::new(received - chrono::Duration::hours(1)).as_ref(),
+            "crypto",
+            "sec.crypto.key.created",
+        );
+        assert_eq!(store.insert_batch(&[event]).await.unwrap(), 1);
+        let (us,): (i64,) = sqlx::query_as("SELECT received_us FROM security_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(us, received.timestamp_micros());
     }
 }
