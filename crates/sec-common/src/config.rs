@@ -164,6 +164,9 @@ pub struct CryptoConfig {
     pub previous_kek_files: Vec<PathBuf>,
     /// Largest plaintext, message or ciphertext one operation accepts.
     pub max_payload_bytes: usize,
+    /// Most items one batch request may carry (1..=10000); larger batches are refused
+    /// before any work, so one request cannot queue unbounded work.
+    pub max_batch_items: usize,
     /// How long unwrapped keys stay cached; another replica's rotation or policy change
     /// is seen after at most this long.
     pub cache_ttl_ms: u64,
@@ -179,6 +182,7 @@ impl Default for CryptoConfig {
             previous_keks: Vec::new(),
             previous_kek_files: Vec::new(),
             max_payload_bytes: 4 * 1024 * 1024,
+            max_batch_items: 1000,
             cache_ttl_ms: 5_000,
             rotation_check_seconds: 60,
         }
@@ -459,6 +463,9 @@ impl Config {
                 "crypto.max_payload_bytes",
                 "must be between 1 byte and 64 MiB",
             );
+        }
+        if !(1..=10_000).contains(&self.crypto.max_batch_items) {
+            return invalid("crypto.max_batch_items", "must be between 1 and 10000");
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return invalid("tls", "cert_file and key_file must be set together");
