@@ -106,6 +106,13 @@ fn batch_error(e: Error) -> pb::BatchResultError {
     }
 }
 
+/// What every batch request must pass before any item is looked at: a valid key name
+/// (checked once, not per item) and at most `crypto.max_batch_items` items.
+fn check_batch(engine: &Engine, key_name: &str, items: usize) -> Result<(), Error> {
+    engine.check_batch(items)?;
+    crate::engine::validate_name(key_name, "key_name")
+}
+
 #[tonic::async_trait]
 impl CryptoService for CryptoApi {
     async fn create_key(
@@ -281,6 +288,7 @@ impl CryptoService for CryptoApi {
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
         any(&req)?;
         let r = req.into_inner();
+        check_batch(&self.engine, &r.key_name, r.items.len())?;
         let total: usize = r
             .items
             .iter()
@@ -318,6 +326,7 @@ impl CryptoService for CryptoApi {
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
         let who = any(&req)?;
         let r = req.into_inner();
+        check_batch(&self.engine, &r.key_name, r.items.len())?;
         let total: usize = r
             .items
             .iter()
