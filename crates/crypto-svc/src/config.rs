@@ -20,6 +20,9 @@ pub struct CryptoConfig {
     pub previous_kek_files: Vec<PathBuf>,
     /// Largest plaintext, message or ciphertext one operation accepts.
     pub max_payload_bytes: usize,
+    /// Most items one batch request may carry (1..=10000); larger batches are refused
+    /// before any work, so one request cannot queue unbounded work.
+    pub max_batch_items: usize,
     /// How long unwrapped keys stay cached; another replica's rotation or policy change
     /// is seen after at most this long.
     pub cache_ttl_ms: u64,
@@ -35,6 +38,7 @@ impl Default for CryptoConfig {
             previous_keks: Vec::new(),
             previous_kek_files: Vec::new(),
             max_payload_bytes: 4 * 1024 * 1024,
+            max_batch_items: 1000,
             cache_ttl_ms: 5_000,
             rotation_check_seconds: 60,
         }
@@ -49,6 +53,9 @@ impl ServiceConfig for CryptoConfig {
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_LIMIT {
             return invalid("max_payload_bytes", "must be between 1 byte and 64 MiB");
+        }
+        if !(1..=10_000).contains(&self.max_batch_items) {
+            return invalid("max_batch_items", "must be between 1 and 10000");
         }
         if self.rotation_check_seconds == 0 || self.rotation_check_seconds > 86_400 {
             return invalid("rotation_check_seconds", "must be between 1 and 86400");

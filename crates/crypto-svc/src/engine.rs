@@ -3,6 +3,12 @@
 //!
 //! Every failure is a `sec_common::error::Error` whose message is safe for a caller: it
 //! never contains key material, plaintext or another key's details.
+//!
+//! Nothing grows with caller input: a key name is checked by [`validate_name`] before any
+//! lookup, log, metric or event; the `key` metric label is a key's name only once that
+//! key has loaded (else [`UNKNOWN_KEY`]); `sec.crypto.decrypt.failed` events are
+//! aggregated per key and reason by a [`FailureAggregator`], which the service ticks with
+//! [`Engine::tick`] and drains with [`Engine::flush_events`] at shutdown.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,6 +24,7 @@ use prometheus_client::registry::Registry;
 use sec_common::auth::Caller;
 use sec_common::clock::SharedClock;
 use sec_common::error::{Error, ErrorCode};
+use sec_common::events::aggregate::{FailureAggregator, Summary};
 use sec_common::events::{Outcome, SecurityEvent, Severity, new_event};
 use zeroize::Zeroizing;
 
@@ -86,11 +93,35 @@ impl CryptoMetrics {
     }
 }
 
+/// The `key` label of operations on a key that does not exist or never loaded here: label
+/// values come only from existing keys, so callers cannot create series (or read back the
+/// names they tried) on the unauthenticated `/metrics`.
+pub const UNKNOWN_KEY: &str = "unknown";
+
 /// Limits and tuning.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_payload_bytes: usize,
+    /// Most items in one batch request (`crypto.max_batch_items`).
+    pub max_batch_items: usize,
     pub cache_ttl: Duration,
+    /// Failures of one key and reason within this long become one `decrypt.failed`
+    /// summary (after the first, which is reported at once).
+    pub failure_window: Duration,
+    /// Distinct keys whose decrypt failures are counted apart; beyond, they share `other`.
+    pub failure_keys: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 4 * 1024 * 1024,
+            max_batch_items: 1000,
+            cache_ttl: Duration::from_secs(5),
+            failure_window: Duration::from_secs(10),
+            failure_keys: 1000,
+        }
+    }
 }
 
 pub struct Engine {
@@ -100,7 +131,9 @@ pub struct Engine {
     emit: Emit,
     limits: Limits,
     metrics: CryptoMetrics,
+    /// Only keys that loaded from the store, so it is bounded by the number of keys.
     cache: Mutex<HashMap<String, (Instant, Arc<CachedKey>)>>,
+    decrypt_failures: FailureAggregator<Caller>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -125,19 +158,23 @@ fn store_err(e: StoreError) -> Error {
     }
 }
 
+/// The key-name rule, `^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$`: ASCII only and bounded,
+/// exactly what `CreateKey` has always accepted so existing keys stay usable. Checked
+/// before a name reaches a lookup, log, metric or event; the error names `field` and
+/// never echoes the name.
 pub fn validate_name(name: &str, field: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
         && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
         Err(Error::invalid(
             field,
-            "key names are 1-128 characters: letters, digits, '-', '_', '.'",
+            "key names are 1-128 characters: letters, digits, '-', '_', '.', not starting with '.'",
         ))
     }
 }
@@ -191,6 +228,20 @@ impl Engine {
         limits: Limits,
         metrics: CryptoMetrics,
     ) -> Self {
+        let (event_clock, sink) = (clock.clone(), emit.clone());
+        let decrypt_failures = FailureAggregator::new(
+            clock.clone(),
+            limits.failure_window,
+            limits.failure_keys,
+            Arc::new(move |s: Summary<Caller>| {
+                let mut e = new_event(event_clock.as_ref(), "crypto", "sec.crypto.decrypt.failed");
+                e.actor = s.actor.as_ref().map(Caller::actor);
+                e.outcome = Outcome::Failure as i32;
+                e.severity = Severity::Medium as i32;
+                s.describe(&mut e);
+                sink(e);
+            }),
+        );
         Self {
             store,
             kek,
@@ -199,7 +250,19 @@ impl Engine {
             limits,
             metrics,
             cache: Mutex::new(HashMap::new()),
+            decrypt_failures,
         }
+    }
+
+    /// Emits the `decrypt.failed` summaries whose window has closed. The service calls it
+    /// about once a second; tests call it after moving a `ManualClock`.
+    pub fn tick(&self) -> usize {
+        self.decrypt_failures.tick()
+    }
+
+    /// Emits every pending `decrypt.failed` summary now (shutdown).
+    pub fn flush_events(&self) -> usize {
+        self.decrypt_failures.flush()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -218,6 +281,20 @@ impl Engine {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
+    }
+
+    /// Refuses a batch of `items` before any of its work is done.
+    pub fn check_batch(&self, items: usize) -> Result<(), Error> {
+        if items > self.limits.max_batch_items {
+            return Err(Error::invalid(
+                "items",
+                format!(
+                    "batch has {items} items; the limit is {}",
+                    self.limits.max_batch_items
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_payload(&self, field: &str, len: usize) -> Result<(), Error> {
@@ -534,20 +611,35 @@ impl Engine {
             .ok_or_else(|| Error::invalid(field, "no such key version"))
     }
 
-    /// Runs an operation and records its outcome and duration.
+    /// Runs an operation on key `name` and records its outcome and duration. An invalid
+    /// name is refused here, before the operation touches the store.
     async fn metered<T>(
         &self,
-        key: &str,
+        name: &str,
         op: Op,
         f: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
         let started = Instant::now();
-        let r = f.await;
-        self.record(key, op, started, &r);
+        let r = match validate_name(name, "key_name") {
+            Ok(()) => f.await,
+            Err(e) => Err(e),
+        };
+        self.record(name, op, started, &r);
         r
     }
 
-    fn record(&self, key: &str, op: Op, started: Instant, r: &Result<impl Sized, Error>) {
+    /// `name` if that key has loaded here (it exists, so the label set is bounded by the
+    /// keys), else [`UNKNOWN_KEY`].
+    fn key_label(&self, name: &str) -> String {
+        let known = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name);
+        if known { name } else { UNKNOWN_KEY }.to_owned()
+    }
+
+    fn record(&self, name: &str, op: Op, started: Instant, r: &Result<impl Sized, Error>) {
         let outcome = match r {
             Ok(_) => "ok",
             Err(e) => e.code.as_str(),
@@ -555,7 +647,7 @@ impl Engine {
         self.metrics
             .ops
             .get_or_create(&OpLabels {
-                key: key.to_owned(),
+                key: self.key_label(name),
                 operation: op.as_str(),
                 outcome,
             })
@@ -603,38 +695,43 @@ impl Engine {
         ciphertext: &str,
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
-        let started = Instant::now();
-        let r: Result<(Zeroizing<Vec<u8>>, u32), Error> = async {
+        self.metered(name, Op::Decrypt, async {
             self.check_payload("ciphertext", ciphertext.len())?;
             let k = self.load(name).await?;
-            Self::require(&k, Op::Decrypt)?;
-            let (v, body) = wire::parse(ciphertext).ok_or_else(|| {
-                Error::invalid(
-                    "ciphertext",
-                    "ciphertext is not of the form sec:v<version>:<base64>",
+            let r = Self::open(&k, ciphertext, aad);
+            // Only failures against a key that exists are events, so the aggregator's
+            // keys are real key names (and capped on top of that).
+            if let Err(e) = &r
+                && matches!(
+                    e.code,
+                    ErrorCode::InvalidArgument | ErrorCode::FailedPrecondition
                 )
-            })?;
-            let l = Self::version(&k, v, "ciphertext")?;
-            let pt = l
-                .decrypt(&body, aad)
-                .map_err(|e| Self::op_error(e, "ciphertext"))?;
-            Ok((pt, v))
-        }
-        .await;
-        if let Err(e) = &r
-            && matches!(
-                e.code,
-                ErrorCode::InvalidArgument | ErrorCode::FailedPrecondition
+            {
+                self.decrypt_failures
+                    .record(name, e.code.as_str(), who.clone());
+            }
+            r
+        })
+        .await
+    }
+
+    fn open(
+        k: &CachedKey,
+        ciphertext: &str,
+        aad: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
+        Self::require(k, Op::Decrypt)?;
+        let (v, body) = wire::parse(ciphertext).ok_or_else(|| {
+            Error::invalid(
+                "ciphertext",
+                "ciphertext is not of the form sec:v<version>:<base64>",
             )
-        {
-            let mut ev = self.event(who, "sec.crypto.decrypt.failed", name);
-            ev.outcome = Outcome::Failure as i32;
-            ev.severity = Severity::Medium as i32;
-            ev.details.insert("reason".into(), e.code.as_str().into());
-            (self.emit)(ev);
-        }
-        self.record(name, Op::Decrypt, started, &r);
-        r
+        })?;
+        let l = Self::version(k, v, "ciphertext")?;
+        let pt = l
+            .decrypt(&body, aad)
+            .map_err(|e| Self::op_error(e, "ciphertext"))?;
+        Ok((pt, v))
     }
 
     pub async fn rewrap(
@@ -952,6 +1049,7 @@ impl Engine {
         }
         let (wrapped_cek, rest) = raw[2..].split_at(n);
         let (nonce, body) = rest.split_at(NONCE_LEN);
+        validate_name(wrapping_key, "wrapping_key_name")?;
         let k = self.load(wrapping_key).await?;
         if !matches!(k.key_type, KeyType::Rsa3072 | KeyType::Rsa4096) {
             return Err(Error::precondition("the wrapping key must be an RSA key")

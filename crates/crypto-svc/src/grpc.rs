@@ -93,6 +93,13 @@ fn batch_error(e: Error) -> pb::BatchResultError {
     }
 }
 
+/// What every batch request must pass before any item is looked at: a valid key name
+/// (checked once, not per item) and at most `crypto.max_batch_items` items.
+fn check_batch(engine: &Engine, key_name: &str, items: usize) -> Result<(), Error> {
+    engine.check_batch(items)?;
+    crate::engine::validate_name(key_name, "key_name")
+}
+
 #[tonic::async_trait]
 impl CryptoService for CryptoApi {
     async fn create_key(
@@ -264,6 +271,7 @@ impl CryptoService for CryptoApi {
         req: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
         let r = req.into_inner();
+        check_batch(&self.engine, &r.key_name, r.items.len())?;
         let total: usize = r
             .items
             .iter()
@@ -301,6 +309,7 @@ impl CryptoService for CryptoApi {
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
         let who = Caller::of(&req)?;
         let r = req.into_inner();
+        check_batch(&self.engine, &r.key_name, r.items.len())?;
         let total: usize = r
             .items
             .iter()

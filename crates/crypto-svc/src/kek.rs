@@ -440,6 +440,7 @@ mod tests {
             crate::engine::Limits {
                 max_payload_bytes: 1024,
                 cache_ttl: std::time::Duration::ZERO,
+                ..crate::engine::Limits::default()
             },
             crate::engine::CryptoMetrics::unregistered(),
         )

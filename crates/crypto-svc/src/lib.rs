@@ -112,7 +112,9 @@ pub async fn run(
         Arc::new(move |e| emitter.emit(e)),
         engine::Limits {
             max_payload_bytes: cfg.max_payload_bytes,
+            max_batch_items: cfg.max_batch_items,
             cache_ttl: Duration::from_millis(cfg.cache_ttl_ms),
+            ..engine::Limits::default()
         },
         metrics,
     ));
@@ -130,17 +132,36 @@ pub async fn run(
         .max_payload_bytes
         .saturating_mul(2)
         .saturating_add(64 * 1024);
-    let server = CryptoServiceServer::new(grpc::CryptoApi { engine })
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let ticker = tokio::spawn(event_tick_loop(engine.clone(), shutdown.clone()));
+    let server = CryptoServiceServer::new(grpc::CryptoApi {
+        engine: engine.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     let serve = Serve {
         routes: tonic::service::Routes::new(server),
         http: None,
     };
     let result = host.serve(serve, listeners, shutdown).await;
     rotation.abort();
+    ticker.abort();
+    // Requests have drained: hand the pending decrypt.failed summaries to the event bus,
+    // which the host flushes to the broker before exit.
+    engine.flush_events();
     db.close().await;
     result
+}
+
+/// Closes aggregated-event windows about once a second, so a summary is emitted at most
+/// a second after its window ends.
+async fn event_tick_loop(engine: Arc<engine::Engine>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        engine.tick();
+    }
 }
 
 async fn rotation_loop(

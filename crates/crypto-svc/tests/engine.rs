@@ -1,13 +1,15 @@
 //! crypto-svc's behaviour through its engine, on both stores: lifecycle, rotation with
 //! old ciphertexts, policy, every bad input the issue names, backup/restore across
-//! installations, KEK rotation, automatic rotation on an injected clock, and events.
+//! installations, KEK rotation, automatic rotation on an injected clock, and events;
+//! and that nothing grows with caller input: key-name validation, bounded metric labels,
+//! the batch item limit, and aggregated `decrypt.failed` events.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use crypto_svc::engine::{CryptoMetrics, Engine, Limits, PolicyUpdate};
 use crypto_svc::kek::KekRing;
 use crypto_svc::material::{ALL_TYPES, KeyType, Op};
@@ -49,25 +51,47 @@ async fn pg_store() -> Option<Arc<dyn KeyStore>> {
     Some(Arc::new(crypto_svc::store::postgres::PgKeyStore::new(pool)))
 }
 
+/// A fixed start, so tests never read the wall clock.
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
 fn engine_on(
     store: Arc<dyn KeyStore>,
     kek: KekRing,
     max_payload: usize,
 ) -> (Engine, Arc<Mutex<Vec<SecurityEvent>>>, Arc<ManualClock>) {
+    engine_with(
+        store,
+        kek,
+        Limits {
+            max_payload_bytes: max_payload,
+            cache_ttl: Duration::from_millis(0),
+            ..Limits::default()
+        },
+        CryptoMetrics::unregistered(),
+    )
+}
+
+fn engine_with(
+    store: Arc<dyn KeyStore>,
+    kek: KekRing,
+    limits: Limits,
+    metrics: CryptoMetrics,
+) -> (Engine, Arc<Mutex<Vec<SecurityEvent>>>, Arc<ManualClock>) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
-    let clock = ManualClock::new(Utc::now());
+    let clock = ManualClock::new(t0());
     let shared: SharedClock = clock.clone();
     let engine = Engine::new(
         store,
         Arc::new(kek),
         shared,
         Arc::new(move |e| sink.lock().unwrap().push(e)),
-        Limits {
-            max_payload_bytes: max_payload,
-            cache_ttl: Duration::from_millis(0),
-        },
-        CryptoMetrics::unregistered(),
+        limits,
+        metrics,
     );
     (engine, events, clock)
 }
@@ -242,14 +266,22 @@ async fn lifecycle_and_rotation(f: &Fixture) {
         code(f.engine.decrypt(&ADMIN, "nope", &c2, b"").await),
         ErrorCode::NotFound
     );
-    let failed = f
-        .events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.r#type == "sec.crypto.decrypt.failed")
-        .count();
-    assert!(failed >= 6, "every refused decrypt is an event");
+    // 5 refusals on orders and 1 on billing (invalid_argument), 1 below min version
+    // (failed_precondition) on orders: each (key, reason) is reported at once, the rest
+    // are counted into a summary; the counts add up to every refused decrypt.
+    assert_eq!(decrypt_failed(f).len(), 3, "first of each (key, reason)");
+    f.engine.flush_events();
+    let failed = decrypt_failed(f);
+    assert_eq!(
+        failed.len(),
+        4,
+        "plus one summary for orders/invalid_argument"
+    );
+    assert_eq!(
+        failed.iter().map(count).sum::<u64>(),
+        7,
+        "every refused decrypt is counted"
+    );
 
     // deleting a protected key fails and changes nothing; then allowed, then gone
     assert_eq!(
@@ -292,6 +324,20 @@ async fn lifecycle_and_rotation(f: &Fixture) {
             "no plaintext in events: {all}"
         );
     }
+}
+
+fn decrypt_failed(f: &Fixture) -> Vec<SecurityEvent> {
+    f.events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.r#type == "sec.crypto.decrypt.failed")
+        .cloned()
+        .collect()
+}
+
+fn count(e: &SecurityEvent) -> u64 {
+    e.details["count"].parse().unwrap()
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
@@ -733,4 +779,493 @@ async fn concurrent_rotations_do_not_lose_versions() {
         let err = [a, b].into_iter().find_map(Result::err).unwrap();
         assert_eq!(err.code, ErrorCode::Aborted);
     }
+}
+
+// ---- nothing unbounded from caller input ----------------------------------------------
+
+/// Delegates to a real store and remembers every key name the engine looked up.
+struct SpyStore {
+    inner: Arc<dyn KeyStore>,
+    looked_up: Mutex<Vec<String>>,
+}
+
+impl SpyStore {
+    fn seen(&self) -> Vec<String> {
+        std::mem::take(&mut *self.looked_up.lock().unwrap())
+    }
+    fn saw(&self, name: &str) {
+        self.looked_up.lock().unwrap().push(name.to_owned());
+    }
+}
+
+use crypto_svc::store::{KeyRecord, StoreError, VersionRecord};
+
+#[async_trait::async_trait]
+impl KeyStore for SpyStore {
+    async fn insert(&self, key: &KeyRecord, versions: &[VersionRecord]) -> Result<(), StoreError> {
+        self.saw(&key.name);
+        self.inner.insert(key, versions).await
+    }
+    async fn get(&self, name: &str) -> Result<Option<(KeyRecord, Vec<VersionRecord>)>, StoreError> {
+        self.saw(name);
+        self.inner.get(name).await
+    }
+    async fn list(&self, after: Option<&str>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list(after, limit).await
+    }
+    async fn add_version(
+        &self,
+        name: &str,
+        expected_latest: u32,
+        version: &VersionRecord,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.saw(name);
+        self.inner
+            .add_version(name, expected_latest, version, now)
+            .await
+    }
+    async fn update_policy(
+        &self,
+        name: &str,
+        policy: &KeyPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.saw(name);
+        self.inner.update_policy(name, policy, now).await
+    }
+    async fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        self.saw(name);
+        self.inner.delete(name).await
+    }
+    async fn versions_not_wrapped_by(
+        &self,
+        kek_id: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, VersionRecord)>, StoreError> {
+        self.inner.versions_not_wrapped_by(kek_id, limit).await
+    }
+    async fn rewrap_version(
+        &self,
+        name: &str,
+        version: u32,
+        old_kek_id: &str,
+        new_kek_id: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .rewrap_version(name, version, old_kek_id, new_kek_id, wrapped)
+            .await
+    }
+    async fn kek_usage(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.kek_usage().await
+    }
+}
+
+struct Bounded {
+    engine: Arc<Engine>,
+    spy: Arc<SpyStore>,
+    events: Arc<Mutex<Vec<SecurityEvent>>>,
+    clock: Arc<ManualClock>,
+    registry: prometheus_client::registry::Registry,
+    _dir: tempfile::TempDir,
+}
+
+async fn bounded(limits: Limits) -> Bounded {
+    let (inner, dir) = sqlite_store().await;
+    let spy = Arc::new(SpyStore {
+        inner,
+        looked_up: Mutex::default(),
+    });
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = CryptoMetrics::register(&mut registry);
+    let (engine, events, clock) = engine_with(
+        spy.clone(),
+        KekRing::from_bytes(&[1; 32], &[]).unwrap(),
+        limits,
+        metrics,
+    );
+    Bounded {
+        engine: Arc::new(engine),
+        spy,
+        events,
+        clock,
+        registry,
+        _dir: dir,
+    }
+}
+
+impl Bounded {
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
+    }
+
+    /// Every `sec_crypto_operations_total` series as `{labels} value`.
+    fn op_series(&self) -> std::collections::BTreeMap<String, u64> {
+        self.metrics_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("sec_crypto_operations_total"))
+            .map(|l| {
+                let (labels, v) = l.rsplit_once(' ').unwrap();
+                (labels.to_owned(), v.parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+fn zero_ttl() -> Limits {
+    Limits {
+        cache_ttl: Duration::ZERO,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_key_names_adds_one_unknown_series() {
+    let b = bounded(zero_ttl()).await;
+    b.engine
+        .create_key(&ADMIN, "orders", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let (ct, _) = b.engine.encrypt("orders", b"x", b"").await.unwrap();
+    b.engine.decrypt(&ADMIN, "orders", &ct, b"").await.unwrap();
+    let before = b.op_series();
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        [
+            r#"{key="orders",operation="decrypt",outcome="ok"}"#,
+            r#"{key="orders",operation="encrypt",outcome="ok"}"#,
+        ]
+    );
+
+    let mut probes = Vec::new();
+    for _ in 0..300 {
+        let name = format!("probe-{}", uuid::Uuid::new_v4().simple());
+        assert_eq!(
+            code(b.engine.encrypt(&name, b"x", b"").await),
+            ErrorCode::NotFound
+        );
+        probes.push(name);
+    }
+
+    let mut after = b.op_series();
+    assert_eq!(
+        after.remove(r#"{key="unknown",operation="encrypt",outcome="not_found"}"#),
+        Some(300),
+        "every probe is counted, under one series"
+    );
+    assert_eq!(after, before, "no other series appeared or changed");
+    let text = b.metrics_text();
+    assert!(
+        !text.contains("probe-"),
+        "no probed name is readable: {text}"
+    );
+    let events = format!("{:?}", b.events.lock().unwrap());
+    assert!(!events.contains("probe-"), "no probed name in events");
+}
+
+#[tokio::test]
+async fn invalid_key_names_are_refused_before_any_lookup_metric_or_event() {
+    let b = bounded(zero_ttl()).await;
+    let long = "x".repeat(129);
+    let bad = [
+        "",
+        ".hidden",
+        "with space",
+        "slash/name",
+        "tab\tname",
+        "line\nbreak",
+        "ünïcode",
+        "quote\"}",
+        long.as_str(),
+    ];
+    for name in bad {
+        let who = Caller::Service("probe-svc".into());
+        let errors = [
+            b.engine.encrypt(name, b"x", b"").await.map(drop),
+            b.engine
+                .decrypt(&who, name, "sec:v1:AAAA", b"")
+                .await
+                .map(drop),
+            b.engine
+                .rewrap(&who, name, "sec:v1:AAAA", b"")
+                .await
+                .map(drop),
+            b.engine.generate_data_key(name, 0, b"").await.map(drop),
+            b.engine.sign(name, b"m").await.map(drop),
+            b.engine.verify(name, b"m", "sec:v1:AAAA").await.map(drop),
+            b.engine.hmac(name, b"m").await.map(drop),
+            b.engine
+                .verify_hmac(name, b"m", "sec:v1:AAAA")
+                .await
+                .map(drop),
+        ];
+        for e in errors {
+            let e = e.unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{name:?}");
+            assert_eq!(e.field.as_deref(), Some("key_name"), "{name:?}");
+            assert!(name.is_empty() || !e.message.contains(name), "{e:?}");
+        }
+        let e = b.engine.get_key(name).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            (ErrorCode::InvalidArgument, Some("name"))
+        );
+        let e = b
+            .engine
+            .restore_key(
+                &ADMIN,
+                "sec-backup:v1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                name,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            (ErrorCode::InvalidArgument, Some("wrapping_key_name"))
+        );
+    }
+    assert_eq!(b.spy.seen(), Vec::<String>::new(), "no lookup");
+    assert!(b.events.lock().unwrap().is_empty(), "no event");
+    let series = b.op_series();
+    assert!(
+        series.keys().all(|s| s.starts_with(r#"{key="unknown","#)
+            && s.ends_with(r#"outcome="invalid_argument"}"#)),
+        "{series:?}"
+    );
+    for leak in ["hidden", "space", "slash", "break", "quote", "xxxx"] {
+        assert!(!b.metrics_text().contains(leak), "{leak}");
+    }
+}
+
+#[tokio::test]
+async fn names_createkey_accepted_before_stay_valid() {
+    let b = bounded(zero_ttl()).await;
+    let longest = "k".repeat(128);
+    for name in [
+        "orders",
+        "Orders_2024",
+        "-legacy",
+        "_private",
+        "a.b-c_d",
+        "9lives",
+        longest.as_str(),
+    ] {
+        b.engine
+            .create_key(&ADMIN, name, KeyType::Aes256Gcm, KeyPolicy::default())
+            .await
+            .unwrap();
+        let (ct, _) = b.engine.encrypt(name, b"x", b"").await.unwrap();
+        assert!(b.engine.decrypt(&ADMIN, name, &ct, b"").await.is_ok());
+        // an existing key is labelled with its own name
+        assert!(
+            b.op_series().contains_key(&format!(
+                r#"{{key="{name}",operation="encrypt",outcome="ok"}}"#
+            )),
+            "{name}"
+        );
+    }
+}
+
+fn with_caller<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.extensions_mut()
+        .insert(Caller::Service("batch-svc".into()));
+    req
+}
+
+#[tokio::test]
+async fn batches_over_the_item_limit_are_refused_before_any_work() {
+    use crypto_svc::grpc::CryptoApi;
+    use sec_proto::crypto::v1 as pb;
+    use sec_proto::crypto::v1::crypto_service_server::CryptoService;
+
+    let b = bounded(Limits {
+        max_batch_items: 3,
+        ..zero_ttl()
+    })
+    .await;
+    b.engine
+        .create_key(&ADMIN, "orders", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    b.spy.seen();
+    b.events.lock().unwrap().clear();
+    let api = CryptoApi {
+        engine: b.engine.clone(),
+    };
+    let enc = |n: usize, key: &str| pb::BatchEncryptRequest {
+        key_name: key.into(),
+        items: vec![
+            pb::BatchEncryptItem {
+                plaintext: b"p".to_vec(),
+                associated_data: vec![],
+            };
+            n
+        ],
+    };
+    let dec = |n: usize| pb::BatchDecryptRequest {
+        key_name: "orders".into(),
+        items: vec![
+            pb::BatchDecryptItem {
+                ciphertext: "sec:v1:AAAA".into(),
+                associated_data: vec![],
+            };
+            n
+        ],
+    };
+
+    let over = api
+        .batch_encrypt(with_caller(enc(4, "orders")))
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), tonic::Code::InvalidArgument);
+    assert!(over.message().contains("the limit is 3"), "{over:?}");
+    let over = api.batch_decrypt(with_caller(dec(4))).await.unwrap_err();
+    assert_eq!(over.code(), tonic::Code::InvalidArgument);
+    assert!(over.message().contains("4 items"), "{over:?}");
+    let huge = api
+        .batch_decrypt(with_caller(dec(100_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), tonic::Code::InvalidArgument);
+    // an invalid key name fails the whole batch once, not once per item
+    let bad = api
+        .batch_encrypt(with_caller(enc(2, "no such/name")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert_eq!(b.spy.seen(), Vec::<String>::new(), "no key was looked up");
+    assert!(b.events.lock().unwrap().is_empty(), "no item was attempted");
+    assert!(b.op_series().is_empty(), "no operation ran");
+
+    let ok = api
+        .batch_encrypt(with_caller(enc(3, "orders")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.results.len(), 3, "exactly at the limit is fine");
+    let ok = api
+        .batch_decrypt(with_caller(dec(3)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.results.len(), 3);
+}
+
+#[test]
+fn max_batch_items_is_configurable_within_bounds() {
+    use crypto_svc::CryptoConfig;
+    let load = |v: Option<&str>| {
+        let env: std::collections::BTreeMap<String, String> = v
+            .map(|v| ("SEC_CRYPTO__MAX_BATCH_ITEMS".to_string(), v.to_string()))
+            .into_iter()
+            .collect();
+        sec_common::spec::load_config(None, &env, &[&crypto_svc::SPEC])
+    };
+    let items = |c: sec_common::config::Config| {
+        c.section::<CryptoConfig>("crypto").unwrap().max_batch_items
+    };
+    assert_eq!(items(load(None).unwrap()), 1000);
+    assert_eq!(items(load(Some("10000")).unwrap()), 10_000);
+    for bad in ["0", "10001"] {
+        let err = load(Some(bad)).unwrap_err().to_string();
+        assert!(err.contains("crypto.max_batch_items"), "{bad}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn decrypt_failures_are_aggregated_per_key_and_reason() {
+    let b = bounded(Limits {
+        failure_window: Duration::from_secs(10),
+        failure_keys: 2,
+        ..zero_ttl()
+    })
+    .await;
+    b.engine
+        .create_key(&ADMIN, "orders", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    b.events.lock().unwrap().clear();
+    let who = Caller::Service("billing-svc".into());
+    let failed = |b: &Bounded| -> Vec<SecurityEvent> {
+        b.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.r#type == "sec.crypto.decrypt.failed")
+            .cloned()
+            .collect()
+    };
+
+    for _ in 0..100 {
+        assert_eq!(
+            code(b.engine.decrypt(&who, "orders", "sec:v1:AAAA", b"").await),
+            ErrorCode::InvalidArgument
+        );
+        b.clock.advance(chrono::Duration::milliseconds(20));
+    }
+    let first = failed(&b);
+    assert_eq!(first.len(), 1, "the first failure is reported at once");
+    assert_eq!(first[0].details["aggregation"], "first");
+    assert_eq!(b.engine.tick(), 0, "the window is still open");
+    b.clock.advance(chrono::Duration::seconds(10));
+    assert_eq!(b.engine.tick(), 1);
+    let events = failed(&b);
+    assert_eq!(events.len(), 2, "one flood, two events");
+    assert_eq!(events.iter().map(count).sum::<u64>(), 100);
+    let s = &events[1];
+    assert_eq!(s.subject, "orders");
+    assert_eq!(s.details["reason"], "invalid_argument");
+    assert_eq!(s.details["aggregation"], "summary");
+    assert_eq!(s.details["count"], "99");
+    assert_eq!(s.details["window_seconds"], "10");
+    assert_eq!(s.details["first_at"], "2026-01-01T00:00:00.020000Z");
+    assert_eq!(s.details["last_at"], "2026-01-01T00:00:01.980000Z");
+    assert_eq!(s.actor.as_ref().unwrap().id, "billing-svc");
+    assert_eq!(
+        s.outcome,
+        sec_common::events::Outcome::Failure as i32,
+        "still a failure event"
+    );
+    assert_eq!(b.engine.tick(), 0, "nothing left to report");
+
+    // more keys than the cap (2): the rest share the `other` bucket
+    for k in ["k1", "k2", "k3", "k4"] {
+        b.engine
+            .create_key(&ADMIN, k, KeyType::Aes256Gcm, KeyPolicy::default())
+            .await
+            .unwrap();
+    }
+    b.events.lock().unwrap().clear();
+    for k in ["k1", "k2", "k3", "k4"] {
+        for _ in 0..5 {
+            b.engine.decrypt(&who, k, "garbage", b"").await.unwrap_err();
+        }
+    }
+    assert_eq!(b.engine.flush_events(), 3, "k1, k2 and other");
+    let events = failed(&b);
+    assert!(events.len() <= 6, "{}", events.len());
+    let total = |subject: &str| -> u64 {
+        events
+            .iter()
+            .filter(|e| e.subject == subject)
+            .map(count)
+            .sum()
+    };
+    assert_eq!((total("k1"), total("k2"), total("other")), (5, 5, 10));
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.subject == "other")
+            .all(|e| e.details["bucket"] == "other")
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.subject == "k3" || e.subject == "k4")
+    );
 }

@@ -10,6 +10,7 @@
 //! Consumers (audit-svc) call [`EventBus::fetch`] and must [`Delivery::ack`] only after
 //! the event is durably stored; an unacknowledged event is delivered again.
 
+pub mod aggregate;
 pub mod memory;
 pub mod nats;
 
