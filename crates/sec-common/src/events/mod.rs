@@ -1485,5 +1485,25 @@ mod tests {
         assert_eq!(EventsConfig::default().max_event_bytes, 64 * 1024);
         assert_eq!(EventsConfig::default().max_type_share_percent, 25);
         assert_eq!(EventsConfig::default().dead_letter_file, None);
+
+        // What secd and operators set, through the environment overlay.
+        let vars: std::collections::BTreeMap<String, String> = [
+            (
+                "SEC_EVENTS__DEAD_LETTER_FILE",
+                "/var/lib/sec/events.deadletter",
+            ),
+            ("SEC_EVENTS__MAX_EVENT_BYTES", "131072"),
+            ("SEC_EVENTS__MAX_TYPE_SHARE_PERCENT", "10"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let c = Config::load(None, &vars).unwrap();
+        assert_eq!(
+            c.events.dead_letter_file.as_deref(),
+            Some(Path::new("/var/lib/sec/events.deadletter"))
+        );
+        assert_eq!(c.events.max_event_bytes, 128 * 1024);
+        assert_eq!(c.events.max_type_share_percent, 10);
     }
 }
