@@ -93,7 +93,12 @@ pub async fn run(
                 continue;
             }
         };
-        let events: Vec<_> = deliveries.iter().map(|d| d.event.clone()).collect();
+        // The trace id of the producing request, from the `traceparent` header when the
+        // producer could not put it in the event itself.
+        let events: Vec<_> = deliveries
+            .iter()
+            .map(sec_common::events::Delivery::event_with_trace_id)
+            .collect();
         let started = Instant::now();
         match store.insert_batch(&events).await {
             Ok(new) => {

@@ -98,6 +98,15 @@ pub struct EventsConfig {
     pub stream_max_age_hours: u64,
     /// Durable consumer name used by audit-svc.
     pub audit_consumer: String,
+    /// Where events the broker refuses for good are appended (JSON lines, bounded); unset:
+    /// they are only logged and counted. secd sets `<data_dir>/events.deadletter`.
+    pub dead_letter_file: Option<PathBuf>,
+    /// Largest event `publish` accepts (encoded protobuf plus headers), far below the NATS
+    /// server's `max_payload` (1 MiB by default) so the broker never refuses for size.
+    pub max_event_bytes: usize,
+    /// Share of the spool one event type may fill; beyond it that type is refused while
+    /// other types still get in, so one noisy producer cannot silence the others.
+    pub max_type_share_percent: u8,
 }
 
 impl Default for EventsConfig {
@@ -109,6 +118,9 @@ impl Default for EventsConfig {
             spool_capacity: 100_000,
             stream_max_age_hours: 24 * 7,
             audit_consumer: "audit-svc".into(),
+            dead_letter_file: None,
+            max_event_bytes: 64 * 1024,
+            max_type_share_percent: 25,
         }
     }
 }
@@ -527,6 +539,12 @@ impl Config {
         };
         if self.events.spool_capacity == 0 {
             return invalid("events.spool_capacity", "must be at least 1");
+        }
+        if self.events.max_event_bytes == 0 || self.events.max_event_bytes > 1024 * 1024 {
+            return invalid("events.max_event_bytes", "must be between 1 byte and 1 MiB");
+        }
+        if !(1..=100).contains(&self.events.max_type_share_percent) {
+            return invalid("events.max_type_share_percent", "must be between 1 and 100");
         }
         if self.storage.max_connections == 0 {
             return invalid("storage.max_connections", "must be at least 1");

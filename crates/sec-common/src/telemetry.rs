@@ -13,6 +13,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use opentelemetry::Context;
+use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
@@ -440,6 +441,11 @@ pub fn current_trace_id() -> Option<String> {
 /// Tower layer for tonic servers and axum routers: each request runs inside an
 /// `info_span!("request")` named after the URI path, whose OpenTelemetry parent is the
 /// W3C context carried by the request headers (if any).
+///
+/// The incoming context is also made the current OpenTelemetry context while the request
+/// runs, so [`current_trace_id`] and the `inject_*` helpers see the caller's trace even
+/// when no OTLP exporter (hence no OpenTelemetry layer) is installed: security events and
+/// outgoing calls then carry the caller's trace id with or without export.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TraceContextLayer;
 
@@ -470,7 +476,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Instrumented<S::Future>;
+    type Future = WithContext<Instrumented<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -480,16 +486,20 @@ where
         let parent = extract_http(req.headers());
         let path = req.uri().path();
         let span = tracing::info_span!("request", otel.name = %path, rpc.path = %path);
-        if parent.span().span_context().is_valid() {
+        let current = if parent.span().span_context().is_valid() {
             // Fails only when the span is disabled or no OpenTelemetry layer is installed;
-            // either way there is nothing to parent.
-            let _ = span.set_parent(parent);
-        }
+            // either way there is nothing to parent (the attached context still carries it).
+            let _ = span.set_parent(parent.clone());
+            parent
+        } else {
+            Context::current()
+        };
         let future = {
             let _entered = span.enter();
+            let _attached = current.clone().attach();
             self.inner.call(req)
         };
-        future.instrument(span)
+        future.instrument(span).with_context(current)
     }
 }
 

@@ -14,10 +14,17 @@ use super::{Delivery, DeliveryHandle, EventTransport, Outgoing, SecurityEvent, T
 /// How many recent ids are remembered for de-duplication (the broker's dedup window).
 const DEDUP_WINDOW: usize = 100_000;
 
+/// A stored event and the `traceparent` it was published with.
+#[derive(Clone)]
+struct Stored {
+    event: SecurityEvent,
+    traceparent: Option<String>,
+}
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<SecurityEvent>,
-    in_flight: HashMap<String, SecurityEvent>,
+    queue: VecDeque<Stored>,
+    in_flight: HashMap<String, Stored>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
 }
@@ -89,7 +96,10 @@ impl EventTransport for Arc<MemoryTransport> {
                 {
                     s.seen.remove(&old);
                 }
-                s.queue.push_back(o.event.clone());
+                s.queue.push_back(Stored {
+                    event: o.event.clone(),
+                    traceparent: o.traceparent().map(str::to_owned),
+                });
                 Ok(())
             })
             .collect();
@@ -106,12 +116,13 @@ impl EventTransport for Arc<MemoryTransport> {
                 let mut s = self.lock();
                 if !s.queue.is_empty() {
                     let n = max.min(s.queue.len());
-                    let taken: Vec<SecurityEvent> = s.queue.drain(..n).collect();
+                    let taken: Vec<Stored> = s.queue.drain(..n).collect();
                     let mut out = Vec::with_capacity(n);
                     for e in taken {
-                        s.in_flight.insert(e.id.clone(), e.clone());
+                        s.in_flight.insert(e.event.id.clone(), e.clone());
                         out.push(Delivery {
-                            event: e,
+                            event: e.event,
+                            traceparent: e.traceparent,
                             handle: DeliveryHandle::Memory(Arc::clone(self)),
                         });
                     }

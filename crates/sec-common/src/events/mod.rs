@@ -7,6 +7,31 @@
 //! An event is only ever dropped loudly: when the spool is full `publish` returns
 //! [`PublishError::SpoolFull`] and `sec_events_spool_rejected_total` counts it.
 //!
+//! `publish` also refuses at once, counted in `sec_events_rejected_total{reason}`: a bad
+//! type or id (`invalid`), more than [`MAX_DETAILS`] details (`too_many_details`), an event
+//! larger than `events.max_event_bytes` (`too_large`), and an event whose type already fills
+//! `events.max_type_share_percent` of the spool (`type_quota`), so one noisy event type
+//! cannot fill the spool and get every other service's events refused.
+//!
+//! Delivery failures come in two kinds. [`TransportError::Unavailable`] (broker down, ack
+//! timeout) keeps the event in the spool and retries it with backoff, while newer events
+//! keep joining each attempt. [`TransportError::Rejected`] (the broker will never store this
+//! message, e.g. it is over the server's `max_payload`) dead-letters the event at once. An
+//! event that keeps failing as "unavailable" while events queued *after* it in the same
+//! attempt are stored is not facing an outage either: after [`MAX_STRIKES`] such attempts
+//! it is dead-lettered too. Failures with nothing stored after them (an outage, a full
+//! in-process queue, which fail the tail of a batch) never count, so an outage never
+//! dead-letters anything.
+//!
+//! Dead-lettering: the event is appended to `events.dead_letter_file` when configured (one
+//! JSON object per line: `event_id`, `event_type`, `subject`, `size`, `reason` and `event`,
+//! the protobuf encoding in standard base64, so the event can be replayed byte for byte;
+//! the file is created 0600 and, past [`DEAD_LETTER_MAX_BYTES`], renamed to `<file>.1`
+//! (replacing the previous one) before a new file is started), counted in
+//! `sec_events_dead_lettered_total`, logged as one error line (id, type, size, reason;
+//! never the details), and announced by a small `sec.<service>.event.dead_lettered` event.
+//! That summary is never itself summarised when it is dead-lettered, so this cannot loop.
+//!
 //! Consumers (audit-svc) call [`EventBus::fetch`] and must [`Delivery::ack`] only after
 //! the event is durably stored; an unacknowledged event is delivered again.
 
@@ -14,24 +39,50 @@ pub mod aggregate;
 pub mod memory;
 pub mod nats;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::TraceContextExt as _;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use prost::Message as _;
 use tokio::sync::{Notify, mpsc};
 
-use crate::clock::Clock;
+use crate::clock::{Clock, SharedClock, SystemClock};
 use crate::config::EventsConfig;
 pub use sec_proto::common::v1::{Actor, ActorKind, Outcome, SecurityEvent, Severity};
 
 /// Largest batch the worker hands the transport at once.
 const PUBLISH_BATCH: usize = 256;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Most `details` entries one event may carry: details are context for a reader of the
+/// audit trail, not a payload channel.
+pub const MAX_DETAILS: usize = 64;
+/// Attempts in which an event failed as "unavailable" while an event after it was stored,
+/// before the event is treated as permanently refused and dead-lettered.
+pub const MAX_STRIKES: u32 = 5;
+/// The dead-letter file is rotated to `<file>.1` beyond this size, so it stays bounded
+/// (at most twice this on disk) however long the broker keeps refusing.
+pub const DEAD_LETTER_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// `<noun>.<verb>` of the summary published when an event is dead-lettered.
+const DEAD_LETTER_SUMMARY: &str = "event.dead_lettered";
+/// Longest failure reason copied into a summary event.
+const MAX_REASON_CHARS: usize = 256;
+/// Header bytes every NATS message carries besides the trace headers: the `NATS/1.0\r\n`
+/// preamble, the final `\r\n` and `Nats-Msg-Id: <uuid>\r\n`.
+const FIXED_HEADER_BYTES: usize = 10 + 2 + 11 + 2 + 36 + 2;
 
 /// An event on its way to the broker, with the W3C trace headers of the request that
 /// produced it.
@@ -42,10 +93,24 @@ pub struct Outgoing {
     pub trace_headers: Vec<(String, String)>,
 }
 
+impl Outgoing {
+    /// The `traceparent` value this event travels with, if any.
+    fn traceparent(&self) -> Option<&str> {
+        self.trace_headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why the transport did not store an event. Decides what the bus does next.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// Transient (broker down, ack timeout): the event stays in the spool and is retried.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// Permanent for this event (too big, invalid subject, refused by the stream): it is
+    /// dead-lettered at once instead of blocking the events behind it.
     #[error("broker refused the event: {0}")]
     Rejected(String),
 }
@@ -55,7 +120,9 @@ pub enum TransportError {
 pub trait EventTransport: Send + Sync + 'static {
     /// `nats` or `memory`, for logs and status output.
     fn kind(&self) -> &'static str;
-    /// Publishes a batch; one result per event, `Ok` once the broker has stored it.
+    /// Publishes a batch; one result per event, in batch order, `Ok` once the broker has
+    /// stored it. Events are stored in order, so a failure followed by a success in the
+    /// same batch is specific to the failed event (the bus relies on this).
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>>;
     /// Up to `max` events for the durable consumer, waiting at most `wait` for the first.
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError>;
@@ -68,6 +135,8 @@ pub trait EventTransport: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Delivery {
     pub event: SecurityEvent,
+    /// The `traceparent` header the event travelled with.
+    traceparent: Option<String>,
     handle: DeliveryHandle,
 }
 
@@ -78,6 +147,29 @@ enum DeliveryHandle {
 }
 
 impl Delivery {
+    /// The W3C trace id of the request that produced the event: the event's own
+    /// `trace_id`, else the one of the `traceparent` header it travelled with (a producer
+    /// may not have had its trace context at hand when it built the event).
+    pub fn trace_id(&self) -> Option<String> {
+        if !self.event.trace_id.is_empty() {
+            return Some(self.event.trace_id.clone());
+        }
+        self.traceparent
+            .as_deref()
+            .and_then(trace_id_of_traceparent)
+    }
+
+    /// The event as it should be stored: with [`Delivery::trace_id`] filled in.
+    pub fn event_with_trace_id(&self) -> SecurityEvent {
+        let mut event = self.event.clone();
+        if event.trace_id.is_empty()
+            && let Some(trace_id) = self.trace_id()
+        {
+            event.trace_id = trace_id;
+        }
+        event
+    }
+
     pub async fn ack(self) -> Result<(), TransportError> {
         match self.handle {
             DeliveryHandle::Nats(m) => m
@@ -107,7 +199,18 @@ impl Delivery {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// The 32-hex-digit trace id of a W3C `traceparent` value; `None` when it is malformed.
+/// Parsed with the W3C propagator itself, not the global one, so it works whether or not
+/// telemetry was initialised.
+pub fn trace_id_of_traceparent(value: &str) -> Option<String> {
+    let carrier = HashMap::from([("traceparent".to_owned(), value.to_owned())]);
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
     #[error("event spool is full ({0} events waiting for the broker); event refused")]
     SpoolFull(usize),
@@ -115,6 +218,24 @@ pub enum PublishError {
     Closed,
     #[error("invalid event: {0}")]
     Invalid(String),
+    #[error(
+        "event is {size} bytes, over the {max}-byte limit (events.max_event_bytes); \
+         keep bulk data out of events"
+    )]
+    TooLarge { size: usize, max: usize },
+    #[error("event has {count} details, over the limit of {max}")]
+    TooManyDetails { count: usize, max: usize },
+    #[error(
+        "events of type `{event_type}` already fill their share of the spool ({limit} \
+         waiting for the broker); event refused"
+    )]
+    TypeQuota { event_type: String, limit: usize },
+}
+
+/// Label of `sec_events_rejected_total`: a fixed set of reasons.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectReason {
+    reason: &'static str,
 }
 
 #[derive(Clone, Default)]
@@ -122,14 +243,24 @@ struct BusMetrics {
     published: Counter,
     retries: Counter,
     rejected: Counter,
+    refused: Family<RejectReason, Counter>,
+    dead_lettered: Counter,
     depth: Gauge,
 }
 
 struct BusInner {
     tx: mpsc::Sender<Outgoing>,
     transport: Arc<dyn EventTransport>,
+    clock: SharedClock,
     subject_prefix: String,
     capacity: usize,
+    max_event_bytes: usize,
+    /// Events of one type allowed to wait in the spool at once.
+    type_limit: usize,
+    /// Events accepted and not yet stored or dead-lettered, per (validated) event type.
+    /// An entry is removed when its count drops to zero, so the map is bounded by the spool.
+    waiting_by_type: Mutex<HashMap<String, usize>>,
+    dead_letter_file: Option<PathBuf>,
     /// Events accepted by `publish` and not yet acknowledged by the broker.
     pending: AtomicI64,
     drained: Notify,
@@ -153,12 +284,35 @@ impl std::fmt::Debug for EventBus {
 impl EventBus {
     /// Starts the delivery worker on the current tokio runtime.
     pub fn new(transport: Arc<dyn EventTransport>, cfg: &EventsConfig) -> Self {
-        let (tx, rx) = mpsc::channel(cfg.spool_capacity);
+        Self::with_clock(transport, cfg, Arc::new(SystemClock))
+    }
+
+    /// [`EventBus::new`] with the clock that stamps the bus's own events (dead-letter
+    /// summaries).
+    pub fn with_clock(
+        transport: Arc<dyn EventTransport>,
+        cfg: &EventsConfig,
+        clock: SharedClock,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(cfg.spool_capacity.max(1));
+        let share = usize::from(cfg.max_type_share_percent.clamp(1, 100));
         let inner = Arc::new(BusInner {
             tx,
             transport,
+            clock,
             subject_prefix: cfg.subject_prefix.clone(),
             capacity: cfg.spool_capacity,
+            max_event_bytes: cfg.max_event_bytes,
+            // 100%: no per-type limit at all (the spool's own bound still applies; events
+            // in the worker's hands count as waiting, so a limit equal to the capacity
+            // would bite before the spool is full).
+            type_limit: if share >= 100 {
+                usize::MAX
+            } else {
+                (cfg.spool_capacity.saturating_mul(share) / 100).max(1)
+            },
+            waiting_by_type: Mutex::new(HashMap::new()),
+            dead_letter_file: cfg.dead_letter_file.clone(),
             pending: AtomicI64::new(0),
             drained: Notify::new(),
             metrics: BusMetrics::default(),
@@ -179,46 +333,10 @@ impl EventBus {
         self.inner.transport.kind()
     }
 
-    /// Hands the event to the spool. Never blocks; fails only when the spool is full.
+    /// Hands the event to the spool. Never blocks; fails when the event is invalid, too
+    /// large, its type is over its share of the spool, or the spool is full.
     pub fn publish(&self, event: SecurityEvent) -> Result<(), PublishError> {
-        let subject = subject_for(&self.inner.subject_prefix, &event)?;
-        let mut trace_headers = Vec::new();
-        let mut h = http::HeaderMap::new();
-        crate::telemetry::inject_http(&mut h);
-        for (k, v) in &h {
-            if let Ok(v) = v.to_str() {
-                trace_headers.push((k.as_str().to_owned(), v.to_owned()));
-            }
-        }
-        let out = Outgoing {
-            subject,
-            event,
-            trace_headers,
-        };
-        // Count before sending so the worker's decrement can never run first.
-        self.inner.pending.fetch_add(1, Ordering::SeqCst);
-        match self.inner.tx.try_send(out) {
-            Ok(()) => {
-                self.inner.metrics.depth.inc();
-                Ok(())
-            }
-            Err(e) => {
-                self.inner.pending.fetch_sub(1, Ordering::SeqCst);
-                let ev = match &e {
-                    mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => {
-                        &o.event
-                    }
-                };
-                tracing::error!(event_id = %ev.id, event_type = %ev.r#type, "security event refused: spool full or closed");
-                self.inner.metrics.rejected.inc();
-                match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        Err(PublishError::SpoolFull(self.inner.capacity))
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Err(PublishError::Closed),
-                }
-            }
-        }
+        self.inner.publish(event)
     }
 
     /// Events for the durable consumer (audit-svc).
@@ -230,13 +348,14 @@ impl EventBus {
         self.inner.transport.ready().await
     }
 
-    /// Events accepted but not yet stored by the broker.
+    /// Events accepted but not yet stored by the broker (or dead-lettered).
     pub fn pending(&self) -> usize {
         usize::try_from(self.inner.pending.load(Ordering::SeqCst)).unwrap_or(0)
     }
 
-    /// Waits until every accepted event is stored by the broker, or `timeout`. Returns
-    /// how many are still pending (logged as an error by callers at shutdown).
+    /// Waits until every accepted event is stored by the broker (or dead-lettered), or
+    /// `timeout`. Returns how many are still pending (logged as an error by callers at
+    /// shutdown).
     pub async fn flush(&self, timeout: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -270,11 +389,277 @@ impl EventBus {
             m.rejected.clone(),
         );
         registry.register(
+            "sec_events_rejected",
+            "Events refused by publish: invalid, too_many_details, too_large, type_quota",
+            m.refused.clone(),
+        );
+        registry.register(
+            "sec_events_dead_lettered",
+            "Events the broker refused for good, set aside instead of retried",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
             "sec_events_spool_depth",
             "Events waiting in the spool for the broker",
             m.depth.clone(),
         );
     }
+}
+
+impl BusInner {
+    fn publish(&self, event: SecurityEvent) -> Result<(), PublishError> {
+        // Validates the type before it is used as a quota key below.
+        let subject =
+            subject_for(&self.subject_prefix, &event).map_err(|e| self.refuse("invalid", e))?;
+        if event.details.len() > MAX_DETAILS {
+            return Err(self.refuse(
+                "too_many_details",
+                PublishError::TooManyDetails {
+                    count: event.details.len(),
+                    max: MAX_DETAILS,
+                },
+            ));
+        }
+        let trace_headers = current_trace_headers();
+        let size = wire_size(&event, &trace_headers);
+        if size > self.max_event_bytes {
+            return Err(self.refuse(
+                "too_large",
+                PublishError::TooLarge {
+                    size,
+                    max: self.max_event_bytes,
+                },
+            ));
+        }
+        self.admit_type(&event.r#type)
+            .map_err(|e| self.refuse("type_quota", e))?;
+        let out = Outgoing {
+            subject,
+            event,
+            trace_headers,
+        };
+        // Count before sending so the worker's decrement can never run first.
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(out) {
+            Ok(()) => {
+                self.metrics.depth.inc();
+                Ok(())
+            }
+            Err(e) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                let ev = match &e {
+                    mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => {
+                        &o.event
+                    }
+                };
+                self.release_types([ev.r#type.as_str()]);
+                tracing::error!(event_id = %ev.id, event_type = %ev.r#type, "security event refused: spool full or closed");
+                self.metrics.rejected.inc();
+                match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        Err(PublishError::SpoolFull(self.capacity))
+                    }
+                    mpsc::error::TrySendError::Closed(_) => Err(PublishError::Closed),
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, error: PublishError) -> PublishError {
+        self.metrics
+            .refused
+            .get_or_create(&RejectReason { reason })
+            .inc();
+        error
+    }
+
+    /// Counts one more waiting event of `event_type`, unless the type is at its limit.
+    fn admit_type(&self, event_type: &str) -> Result<(), PublishError> {
+        let mut waiting = self
+            .waiting_by_type
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match waiting.get_mut(event_type) {
+            Some(n) if *n >= self.type_limit => Err(PublishError::TypeQuota {
+                event_type: event_type.to_owned(),
+                limit: self.type_limit,
+            }),
+            Some(n) => {
+                *n += 1;
+                Ok(())
+            }
+            None => {
+                waiting.insert(event_type.to_owned(), 1);
+                Ok(())
+            }
+        }
+    }
+
+    fn release_types<'a>(&self, types: impl IntoIterator<Item = &'a str>) {
+        let mut waiting = self
+            .waiting_by_type
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for t in types {
+            if let Some(n) = waiting.get_mut(t) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    waiting.remove(t);
+                }
+            }
+        }
+    }
+
+    /// Events that left the spool (`stored` of them stored, the rest dead-lettered).
+    fn settle(&self, stored: u64, left: &[String]) {
+        if left.is_empty() {
+            return;
+        }
+        let n = i64::try_from(left.len()).unwrap_or(i64::MAX);
+        self.metrics.published.inc_by(stored);
+        self.metrics.depth.dec_by(n);
+        self.release_types(left.iter().map(String::as_str));
+        if self.pending.fetch_sub(n, Ordering::SeqCst) == n {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Sets aside an event the broker will never store: file (if configured), metric, one
+    /// error line, and a summary event unless the event is itself a summary.
+    async fn dead_letter(&self, out: Outgoing, reason: String) {
+        let size = out.event.encoded_len();
+        self.metrics.dead_lettered.inc();
+        let kept = match &self.dead_letter_file {
+            None => false,
+            Some(path) => {
+                let line = dead_letter_line(&out, size, &reason);
+                let path = path.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    append_bounded(&path, line.as_bytes(), DEAD_LETTER_MAX_BYTES)
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot append to the dead-letter file");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "dead-letter writer failed");
+                        false
+                    }
+                }
+            }
+        };
+        tracing::error!(
+            event_id = %out.event.id,
+            event_type = %out.event.r#type,
+            size,
+            reason = %reason,
+            kept_in_file = kept,
+            "security event dead-lettered: the broker will not store it"
+        );
+        if is_dead_letter_summary(&out.event) {
+            return;
+        }
+        let summary = dead_letter_summary(self.clock.as_ref(), &out.event, size, &reason);
+        if let Err(e) = self.publish(summary) {
+            tracing::warn!(error = %e, "dead-letter summary event not published");
+        }
+    }
+}
+
+/// The W3C headers (`traceparent`, …) of the current trace, if any.
+fn current_trace_headers() -> Vec<(String, String)> {
+    let mut h = http::HeaderMap::new();
+    crate::telemetry::inject_http(&mut h);
+    h.iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// Bytes the event takes on the wire: the protobuf plus the NATS headers it travels with.
+fn wire_size(event: &SecurityEvent, trace_headers: &[(String, String)]) -> usize {
+    let headers: usize = trace_headers
+        .iter()
+        .map(|(k, v)| k.len() + 2 + v.len() + 2)
+        .sum();
+    event.encoded_len() + FIXED_HEADER_BYTES + headers
+}
+
+fn is_dead_letter_summary(event: &SecurityEvent) -> bool {
+    event
+        .r#type
+        .strip_prefix("sec.")
+        .and_then(|rest| rest.strip_prefix(event.service.as_str()))
+        .and_then(|rest| rest.strip_prefix('.'))
+        == Some(DEAD_LETTER_SUMMARY)
+}
+
+/// `sec.<service>.event.dead_lettered`: which event was set aside and why, without its
+/// details.
+fn dead_letter_summary(
+    clock: &dyn Clock,
+    original: &SecurityEvent,
+    size: usize,
+    reason: &str,
+) -> SecurityEvent {
+    let mut e = new_event(
+        clock,
+        &original.service,
+        &format!("sec.{}.{DEAD_LETTER_SUMMARY}", original.service),
+    );
+    e.outcome = Outcome::Failure as i32;
+    e.severity = Severity::High as i32;
+    e.subject = format!("event:{}", original.id);
+    e.trace_id = original.trace_id.clone();
+    e.details.insert("event_id".into(), original.id.clone());
+    e.details
+        .insert("event_type".into(), original.r#type.clone());
+    e.details.insert("size".into(), size.to_string());
+    e.details.insert(
+        "reason".into(),
+        reason.chars().take(MAX_REASON_CHARS).collect(),
+    );
+    e
+}
+
+/// One line of the dead-letter file (see the module documentation for the format).
+fn dead_letter_line(out: &Outgoing, size: usize, reason: &str) -> String {
+    let mut line = serde_json::json!({
+        "event_id": out.event.id,
+        "event_type": out.event.r#type,
+        "subject": out.subject,
+        "size": size,
+        "reason": reason,
+        "traceparent": out.traceparent(),
+        "event": base64::engine::general_purpose::STANDARD.encode(out.event.encode_to_vec()),
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+/// Appends `line` to `path` (created 0600), first renaming a file that would grow past
+/// `max` to `<path>.1`, so at most two generations exist.
+fn append_bounded(path: &Path, line: &[u8], max: u64) -> std::io::Result<()> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    if len > 0 && len.saturating_add(line.len() as u64) > max {
+        let mut previous = path.as_os_str().to_owned();
+        previous.push(".1");
+        std::fs::rename(path, PathBuf::from(previous))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(line)?;
+    file.sync_data()
 }
 
 /// `sec.crypto.key.rotated` → `<prefix>.crypto.key.rotated`.
@@ -308,56 +693,103 @@ fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishErr
     Ok(format!("{prefix}.{rest}"))
 }
 
+/// The delivery worker. Each attempt publishes the events still failing first, then new
+/// events from the spool, so a failing event never holds back the ones behind it.
 async fn deliver(bus: std::sync::Weak<BusInner>, mut rx: mpsc::Receiver<Outgoing>) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(PUBLISH_BATCH);
-    // Runs until every sender (every EventBus clone) is gone and the spool is empty.
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
+    // Per event in `batch`: attempts it failed while an event after it was stored.
+    let mut strikes: Vec<u32> = Vec::with_capacity(PUBLISH_BATCH);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if batch.is_empty() {
+            // Runs until every sender (every EventBus clone) is gone and the spool is empty.
+            let Some(first) = rx.recv().await else { return };
+            batch.push(first);
+            strikes.push(0);
+            backoff = MIN_BACKOFF;
+        }
         while batch.len() < PUBLISH_BATCH {
             match rx.try_recv() {
-                Ok(o) => batch.push(o),
+                Ok(o) => {
+                    batch.push(o);
+                    strikes.push(0);
+                }
                 Err(_) => break,
             }
         }
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let Some(inner) = bus.upgrade() else { break };
-            let results = inner.transport.publish(&batch).await;
-            let mut failed = Vec::new();
-            let mut first_error = None;
-            let mut stored = 0_i64;
-            for (out, res) in batch.drain(..).zip(results) {
-                match res {
-                    Ok(()) => stored += 1,
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                        failed.push(out);
+        let Some(inner) = bus.upgrade() else { return };
+        let mut results = inner.transport.publish(&batch).await;
+        results.resize_with(batch.len(), || {
+            Err(TransportError::Unavailable(
+                "transport returned no result".into(),
+            ))
+        });
+        // A failure before the last stored event is specific to the failed event; failures
+        // after it look like an outage (or a full in-process queue) and never count.
+        let last_stored = results.iter().rposition(Result::is_ok);
+        let mut retry = Vec::new();
+        let mut retry_strikes = Vec::new();
+        let mut dead = Vec::new();
+        let mut left = Vec::new();
+        let mut stored = 0_u64;
+        let mut first_error = None;
+        for (i, ((out, n), res)) in batch
+            .drain(..)
+            .zip(strikes.drain(..))
+            .zip(results)
+            .enumerate()
+        {
+            match res {
+                Ok(()) => {
+                    stored += 1;
+                    left.push(out.event.r#type);
+                }
+                Err(TransportError::Rejected(reason)) => dead.push((out, reason)),
+                Err(TransportError::Unavailable(reason)) => {
+                    let n = n + u32::from(last_stored.is_some_and(|last| last > i));
+                    if n >= MAX_STRIKES {
+                        dead.push((
+                            out,
+                            format!(
+                                "failed {n} times while events after it were stored; \
+                                 last error: {reason}"
+                            ),
+                        ));
+                    } else {
+                        first_error.get_or_insert(reason);
+                        retry.push(out);
+                        retry_strikes.push(n);
                     }
                 }
             }
-            if stored > 0 {
-                inner.metrics.published.inc_by(stored as u64);
-                inner.metrics.depth.dec_by(stored);
-                if inner.pending.fetch_sub(stored, Ordering::SeqCst) == stored {
-                    inner.drained.notify_waiters();
-                }
-            }
-            if failed.is_empty() {
-                break;
-            }
-            inner.metrics.retries.inc_by(failed.len() as u64);
-            tracing::warn!(
-                pending = failed.len(),
-                error = %first_error.map(|e| e.to_string()).unwrap_or_default(),
-                retry_in_ms = backoff.as_millis() as u64,
-                "event publish failed, keeping events in the spool"
-            );
-            batch = failed;
-            drop(inner);
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        batch.clear();
+        let progress = stored > 0 || !dead.is_empty();
+        // Dead-letter (and enqueue the summaries) before settling, so `flush` also waits
+        // for the summaries.
+        for (out, reason) in dead {
+            left.push(out.event.r#type.clone());
+            inner.dead_letter(out, reason).await;
+        }
+        inner.settle(stored, &left);
+        if retry.is_empty() {
+            continue;
+        }
+        inner.metrics.retries.inc_by(retry.len() as u64);
+        if progress {
+            // The broker is up; only these events fail. Retry soon, with newer events.
+            backoff = MIN_BACKOFF;
+        }
+        tracing::warn!(
+            pending = retry.len(),
+            error = %first_error.unwrap_or_default(),
+            retry_in_ms = backoff.as_millis() as u64,
+            "event publish failed, keeping events in the spool"
+        );
+        batch = retry;
+        strikes = retry_strikes;
+        drop(inner);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -505,7 +937,14 @@ mod tests {
             up: false.into(),
             stored: Default::default(),
         });
-        let bus = EventBus::new(flaky.clone(), &cfg(4));
+        // One event type fills the spool here: no per-type share in the way.
+        let bus = EventBus::new(
+            flaky.clone(),
+            &EventsConfig {
+                max_type_share_percent: 100,
+                ..cfg(4)
+            },
+        );
         let mut ids = Vec::new();
         let mut refused = 0;
         for _ in 0..20 {
@@ -531,6 +970,10 @@ mod tests {
             text.contains(&format!("sec_events_spool_rejected_total {refused}")),
             "{text}"
         );
+        assert!(
+            text.contains("sec_events_dead_lettered_total 0"),
+            "an outage never dead-letters: {text}"
+        );
 
         flaky.up.store(true, Ordering::SeqCst);
         assert_eq!(bus.flush(Duration::from_secs(10)).await, 0);
@@ -543,5 +986,525 @@ mod tests {
             got, want,
             "every accepted event reaches the broker once it is back"
         );
+    }
+
+    fn metrics(bus: &EventBus) -> String {
+        let mut reg = Registry::default();
+        bus.register_metrics(&mut reg);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        text
+    }
+
+    type Verdict = Box<dyn Fn(&Outgoing) -> Result<(), TransportError> + Send + Sync>;
+
+    /// A broker that judges each event with `verdict` and keeps what it accepts.
+    struct Scripted {
+        verdict: Verdict,
+        stored: std::sync::Mutex<Vec<SecurityEvent>>,
+    }
+
+    impl Scripted {
+        fn new(
+            verdict: impl Fn(&Outgoing) -> Result<(), TransportError> + Send + Sync + 'static,
+        ) -> Arc<Self> {
+            Arc::new(Self {
+                verdict: Box::new(verdict),
+                stored: Default::default(),
+            })
+        }
+
+        fn stored(&self) -> Vec<SecurityEvent> {
+            self.stored.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl EventTransport for Scripted {
+        fn kind(&self) -> &'static str {
+            "scripted"
+        }
+        async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>> {
+            batch
+                .iter()
+                .map(|o| {
+                    let r = (self.verdict)(o);
+                    if r.is_ok() {
+                        self.stored.lock().unwrap().push(o.event.clone());
+                    }
+                    r
+                })
+                .collect()
+        }
+        async fn fetch(&self, _: usize, _: Duration) -> Result<Vec<Delivery>, TransportError> {
+            Ok(vec![])
+        }
+        async fn ready(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn dead_letter_lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn decode_dead_letter(line: &serde_json::Value) -> SecurityEvent {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(line["event"].as_str().unwrap())
+            .unwrap();
+        SecurityEvent::decode(bytes.as_slice()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn permanently_rejected_event_is_dead_lettered_and_never_blocks_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("events.deadletter");
+        let mut bad = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        bad.details.insert("note".into(), "private-detail".into());
+        let bad_id = bad.id.clone();
+        let broker = Scripted::new(move |o| {
+            if o.event.id == bad_id {
+                Err(TransportError::Rejected("maximum payload exceeded".into()))
+            } else {
+                Ok(())
+            }
+        });
+        let bus = EventBus::new(
+            broker.clone(),
+            &EventsConfig {
+                dead_letter_file: Some(file.clone()),
+                ..cfg(100)
+            },
+        );
+        bus.publish(bad.clone()).unwrap();
+        let mut good = Vec::new();
+        for _ in 0..10 {
+            let e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+            good.push(e.id.clone());
+            bus.publish(e).unwrap();
+        }
+        assert_eq!(bus.flush(Duration::from_secs(10)).await, 0);
+
+        let stored = broker.stored();
+        for id in &good {
+            assert!(stored.iter().any(|e| &e.id == id), "good event {id} lost");
+        }
+        assert!(!stored.iter().any(|e| e.id == bad.id));
+        let summaries: Vec<_> = stored
+            .iter()
+            .filter(|e| e.r#type == "sec.audit.event.dead_lettered")
+            .collect();
+        assert_eq!(summaries.len(), 1, "one summary per dead-lettered event");
+        let summary = summaries[0];
+        assert_eq!(summary.details["event_id"], bad.id);
+        assert_eq!(summary.details["event_type"], "sec.audit.test.happened");
+        assert!(summary.details["reason"].contains("maximum payload"));
+        assert!(
+            !summary
+                .details
+                .values()
+                .any(|v| v.contains("private-detail")),
+            "the summary never copies the event's details"
+        );
+        assert_eq!(summary.outcome, Outcome::Failure as i32);
+
+        let text = metrics(&bus);
+        assert!(text.contains("sec_events_dead_lettered_total 1"), "{text}");
+        assert!(
+            text.contains("sec_events_publish_retries_total 0"),
+            "a rejected event is never retried: {text}"
+        );
+        assert!(text.contains("sec_events_spool_depth 0"), "{text}");
+
+        let lines = dead_letter_lines(&file);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["event_id"], bad.id.as_str());
+        assert_eq!(lines[0]["reason"], "maximum payload exceeded");
+        assert_eq!(
+            decode_dead_letter(&lines[0]),
+            bad,
+            "the file keeps the event byte for byte"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_lettered_summary_is_not_summarised_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dl");
+        let broker = Scripted::new(|_| Err(TransportError::Rejected("stream sealed".into())));
+        let bus = EventBus::new(
+            broker.clone(),
+            &EventsConfig {
+                dead_letter_file: Some(file.clone()),
+                ..cfg(100)
+            },
+        );
+        bus.publish(new_event(&SystemClock, "token", "sec.token.key.rotated"))
+            .unwrap();
+        assert_eq!(bus.flush(Duration::from_secs(10)).await, 0);
+        let lines = dead_letter_lines(&file);
+        let types: Vec<_> = lines.iter().map(|l| l["event_type"].clone()).collect();
+        assert_eq!(
+            types,
+            ["sec.token.key.rotated", "sec.token.event.dead_lettered"],
+            "the event, then its summary, and nothing more"
+        );
+        assert!(metrics(&bus).contains("sec_events_dead_lettered_total 2"));
+        assert!(broker.stored().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_event_failing_alone_while_others_get_through_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dl");
+        let bad = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        let bad_id = bad.id.clone();
+        let broker = Scripted::new(move |o| {
+            if o.event.id == bad_id {
+                Err(TransportError::Unavailable("timed out".into()))
+            } else {
+                Ok(())
+            }
+        });
+        let bus = EventBus::new(
+            broker.clone(),
+            &EventsConfig {
+                dead_letter_file: Some(file.clone()),
+                ..cfg(100)
+            },
+        );
+        bus.publish(bad.clone()).unwrap();
+        // Traffic keeps flowing behind it; a deadline only guards against a hang.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut good = Vec::new();
+        while dead_letter_lines(&file).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never dead-lettered"
+            );
+            let e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+            good.push(e.id.clone());
+            bus.publish(e).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(bus.flush(Duration::from_secs(10)).await, 0);
+        let lines = dead_letter_lines(&file);
+        assert_eq!(lines[0]["event_id"], bad.id.as_str());
+        let reason = lines[0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(&format!("failed {MAX_STRIKES} times")) && reason.contains("timed out"),
+            "{reason}"
+        );
+        let stored: Vec<String> = broker.stored().into_iter().map(|e| e.id).collect();
+        for id in &good {
+            assert!(stored.contains(id), "good event {id} lost");
+        }
+    }
+
+    /// A broker whose queue takes only two events per call: the tail of every batch fails
+    /// as "unavailable", like the in-process queue under a slow consumer.
+    struct Trickle {
+        stored: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl EventTransport for Trickle {
+        fn kind(&self) -> &'static str {
+            "trickle"
+        }
+        async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>> {
+            batch
+                .iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    if i < 2 {
+                        self.stored.lock().unwrap().push(o.event.id.clone());
+                        Ok(())
+                    } else {
+                        Err(TransportError::Unavailable("queue full".into()))
+                    }
+                })
+                .collect()
+        }
+        async fn fetch(&self, _: usize, _: Duration) -> Result<Vec<Delivery>, TransportError> {
+            Ok(vec![])
+        }
+        async fn ready(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn back_pressure_delays_events_but_never_dead_letters_them() {
+        let broker = Arc::new(Trickle {
+            stored: Default::default(),
+        });
+        let bus = EventBus::new(
+            broker.clone(),
+            &EventsConfig {
+                max_type_share_percent: 100,
+                ..cfg(100)
+            },
+        );
+        let mut ids = Vec::new();
+        for _ in 0..30 {
+            let e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+            ids.push(e.id.clone());
+            bus.publish(e).unwrap();
+        }
+        assert_eq!(bus.flush(Duration::from_secs(30)).await, 0);
+        let mut stored = broker.stored.lock().unwrap().clone();
+        stored.sort();
+        ids.sort();
+        assert_eq!(stored, ids);
+        assert!(metrics(&bus).contains("sec_events_dead_lettered_total 0"));
+    }
+
+    #[tokio::test]
+    async fn oversized_events_and_too_many_details_are_refused_at_publish() {
+        let bus = EventBus::in_process(&cfg(100));
+        let mut big = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        big.details.insert("blob".into(), "x".repeat(70_000));
+        let err = bus.publish(big).unwrap_err();
+        let PublishError::TooLarge { size, max } = err.clone() else {
+            panic!("expected TooLarge, got {err}");
+        };
+        assert_eq!(max, 64 * 1024);
+        assert!(size > 70_000);
+        assert!(err.to_string().contains("events.max_event_bytes"), "{err}");
+
+        let mut chatty = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        for i in 0..=MAX_DETAILS {
+            chatty.details.insert(format!("k{i}"), "v".into());
+        }
+        assert_eq!(
+            bus.publish(chatty),
+            Err(PublishError::TooManyDetails {
+                count: MAX_DETAILS + 1,
+                max: MAX_DETAILS
+            })
+        );
+
+        let mut fine = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        for i in 0..MAX_DETAILS {
+            fine.details.insert(format!("k{i}"), "v".into());
+        }
+        let fine_id = fine.id.clone();
+        bus.publish(fine).unwrap();
+        assert_eq!(bus.flush(Duration::from_secs(5)).await, 0);
+        let got = bus.fetch(10, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(got.len(), 1, "refused events never reach the broker");
+        assert_eq!(got[0].event.id, fine_id);
+
+        let text = metrics(&bus);
+        assert!(
+            text.contains(r#"sec_events_rejected_total{reason="too_large"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sec_events_rejected_total{reason="too_many_details"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_one_type_cannot_crowd_out_other_types() {
+        let flaky = Arc::new(Flaky {
+            up: false.into(),
+            stored: Default::default(),
+        });
+        let bus = EventBus::new(flaky.clone(), &cfg(100));
+        let (mut accepted, mut quota) = (0, 0);
+        for _ in 0..1000 {
+            match bus.publish(new_event(&SystemClock, "auth", "sec.auth.login.failed")) {
+                Ok(()) => accepted += 1,
+                Err(PublishError::TypeQuota { event_type, limit }) => {
+                    assert_eq!(event_type, "sec.auth.login.failed");
+                    assert_eq!(limit, 25);
+                    quota += 1;
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert_eq!(accepted, 25, "25% of a 100-event spool");
+        assert_eq!(quota, 975);
+        // Other types, of this service and others, still get in.
+        for _ in 0..20 {
+            bus.publish(new_event(&SystemClock, "auth", "sec.auth.login.succeeded"))
+                .unwrap();
+            bus.publish(new_event(&SystemClock, "crypto", "sec.crypto.key.rotated"))
+                .unwrap();
+        }
+        let text = metrics(&bus);
+        assert!(
+            text.contains(r#"sec_events_rejected_total{reason="type_quota"} 975"#),
+            "{text}"
+        );
+
+        flaky.up.store(true, Ordering::SeqCst);
+        assert_eq!(bus.flush(Duration::from_secs(10)).await, 0);
+        assert_eq!(flaky.stored.lock().unwrap().len(), 65);
+        // Delivered events give their share back.
+        bus.publish(new_event(&SystemClock, "auth", "sec.auth.login.failed"))
+            .unwrap();
+    }
+
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// What a gRPC server does: `TraceContextLayer` around a handler that emits an event.
+    async fn serve_one_request(bus: &EventBus, traceparent: &str) {
+        use tower::{Layer as _, ServiceExt as _};
+        let producer = bus.clone();
+        let svc =
+            crate::telemetry::TraceContextLayer.layer(tower::service_fn(
+                move |_req: http::Request<()>| {
+                    let bus = producer.clone();
+                    async move {
+                        bus.publish(new_event(&SystemClock, "audit", "sec.audit.test.happened"))
+                    }
+                },
+            ));
+        let req = http::Request::builder()
+            .uri("/sec.audit.v1.AuditService/Query")
+            .header("traceparent", traceparent)
+            .body(())
+            .unwrap();
+        svc.oneshot(req).await.unwrap();
+    }
+
+    async fn delivered_trace_id(bus: &EventBus) -> (String, Option<String>) {
+        assert_eq!(bus.flush(Duration::from_secs(5)).await, 0);
+        let mut got = bus.fetch(10, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        let d = got.remove(0);
+        let ids = (d.event.trace_id.clone(), d.trace_id());
+        d.ack().await.unwrap();
+        ids
+    }
+
+    #[tokio::test]
+    async fn the_request_traceparent_reaches_the_delivered_event_with_or_without_export() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let bus = EventBus::in_process(&cfg(100));
+
+        // No OTLP endpoint: no OpenTelemetry layer in the subscriber.
+        serve_one_request(&bus, TRACEPARENT).await;
+        let (in_event, delivered) = delivered_trace_id(&bus).await;
+        assert_eq!(in_event, TRACE_ID);
+        assert_eq!(delivered.as_deref(), Some(TRACE_ID));
+
+        // With export: the OpenTelemetry layer parents the request span.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        {
+            let _default = tracing::subscriber::set_default(subscriber);
+            serve_one_request(&bus, TRACEPARENT).await;
+        }
+        let (in_event, delivered) = delivered_trace_id(&bus).await;
+        assert_eq!(in_event, TRACE_ID);
+        assert_eq!(delivered.as_deref(), Some(TRACE_ID));
+
+        // A malformed traceparent is ignored, not copied.
+        serve_one_request(&bus, "00-nope-01").await;
+        let (in_event, delivered) = delivered_trace_id(&bus).await;
+        assert_eq!(in_event, "");
+        assert_eq!(delivered, None);
+    }
+
+    #[tokio::test]
+    async fn consumer_falls_back_to_the_traceparent_header() {
+        let t = memory::MemoryTransport::new(10);
+        let mut e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        e.trace_id.clear();
+        let out = Outgoing {
+            subject: "s".into(),
+            event: e,
+            trace_headers: vec![("traceparent".into(), TRACEPARENT.into())],
+        };
+        assert!(t.publish(&[out]).await[0].is_ok());
+        let got = t.fetch(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(got[0].trace_id().as_deref(), Some(TRACE_ID));
+        assert_eq!(got[0].event_with_trace_id().trace_id, TRACE_ID);
+        assert_eq!(trace_id_of_traceparent("garbage"), None);
+        assert_eq!(
+            trace_id_of_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+    }
+
+    #[test]
+    fn dead_letter_file_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dl");
+        let line = |c: char| format!("{}\n", c.to_string().repeat(59));
+        append_bounded(&path, line('a').as_bytes(), 100).unwrap();
+        append_bounded(&path, line('b').as_bytes(), 100).unwrap();
+        append_bounded(&path, line('c').as_bytes(), 100).unwrap();
+        let previous = dir.path().join("dl.1");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line('c'));
+        assert_eq!(
+            std::fs::read_to_string(&previous).unwrap(),
+            line('b'),
+            "one older generation is kept, older ones are dropped"
+        );
+    }
+
+    #[test]
+    fn event_limits_are_validated() {
+        use crate::config::Config;
+        let with = |f: &dyn Fn(&mut EventsConfig)| {
+            let mut c = Config::default();
+            f(&mut c.events);
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert!(with(&|_| {}).is_ok());
+        assert!(with(&|e| e.max_event_bytes = 1024 * 1024).is_ok());
+        for bad in [0, 1024 * 1024 + 1] {
+            let err = with(&|e| e.max_event_bytes = bad).unwrap_err();
+            assert!(err.contains("events.max_event_bytes"), "{err}");
+        }
+        for bad in [0, 101] {
+            let err = with(&|e| e.max_type_share_percent = bad).unwrap_err();
+            assert!(err.contains("events.max_type_share_percent"), "{err}");
+        }
+        assert_eq!(EventsConfig::default().max_event_bytes, 64 * 1024);
+        assert_eq!(EventsConfig::default().max_type_share_percent, 25);
+        assert_eq!(EventsConfig::default().dead_letter_file, None);
+
+        // What secd and operators set, through the environment overlay.
+        let vars: std::collections::BTreeMap<String, String> = [
+            (
+                "SEC_EVENTS__DEAD_LETTER_FILE",
+                "/var/lib/sec/events.deadletter",
+            ),
+            ("SEC_EVENTS__MAX_EVENT_BYTES", "131072"),
+            ("SEC_EVENTS__MAX_TYPE_SHARE_PERCENT", "10"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let c = Config::load(None, &vars).unwrap();
+        assert_eq!(
+            c.events.dead_letter_file.as_deref(),
+            Some(Path::new("/var/lib/sec/events.deadletter"))
+        );
+        assert_eq!(c.events.max_event_bytes, 128 * 1024);
+        assert_eq!(c.events.max_type_share_percent, 10);
     }
 }

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, ErrorCode, consumer::PullConsumer};
 use async_trait::async_trait;
 use futures::StreamExt;
 use prost::Message;
@@ -15,6 +16,58 @@ use crate::config::EventsConfig;
 
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// JetStream API errors that refuse this one message for good: retrying it can never
+/// succeed, whatever the state of the server.
+const PERMANENT_STREAM_ERRORS: &[ErrorCode] = &[
+    // larger than the stream's max_msg_size
+    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
+    // headers larger than the stream allows
+    ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
+    // the subject is bound to a different stream than the one expected
+    ErrorCode::STREAM_NOT_MATCH,
+    ErrorCode::MESSAGE_TTL_INVALID,
+    ErrorCode::MESSAGE_TTL_DISABLED,
+];
+
+/// Sorts a publish (or publish-ack) failure into "retry later" and "never": invalid
+/// subject, over the server's max_payload, refused by the stream for this message
+/// ([`PERMANENT_STREAM_ERRORS`]) and an undecodable ack are permanent; timeouts, no
+/// responders (no stream bound yet, JetStream down), a lost connection, too many acks
+/// in flight and any other stream error (storage full, leader election, …) are
+/// transient. When unsure it says transient: the bus dead-letters an event that keeps
+/// failing while others get through anyway (see `events` module docs).
+fn classify(e: &PublishError) -> TransportError {
+    let transient = || TransportError::Unavailable(e.to_string());
+    let permanent = || TransportError::Rejected(e.to_string());
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => permanent(),
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending
+        | PublishErrorKind::StreamNotFound => transient(),
+        PublishErrorKind::Other => {
+            let Some(source) = std::error::Error::source(e) else {
+                return transient();
+            };
+            if source
+                .downcast_ref::<async_nats::subject::SubjectError>()
+                .is_some()
+                || source.downcast_ref::<serde_json::Error>().is_some()
+            {
+                permanent()
+            } else if let Some(api) = source.downcast_ref::<jetstream::Error>()
+                && PERMANENT_STREAM_ERRORS.contains(&api.error_code())
+            {
+                permanent()
+            } else {
+                transient()
+            }
+        }
+    }
+}
 
 pub struct NatsTransport {
     client: async_nats::Client,
@@ -110,6 +163,17 @@ impl NatsTransport {
     }
 }
 
+/// The `traceparent` header of a consumed message (case-insensitive: a foreign publisher
+/// may have capitalised it).
+fn traceparent_of(m: &jetstream::Message) -> Option<String> {
+    m.headers
+        .as_ref()?
+        .iter()
+        .find(|(name, _)| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case("traceparent"))
+        .and_then(|(_, values)| values.first())
+        .map(|v| v.as_str().to_owned())
+}
+
 #[async_trait]
 impl EventTransport for NatsTransport {
     fn kind(&self) -> &'static str {
@@ -140,11 +204,8 @@ impl EventTransport for NatsTransport {
         let mut results = Vec::with_capacity(batch.len());
         for ack in acks {
             results.push(match ack {
-                Ok(fut) => fut
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| TransportError::Unavailable(e.to_string())),
-                Err(e) => Err(TransportError::Unavailable(e.to_string())),
+                Ok(fut) => fut.await.map(|_| ()).map_err(|e| classify(&e)),
+                Err(e) => Err(classify(&e)),
             });
         }
         results
@@ -165,6 +226,7 @@ impl EventTransport for NatsTransport {
             match SecurityEvent::decode(m.payload.as_ref()) {
                 Ok(event) => out.push(Delivery {
                     event,
+                    traceparent: traceparent_of(&m),
                     handle: DeliveryHandle::Nats(Box::new(m)),
                 }),
                 Err(e) => {
@@ -182,5 +244,149 @@ impl EventTransport for NatsTransport {
             async_nats::connection::State::Connected => Ok(()),
             s => Err(format!("nats {s:?}").to_lowercase()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::events::{EventBus, new_event};
+    use crate::testing::{Backend, backend_url};
+
+    /// Bytes the test stream accepts per message (its `max_msg_size`).
+    const STREAM_MAX_MSG: i32 = 16 * 1024;
+
+    fn event_with_blob(len: usize) -> SecurityEvent {
+        let mut e = new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        if len > 0 {
+            e.details.insert("blob".into(), "x".repeat(len));
+        }
+        e
+    }
+
+    fn outgoing(cfg: &EventsConfig, event: SecurityEvent) -> Outgoing {
+        Outgoing {
+            subject: format!("{}.audit.test.happened", cfg.subject_prefix),
+            event,
+            trace_headers: vec![],
+        }
+    }
+
+    /// Against the real server: a message over the server's max_payload and one over the
+    /// stream's max_msg_size are refused for good (not "unavailable"), the events around
+    /// them are stored, and through the bus the oversized one is dead-lettered while the
+    /// rest reach the consumer.
+    #[tokio::test]
+    async fn broker_refusals_are_permanent_and_never_block_the_stream() {
+        let Some(url) = backend_url(Backend::Nats) else {
+            return;
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EventsConfig {
+            stream: format!("EVENTS_TEST_{run}"),
+            subject_prefix: format!("eventstest{run}"),
+            audit_consumer: format!("audit-{run}"),
+            dead_letter_file: Some(dir.path().join("events.deadletter")),
+            // Bypasses publish's size cap, to reach the broker's own limits.
+            max_event_bytes: 4 * 1024 * 1024,
+            ..EventsConfig::default()
+        };
+        let client = async_nats::connect(&url).await.unwrap();
+        let js = jetstream::new(client.clone());
+        // Created before the transport looks, which then keeps it as it is.
+        js.create_stream(jetstream::stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![format!("{}.>", cfg.subject_prefix)],
+            max_message_size: STREAM_MAX_MSG,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let max_payload = client.server_info().max_payload;
+        let outcome = tokio::spawn(refusals_scenario(url, cfg.clone(), max_payload)).await;
+        let deleted = js.delete_stream(&cfg.stream).await;
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        deleted.unwrap();
+    }
+
+    async fn refusals_scenario(url: String, cfg: EventsConfig, max_payload: usize) {
+        assert!(max_payload > 0, "server did not announce max_payload");
+        let transport = NatsTransport::connect(&url, &cfg, "events-test")
+            .await
+            .unwrap();
+        let over_server = event_with_blob(max_payload);
+        let over_stream = event_with_blob(2 * STREAM_MAX_MSG as usize);
+        let (good1, good2) = (event_with_blob(0), event_with_blob(0));
+        let results = transport
+            .publish(&[
+                outgoing(&cfg, over_server),
+                outgoing(&cfg, good1.clone()),
+                outgoing(&cfg, over_stream),
+                outgoing(&cfg, good2.clone()),
+            ])
+            .await;
+        assert!(
+            matches!(&results[0], Err(TransportError::Rejected(m)) if m.contains("max payload")),
+            "{:?}",
+            results[0]
+        );
+        assert!(results[1].is_ok(), "{:?}", results[1]);
+        assert!(
+            matches!(&results[2], Err(TransportError::Rejected(_))),
+            "over the stream's max_msg_size: {:?}",
+            results[2]
+        );
+        assert!(results[3].is_ok(), "{:?}", results[3]);
+
+        // Through the bus: the oversized event first, normal traffic behind it.
+        let bus = EventBus::new(
+            Arc::new(
+                NatsTransport::connect(&url, &cfg, "events-test-bus")
+                    .await
+                    .unwrap(),
+            ),
+            &cfg,
+        );
+        let big = event_with_blob(max_payload);
+        bus.publish(big.clone()).unwrap();
+        let mut want = vec![good1.id, good2.id];
+        for _ in 0..5 {
+            let e = event_with_blob(0);
+            want.push(e.id.clone());
+            bus.publish(e).unwrap();
+        }
+        assert_eq!(bus.flush(Duration::from_secs(30)).await, 0);
+
+        let mut got = Vec::new();
+        let mut summaries = Vec::new();
+        for _ in 0..20 {
+            if got.len() >= want.len() && !summaries.is_empty() {
+                break;
+            }
+            for d in transport.fetch(100, Duration::from_secs(1)).await.unwrap() {
+                if d.event.r#type == "sec.audit.event.dead_lettered" {
+                    summaries.push(d.event.clone());
+                } else {
+                    got.push(d.event.id.clone());
+                }
+                d.ack().await.unwrap();
+            }
+        }
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "every normal event reaches the consumer");
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(summaries[0].details["event_id"], big.id);
+
+        let file = cfg.dead_letter_file.as_ref().unwrap();
+        let lines = std::fs::read_to_string(file).unwrap();
+        assert_eq!(lines.lines().count(), 1);
+        assert!(lines.contains(&big.id));
     }
 }
