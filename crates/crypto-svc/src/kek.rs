@@ -453,7 +453,8 @@ mod tests {
             data_dir: dir.path().into(),
             ..Default::default()
         };
-        cfg.set_section(crate::NAME, CryptoConfig::default()).unwrap();
+        cfg.set_section(crate::NAME, CryptoConfig::default())
+            .unwrap();
         let kek_file = dir.path().join(GENERATED_KEK_FILE);
 
         // First start: KEK generated, a key created and used.
@@ -508,7 +509,9 @@ mod tests {
             )),
             ..CryptoConfig::default()
         };
-        wrong.set_section(crate::NAME, wrong_crypto.clone()).unwrap();
+        wrong
+            .set_section(crate::NAME, wrong_crypto.clone())
+            .unwrap();
         let err = format!("{:#}", start(&wrong).await.err().unwrap());
         assert!(
             err.contains(&format!(

@@ -49,24 +49,30 @@ impl Platform {
     /// Connects the event bus: NATS JetStream when `events.nats_url` is set, else the
     /// in-process bus.
     pub async fn connect(
-        config: Config,
+        mut config: Config,
         auth: Authenticator,
         clock: SharedClock,
         client_name: &str,
     ) -> anyhow::Result<Self> {
-        let events = match &config.events.nats_url {
-            Some(url) => {
-                let t = crate::events::nats::NatsTransport::connect(
+        // An event the broker refuses for good is kept here rather than blocking the bus.
+        if config.events.dead_letter_file.is_none() {
+            config.events.dead_letter_file = Some(config.data_dir.join("events.deadletter"));
+        }
+        let transport: Arc<dyn crate::events::EventTransport> = match &config.events.nats_url {
+            Some(url) => Arc::new(
+                crate::events::nats::NatsTransport::connect(
                     url.expose(),
                     &config.events,
                     client_name,
                 )
                 .await
-                .context("connecting to NATS")?;
-                EventBus::new(Arc::new(t), &config.events)
-            }
-            None => EventBus::in_process(&config.events),
+                .context("connecting to NATS")?,
+            ),
+            None => Arc::new(crate::events::memory::MemoryTransport::new(
+                config.events.spool_capacity,
+            )),
         };
+        let events = EventBus::with_clock(transport, &config.events, clock.clone());
         Ok(Self {
             config: Arc::new(config),
             clock,

@@ -1499,7 +1499,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-        let c = Config::load(None, &vars).unwrap();
+        let c = Config::load(None, &vars, &[]).unwrap();
         assert_eq!(
             c.events.dead_letter_file.as_deref(),
             Some(Path::new("/var/lib/sec/events.deadletter"))

@@ -254,7 +254,7 @@ mod tests {
     use super::*;
     use crate::clock::SystemClock;
     use crate::events::{EventBus, new_event};
-    use crate::testing::{Backend, backend_url};
+    use sec_testkit::{Backend, backend_url};
 
     /// Bytes the test stream accepts per message (its `max_msg_size`).
     const STREAM_MAX_MSG: i32 = 16 * 1024;
