@@ -1,6 +1,7 @@
 # Every workflow of the project. CI (.ci/run) runs `make lint` and `make test`.
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= always
+SHELL := bash
 
 .PHONY: dev test lint fmt bench build check-config deny help
 
@@ -10,10 +11,14 @@ help: ## list the targets
 dev: ## run the whole platform on the embedded default (data in ./.secdata)
 	$(CARGO) run -p secd -- dev
 
-test: ## run every test; backend suites skip loudly unless SEC_TEST_BACKENDS=required
-	$(CARGO) test --workspace --all-targets
+test: ## run every test; backend suites skip loudly (and are listed at the end) unless SEC_TEST_BACKENDS=required
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace --all-targets 2>&1 | tee target/test.log
 	@# reuse the secd the tests just built (a separate `cargo build` would recompile it)
-	@SECD_BIN=$${CARGO_TARGET_DIR:-target}/debug/secd tests/interop/run.sh
+	@set -o pipefail; SECD_BIN=$${CARGO_TARGET_DIR:-target}/debug/secd tests/interop/run.sh 2>&1 | tee -a target/test.log
+	@skipped=$$(grep -h '^\*\*\* SKIPPED' target/test.log | sort -u); \
+	if [ -n "$$skipped" ]; then printf '\n%s\n%s\n' "skipped suites (start the servers, or set SEC_TEST_BACKENDS=required):" "$$skipped"; \
+	else echo "no suite skipped"; fi
 
 lint: ## formatting check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

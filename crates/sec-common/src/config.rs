@@ -15,8 +15,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::telemetry::TelemetryConfig;
 use crate::tls::TlsConfig;
 
-/// Environment variables with the `SEC_` prefix that are not configuration keys.
-const NON_CONFIG_VARS: [&str; 3] = ["SEC_CONFIG", "SEC_TOKEN", "SEC_TEST_"];
+/// Environment variables with the `SEC_` prefix that are not configuration keys: these
+/// exact names, and anything starting with `SEC_TEST_` (test-suite settings).
+const NON_CONFIG_VARS: [&str; 2] = ["SEC_CONFIG", "SEC_TOKEN"];
+const NON_CONFIG_PREFIX: &str = "SEC_TEST_";
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -425,6 +427,13 @@ impl Config {
         })?;
         for s in services {
             if let Some(sec) = &s.section {
+                // `[auth]` is the platform's; a service section may not shadow one.
+                if template.contains_key(s.name) {
+                    return Err(ConfigError::Invalid {
+                        key: s.name.to_owned(),
+                        message: "a service section may not reuse a platform section's name".into(),
+                    });
+                }
                 template.insert(s.name.to_owned(), (sec.defaults)());
             }
         }
@@ -450,7 +459,11 @@ impl Config {
             let Some(rest) = var.strip_prefix("SEC_") else {
                 continue;
             };
-            if NON_CONFIG_VARS.iter().any(|p| var.starts_with(p)) || rest.is_empty() {
+            // `SEC_TOKEN` is the CLI's credential, but `SEC_TOKEN__ISSUER` is token-svc's key.
+            if NON_CONFIG_VARS.contains(&var.as_str())
+                || var.starts_with(NON_CONFIG_PREFIX)
+                || rest.is_empty()
+            {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
@@ -467,7 +480,9 @@ impl Config {
         // Service sections are the services' to parse; what remains is the common part.
         let mut sections = Sections::default();
         for s in services {
-            if let (Some(sec), Some(value)) = (&s.section, tree.remove(s.name)) {
+            // Only a service that owns a section takes its key out of the tree.
+            let Some(sec) = &s.section else { continue };
+            if let Some(value) = tree.remove(s.name) {
                 sections.0.insert(s.name, (sec.parse)(s.name, value)?);
             }
         }
@@ -891,6 +906,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("crytpo"), "{err}");
+    }
+
+    /// The `auth` service has no section of its own: `[auth]` stays the platform's.
+    #[test]
+    fn a_service_named_like_a_platform_section_leaves_it_alone() {
+        let c = Config::load(
+            None,
+            &env(&[("SEC_AUTH__TRUSTED_PEERS", "[\"spiffe://x\"]")]),
+            SPECS,
+        )
+        .unwrap();
+        assert_eq!(c.auth.trusted_peers, ["spiffe://x"]);
+        const CLASH: &[ServiceConfigSpec] = &[ServiceConfigSpec {
+            name: "auth",
+            default_ports: (1, 2),
+            calls: &[],
+            section: Some(ConfigSection::of::<CryptoLike>()),
+        }];
+        let err = Config::load(None, &env(&[]), CLASH)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("platform section"), "{err}");
     }
 
     #[test]

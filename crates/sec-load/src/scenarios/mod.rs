@@ -7,6 +7,7 @@ use std::pin::Pin;
 use crate::platform::Target;
 use crate::runner::{self, RunParams, ScenarioResult};
 
+pub mod admin_bogus_token_flood;
 pub mod audit_list_events;
 pub mod crypto_encrypt_decrypt;
 pub mod grpc_health_check;
@@ -62,5 +63,7 @@ pub fn all() -> Vec<Entry> {
         entry::<grpc_health_check::GrpcHealthCheck>(),
         entry::<audit_list_events::AuditListEvents>(),
         entry::<crypto_encrypt_decrypt::CryptoEncryptDecrypt>(),
+        entry::<admin_bogus_token_flood::AdminListKeys>(),
+        entry::<admin_bogus_token_flood::AdminListKeysUnderBogusFlood>(),
     ]
 }
