@@ -30,7 +30,7 @@ use zeroize::Zeroizing;
 
 use crate::kek::KekRing;
 use crate::material::{KeyType, Loaded, Op, OpError, generate, wire};
-use crate::store::{KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord};
+use crate::store::{DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord};
 
 pub type Emit = Arc<dyn Fn(SecurityEvent) + Send + Sync>;
 
@@ -191,6 +191,15 @@ pub struct PolicyUpdate {
     pub rotation_period_seconds: Option<u64>,
     pub deletion_allowed: Option<bool>,
     pub exportable: Option<bool>,
+    /// Apply only if the key's `policy_version` is still this (the caller's read).
+    /// Without it the update is compared against the version this call reads, so a
+    /// concurrent writer still makes one of the two fail with `ABORTED`.
+    pub expected_policy_version: Option<u64>,
+}
+
+/// The loser of a compare-and-set on a key's policy.
+fn policy_conflict() -> Error {
+    Error::new(ErrorCode::Aborted, "key policy changed concurrently; retry")
 }
 
 const BACKUP_PREFIX: &str = "sec-backup:v1:";
@@ -353,6 +362,8 @@ impl Engine {
             created_at: now,
             updated_at: now,
             last_rotated_at: now,
+            policy_version: 1,
+            record_mac: None,
         };
         let version = VersionRecord {
             version: 1,
@@ -427,7 +438,14 @@ impl Engine {
             public_key: loaded.public_der.clone(),
         };
         self.store
-            .add_version(name, view.record.latest_version, &version, now)
+            .add_version(
+                name,
+                view.record.latest_version,
+                view.record.policy_version,
+                &version,
+                now,
+                None,
+            )
             .await
             .map_err(store_err)?;
         self.invalidate(name);
@@ -445,6 +463,10 @@ impl Engine {
         u: PolicyUpdate,
     ) -> Result<KeyView, Error> {
         let view = self.get_key(name).await?;
+        let expected = view.record.policy_version;
+        if u.expected_policy_version.is_some_and(|v| v != expected) {
+            return Err(policy_conflict());
+        }
         let mut p = view.record.policy.clone();
         if let Some(v) = u.min_decryption_version {
             p.min_decryption_version = v;
@@ -486,10 +508,22 @@ impl Engine {
                 "must be 0 (off) or at least 3600",
             ));
         }
-        self.store
-            .update_policy(name, &p, micros(self.clock.now()))
+        // Compare-and-set on the version read above: if anyone wrote the key since, this
+        // write matches nothing and the caller retries on the new state, instead of
+        // silently undoing the other change (e.g. a min_decryption_version raise).
+        match self
+            .store
+            .update_policy(name, expected, &p, micros(self.clock.now()), None)
             .await
-            .map_err(store_err)?;
+        {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                self.invalidate(name);
+                tracing::info!(key = name, "key policy update lost a race");
+                return Err(policy_conflict());
+            }
+            Err(e) => return Err(store_err(e)),
+        }
         self.invalidate(name);
         let mut e = self.event(who, "sec.crypto.key.config_updated", name);
         e.details.insert(
@@ -509,18 +543,27 @@ impl Engine {
     }
 
     pub async fn delete_key(&self, who: &Caller, name: &str) -> Result<(), Error> {
-        let view = self.get_key(name).await?;
-        if !view.record.policy.deletion_allowed {
-            let mut e = self.event(who, "sec.crypto.key.delete_refused", name);
-            e.outcome = Outcome::Denied as i32;
-            e.severity = Severity::Medium as i32;
-            (self.emit)(e);
-            return Err(Error::precondition(
-                "key is protected from deletion: set deletion_allowed first",
-            ));
-        }
-        if !self.store.delete(name).await.map_err(store_err)? {
-            return Err(Error::not_found("key not found"));
+        validate_name(name, "name")?;
+        // The store checks `deletion_allowed` in the statement (or transaction) that
+        // deletes: a check here followed by a separate delete could remove a key that a
+        // concurrent update had just protected.
+        match self
+            .store
+            .delete_if_allowed(name)
+            .await
+            .map_err(store_err)?
+        {
+            DeleteOutcome::Deleted => {}
+            DeleteOutcome::NotFound => return Err(Error::not_found("key not found")),
+            DeleteOutcome::Protected => {
+                let mut e = self.event(who, "sec.crypto.key.delete_refused", name);
+                e.outcome = Outcome::Denied as i32;
+                e.severity = Severity::Medium as i32;
+                (self.emit)(e);
+                return Err(Error::precondition(
+                    "key is protected from deletion: set deletion_allowed first",
+                ));
+            }
         }
         self.invalidate(name);
         let mut e = self.event(who, "sec.crypto.key.deleted", name);
@@ -1124,6 +1167,8 @@ impl Engine {
             created_at: micros(doc.created_at),
             updated_at: now,
             last_rotated_at: micros(doc.last_rotated_at),
+            policy_version: 1,
+            record_mac: None,
         };
         self.store
             .insert(&record, &versions)

@@ -180,6 +180,7 @@ impl CryptoService for CryptoApi {
             rotation_period_seconds: r.rotation_period_seconds,
             deletion_allowed: r.deletion_allowed,
             exportable: r.exportable,
+            expected_policy_version: None,
         };
         Ok(Response::new(key_to_proto(
             self.engine.update_policy(&who, &r.name, u).await?,

@@ -798,7 +798,7 @@ impl SpyStore {
     }
 }
 
-use crypto_svc::store::{KeyRecord, StoreError, VersionRecord};
+use crypto_svc::store::{DeleteOutcome, KeyRecord, StoreError, VersionRecord};
 
 #[async_trait::async_trait]
 impl KeyStore for SpyStore {
@@ -817,26 +817,52 @@ impl KeyStore for SpyStore {
         &self,
         name: &str,
         expected_latest: u32,
+        expected_policy_version: u64,
         version: &VersionRecord,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError> {
         self.saw(name);
         self.inner
-            .add_version(name, expected_latest, version, now)
+            .add_version(
+                name,
+                expected_latest,
+                expected_policy_version,
+                version,
+                now,
+                mac,
+            )
             .await
     }
     async fn update_policy(
         &self,
         name: &str,
+        expected_policy_version: u64,
         policy: &KeyPolicy,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError> {
         self.saw(name);
-        self.inner.update_policy(name, policy, now).await
+        self.inner
+            .update_policy(name, expected_policy_version, policy, now, mac)
+            .await
+    }
+    async fn set_mac(
+        &self,
+        name: &str,
+        policy_version: u64,
+        mac: &str,
+    ) -> Result<bool, StoreError> {
+        self.saw(name);
+        self.inner.set_mac(name, policy_version, mac).await
     }
     async fn delete(&self, name: &str) -> Result<bool, StoreError> {
         self.saw(name);
         self.inner.delete(name).await
+    }
+    async fn delete_if_allowed(&self, name: &str) -> Result<DeleteOutcome, StoreError> {
+        self.saw(name);
+        self.inner.delete_if_allowed(name).await
     }
     async fn versions_not_wrapped_by(
         &self,
@@ -1268,4 +1294,290 @@ async fn decrypt_failures_are_aggregated_per_key_and_reason() {
             .iter()
             .any(|e| e.subject == "k3" || e.subject == "k4")
     );
+}
+
+// ---- no lost policy change: compare-and-set and an atomic protected delete ----------
+
+async fn pg_fixture() -> Option<Fixture> {
+    let store = pg_store().await?;
+    let (engine, events, clock) = engine_on(
+        store.clone(),
+        KekRing::from_bytes(&[1; 32], &[]).unwrap(),
+        64 * 1024,
+    );
+    Some(Fixture {
+        engine,
+        events,
+        clock,
+        store,
+        _dir: None,
+    })
+}
+
+/// One change to one field of a key's policy; equal changes set equal values.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    MinDecryption,
+    MinEncryption,
+    Rotation,
+    Deletion,
+    Export,
+}
+
+impl Change {
+    fn update(self) -> PolicyUpdate {
+        let mut u = PolicyUpdate::default();
+        match self {
+            Change::MinDecryption => u.min_decryption_version = Some(2),
+            Change::MinEncryption => u.min_encryption_version = Some(3),
+            Change::Rotation => u.rotation_period_seconds = Some(7200),
+            Change::Deletion => u.deletion_allowed = Some(true),
+            Change::Export => u.exportable = Some(true),
+        }
+        u
+    }
+
+    fn visible_in(self, p: &KeyPolicy) -> bool {
+        match self {
+            Change::MinDecryption => p.min_decryption_version == 2,
+            Change::MinEncryption => p.min_encryption_version == 3,
+            Change::Rotation => p.rotation_period_seconds == 7200,
+            Change::Deletion => p.deletion_allowed,
+            Change::Export => p.exportable,
+        }
+    }
+}
+
+const CHANGES: [Change; 5] = [
+    Change::MinDecryption,
+    Change::MinEncryption,
+    Change::Rotation,
+    Change::Deletion,
+    Change::Export,
+];
+
+async fn reset_policy(f: &Fixture, name: &str) {
+    let reset = PolicyUpdate {
+        min_decryption_version: Some(0),
+        min_encryption_version: Some(0),
+        rotation_period_seconds: Some(0),
+        deletion_allowed: Some(false),
+        exportable: Some(false),
+        expected_policy_version: None,
+    };
+    f.engine.update_policy(&ADMIN, name, reset).await.unwrap();
+}
+
+async fn concurrent_policy_updates_lose_nothing(f: &Fixture) {
+    let name = "policy-race";
+    f.engine
+        .create_key(&ADMIN, name, KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        f.engine.rotate_key(&ADMIN, name).await.unwrap();
+    }
+
+    // Rounds of 8 parallel callers updating different fields of the same key (some
+    // fields twice, to the same value), without retrying: each call is either OK and its
+    // change is in the final state, or ABORTED. Never OK-and-overwritten.
+    for round in 0..8 {
+        reset_policy(f, name).await;
+        let mine: Vec<Change> = CHANGES.iter().chain(&CHANGES[..3]).copied().collect();
+        let results = futures::future::join_all(
+            mine.iter()
+                .map(|c| f.engine.update_policy(&ADMIN, name, c.update())),
+        )
+        .await;
+        let final_policy = f.engine.get_key(name).await.unwrap().record.policy;
+        let mut ok = 0;
+        for (c, r) in mine.iter().zip(&results) {
+            match r {
+                Ok(_) => {
+                    ok += 1;
+                    assert!(
+                        c.visible_in(&final_policy),
+                        "round {round}: {c:?} returned OK but was overwritten: {final_policy:?}"
+                    );
+                }
+                Err(e) => {
+                    assert_eq!(e.code, ErrorCode::Aborted, "round {round}: {c:?}: {e:?}");
+                    assert_eq!(e.message, "key policy changed concurrently; retry");
+                }
+            }
+        }
+        assert!(ok >= 1, "round {round}: someone wins");
+    }
+
+    // 16 parallel callers that retry on ABORTED, as a client should: all succeed, and
+    // the final state holds every change (the min_decryption_version raise included).
+    reset_policy(f, name).await;
+    let mine: Vec<Change> = CHANGES.iter().cycle().take(16).copied().collect();
+    let results = futures::future::join_all(mine.iter().map(|c| async move {
+        loop {
+            match f.engine.update_policy(&ADMIN, name, c.update()).await {
+                Err(e) if e.code == ErrorCode::Aborted => tokio::task::yield_now().await,
+                other => return other,
+            }
+        }
+    }))
+    .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let view = f.engine.get_key(name).await.unwrap();
+    for c in CHANGES {
+        assert!(c.visible_in(&view.record.policy), "{c:?} lost: {view:?}");
+    }
+    let c1 = f.engine.encrypt(name, b"x", b"").await.unwrap();
+    assert_eq!(c1.1, 3);
+
+    // A caller may pin the version it read: a stale one is ABORTED and changes nothing.
+    let read = view.record.policy_version;
+    reset_policy(f, name).await;
+    let err = f
+        .engine
+        .update_policy(
+            &ADMIN,
+            name,
+            PolicyUpdate {
+                exportable: Some(true),
+                expected_policy_version: Some(read),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Aborted);
+    let now = f.engine.get_key(name).await.unwrap().record;
+    assert!(
+        !now.policy.exportable,
+        "a stale expected version changes nothing"
+    );
+    assert_eq!(now.policy_version, read + 1, "only the reset wrote");
+    f.engine
+        .update_policy(
+            &ADMIN,
+            name,
+            PolicyUpdate {
+                exportable: Some(true),
+                expected_policy_version: Some(now.policy_version),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        f.engine
+            .get_key(name)
+            .await
+            .unwrap()
+            .record
+            .policy
+            .exportable
+    );
+}
+
+#[tokio::test]
+async fn concurrent_policy_updates_lose_nothing_sqlite() {
+    concurrent_policy_updates_lose_nothing(&fixture().await).await;
+}
+
+#[tokio::test]
+async fn concurrent_policy_updates_lose_nothing_postgres() {
+    if let Some(f) = pg_fixture().await {
+        concurrent_policy_updates_lose_nothing(&f).await;
+    }
+}
+
+/// Deleters race admins protecting the key: a key that ends up protected (its update
+/// returned OK) is never deleted, and a delete that returned OK came before any
+/// protection.
+async fn raced_delete_never_removes_a_protected_key(f: &Fixture) {
+    for round in 0..10 {
+        let name = format!("del-race-{round}");
+        f.engine
+            .create_key(
+                &ADMIN,
+                &name,
+                KeyType::Aes256Gcm,
+                KeyPolicy {
+                    deletion_allowed: true,
+                    ..KeyPolicy::default()
+                },
+            )
+            .await
+            .unwrap();
+        let protect = || {
+            f.engine.update_policy(
+                &ADMIN,
+                &name,
+                PolicyUpdate {
+                    deletion_allowed: Some(false),
+                    ..Default::default()
+                },
+            )
+        };
+        // Deleters and protectors interleaved, the first protector before any deleter
+        // on even rounds, after them on odd ones.
+        let (protects, deletes) = if round % 2 == 0 {
+            tokio::join!(
+                futures::future::join_all((0..4).map(|_| protect())),
+                futures::future::join_all((0..4).map(|_| f.engine.delete_key(&ADMIN, &name))),
+            )
+        } else {
+            let (d, p) = tokio::join!(
+                futures::future::join_all((0..4).map(|_| f.engine.delete_key(&ADMIN, &name))),
+                futures::future::join_all((0..4).map(|_| protect())),
+            );
+            (p, d)
+        };
+        let protected = protects.iter().any(Result::is_ok);
+        let deleted = deletes.iter().filter(|r| r.is_ok()).count();
+        let exists = f.store.get(&name).await.unwrap().is_some();
+        assert!(deleted <= 1, "round {round}: deleted once at most");
+        assert_eq!(exists, deleted == 0, "round {round}");
+        if protected {
+            assert!(
+                exists,
+                "round {round}: a key whose protection returned OK was deleted"
+            );
+        }
+        for r in &deletes {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e.code, ErrorCode::FailedPrecondition | ErrorCode::NotFound),
+                    "round {round}: {e:?}"
+                );
+            }
+        }
+        for r in &protects {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e.code, ErrorCode::Aborted | ErrorCode::NotFound),
+                    "round {round}: {e:?}"
+                );
+            }
+        }
+    }
+    // Once protected, deletion is refused with an event, and the key keeps working.
+    let name = "del-race-0";
+    if f.store.get(name).await.unwrap().is_some() {
+        assert_eq!(
+            code(f.engine.delete_key(&ADMIN, name).await),
+            ErrorCode::FailedPrecondition
+        );
+        assert!(types(f).contains(&"sec.crypto.key.delete_refused".to_owned()));
+        assert!(f.engine.encrypt(name, b"x", b"").await.is_ok());
+    }
+}
+
+#[tokio::test]
+async fn raced_delete_never_removes_a_protected_key_sqlite() {
+    raced_delete_never_removes_a_protected_key(&fixture().await).await;
+}
+
+#[tokio::test]
+async fn raced_delete_never_removes_a_protected_key_postgres() {
+    if let Some(f) = pg_fixture().await {
+        raced_delete_never_removes_a_protected_key(&f).await;
+    }
 }

@@ -45,6 +45,21 @@ pub struct KeyRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_rotated_at: DateTime<Utc>,
+    /// Incremented by every write to the key row (policy update, rotation): writers
+    /// compare-and-set on it, so concurrent updates cannot silently overwrite each other.
+    pub policy_version: u64,
+    /// Integrity tag over the fields that decide what the key may do,
+    /// `<kek id>:<base64 tag>`, written by the engine; `None` on rows older than it.
+    pub record_mac: Option<String>,
+}
+
+/// What [`KeyStore::delete_if_allowed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFound,
+    /// The key exists but `deletion_allowed` is false at the moment of deletion.
+    Protected,
 }
 
 /// One version of a key: its material wrapped by the KEK identified by `kek_id`.
@@ -67,25 +82,41 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn get(&self, name: &str) -> Result<Option<(KeyRecord, Vec<VersionRecord>)>, StoreError>;
     /// Keys ordered by name, strictly after `after`, at most `limit`.
     async fn list(&self, after: Option<&str>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Adds `version.version` (which must be `expected_latest + 1`) and sets
-    /// `latest_version`, `updated_at` and `last_rotated_at` to `now`, only if the stored
-    /// latest version is still `expected_latest` (`Conflict` otherwise, `NotFound` if gone).
+    /// Adds `version.version` (which must be `expected_latest + 1`), sets
+    /// `latest_version`, `updated_at` and `last_rotated_at` to `now`, `record_mac` to
+    /// `mac` and increments `policy_version`, only if the stored latest version is still
+    /// `expected_latest` and the policy version still `expected_policy_version`
+    /// (`Conflict` otherwise, `NotFound` if gone).
     async fn add_version(
         &self,
         name: &str,
         expected_latest: u32,
+        expected_policy_version: u64,
         version: &VersionRecord,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError>;
-    /// Replaces the policy and sets `updated_at`. `NotFound` if the key does not exist.
+    /// Replaces the policy, sets `updated_at` and `record_mac` and increments
+    /// `policy_version`, only if it is still `expected_policy_version` (compare-and-set:
+    /// `Conflict` otherwise, `NotFound` if the key does not exist).
     async fn update_policy(
         &self,
         name: &str,
+        expected_policy_version: u64,
         policy: &KeyPolicy,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError>;
-    /// Deletes the key and its versions; true if it existed.
+    /// Replaces `record_mac` without changing anything else (backfill, KEK rotation),
+    /// only if `policy_version` is still `policy_version`; false otherwise.
+    async fn set_mac(&self, name: &str, policy_version: u64, mac: &str)
+    -> Result<bool, StoreError>;
+    /// Deletes the key and its versions unconditionally; true if it existed.
     async fn delete(&self, name: &str) -> Result<bool, StoreError>;
+    /// Deletes the key and its versions only if `deletion_allowed` is set, checked in the
+    /// same statement or transaction that deletes, so a concurrent update that protects
+    /// the key either lands first (and the key stays) or after (on a deleted key).
+    async fn delete_if_allowed(&self, name: &str) -> Result<DeleteOutcome, StoreError>;
     /// Up to `limit` (key name, version) pairs whose material is NOT wrapped by `kek_id`.
     async fn versions_not_wrapped_by(
         &self,
@@ -135,6 +166,18 @@ pub(crate) fn period_from_db(seconds: i64) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("rotation_period_seconds {seconds} is negative")))
 }
 
+/// A stored policy version, which is never negative.
+pub(crate) fn policy_version_from_db(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("policy_version {v} is negative")))
+}
+
+/// A policy version as stored. Versions only grow by one per write, so `i64::MAX` is
+/// out of reach; refuse rather than wrap.
+pub(crate) fn policy_version_to_db(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v)
+        .map_err(|_| StoreError::Corrupt(format!("policy_version {v} is too large to store")))
+}
+
 pub(crate) fn count_from_db(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("count {n} is negative")))
 }
@@ -175,6 +218,8 @@ pub mod contract {
             created_at: t,
             updated_at: t,
             last_rotated_at: t,
+            policy_version: 1,
+            record_mac: None,
         }
     }
 
@@ -235,6 +280,8 @@ pub mod contract {
             created_at: t0,
             updated_at: t1,
             last_rotated_at: t2,
+            policy_version: 41,
+            record_mac: Some(format!("{kek_a}:dGFn")),
         };
         let full_versions = vec![
             VersionRecord {
@@ -383,39 +430,52 @@ pub mod contract {
             .unwrap();
         let mut v2 = ver(2, &kek_a, t1);
         v2.public_key = Some(vec![9, 9, 9]);
-        store.add_version(&rot_name, 1, &v2, t1).await.unwrap();
+        store
+            .add_version(&rot_name, 1, 1, &v2, t1, Some("mac-2"))
+            .await
+            .unwrap();
         let (k, vs) = store.get(&rot_name).await.unwrap().unwrap();
         let mut want = key(&rot_name, 2, t0);
         want.updated_at = t1;
         want.last_rotated_at = t1;
+        want.policy_version = 2;
+        want.record_mac = Some("mac-2".into());
         assert_eq!(
             k, want,
-            "latest bumped, updated/rotated at now, created kept"
+            "latest and policy version bumped, mac set, updated/rotated at now, created kept"
         );
         assert_eq!(vs, vec![ver(1, &kek_a, t0), v2.clone()]);
 
         // stale expected_latest: Conflict, nothing changed
         let err = store
-            .add_version(&rot_name, 1, &ver(2, &kek_a, t2), t2)
+            .add_version(&rot_name, 1, 2, &ver(2, &kek_a, t2), t2, None)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict), "{err:?}");
         // expected_latest ahead of the stored one (no version row in the way): Conflict
         let err = store
-            .add_version(&rot_name, 5, &ver(6, &kek_a, t2), t2)
+            .add_version(&rot_name, 5, 2, &ver(6, &kek_a, t2), t2, None)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict), "{err:?}");
+        // right latest, stale policy version (someone updated the policy): Conflict
+        for stale in [0, 1, 3] {
+            let err = store
+                .add_version(&rot_name, 2, stale, &ver(3, &kek_a, t2), t2, None)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Conflict), "pv {stale}: {err:?}");
+        }
         // version number not expected + 1: Conflict
         for bad in [2, 4, 1, 0] {
             let err = store
-                .add_version(&rot_name, 2, &ver(bad, &kek_a, t2), t2)
+                .add_version(&rot_name, 2, 2, &ver(bad, &kek_a, t2), t2, None)
                 .await
                 .unwrap_err();
             assert!(matches!(err, StoreError::Conflict), "v{bad}: {err:?}");
         }
         let err = store
-            .add_version(&rot_name, u32::MAX, &ver(0, &kek_a, t2), t2)
+            .add_version(&rot_name, u32::MAX, 2, &ver(0, &kek_a, t2), t2, None)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict), "no overflow: {err:?}");
@@ -427,7 +487,7 @@ pub mod contract {
         );
         // missing key: NotFound
         let err = store
-            .add_version(&format!("{p}missing"), 1, &ver(2, &kek_a, t2), t2)
+            .add_version(&format!("{p}missing"), 1, 1, &ver(2, &kek_a, t2), t2, None)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::NotFound), "{err:?}");
@@ -439,18 +499,24 @@ pub mod contract {
             ..ver(3, &kek_a, t3)
         };
         let (ra, rb) = tokio::join!(
-            store.add_version(&rot_name, 2, &va, t2),
-            store.add_version(&rot_name, 2, &vb, t3),
+            store.add_version(&rot_name, 2, 2, &va, t2, Some("mac-a")),
+            store.add_version(&rot_name, 2, 2, &vb, t3, Some("mac-b")),
         );
-        let (winner, when) = match (&ra, &rb) {
-            (Ok(()), Err(StoreError::Conflict)) => (&va, t2),
-            (Err(StoreError::Conflict), Ok(())) => (&vb, t3),
+        let (winner, when, winner_mac) = match (&ra, &rb) {
+            (Ok(()), Err(StoreError::Conflict)) => (&va, t2, "mac-a"),
+            (Err(StoreError::Conflict), Ok(())) => (&vb, t3, "mac-b"),
             other => panic!("expected one Ok and one Conflict, got {other:?}"),
         };
         let (k, vs) = store.get(&rot_name).await.unwrap().unwrap();
         assert_eq!(k.latest_version, 3);
         assert_eq!(k.updated_at, when);
         assert_eq!(k.last_rotated_at, when);
+        assert_eq!(k.policy_version, 3);
+        assert_eq!(
+            k.record_mac.as_deref(),
+            Some(winner_mac),
+            "the winner's mac"
+        );
         assert_eq!(vs.len(), 3);
         assert_eq!(&vs[2], winner, "the winner's version is the one stored");
 
@@ -462,15 +528,20 @@ pub mod contract {
             deletion_allowed: true,
             exportable: false,
         };
-        store.update_policy(&rot_name, &policy, t3).await.unwrap();
+        store
+            .update_policy(&rot_name, 3, &policy, t3, Some("mac-p"))
+            .await
+            .unwrap();
         let (k, vs_after) = store.get(&rot_name).await.unwrap().unwrap();
         assert_eq!(k.policy, policy);
+        assert_eq!(k.policy_version, 4, "every write bumps the policy version");
+        assert_eq!(k.record_mac.as_deref(), Some("mac-p"));
         assert_eq!(k.updated_at, t3, "updated_at set");
         assert_eq!(k.last_rotated_at, when, "rotation time untouched");
         assert_eq!((k.latest_version, k.created_at), (3, t0));
         assert_eq!(vs_after, vs, "versions untouched");
         store
-            .update_policy(&rot_name, &KeyPolicy::default(), t3)
+            .update_policy(&rot_name, 4, &KeyPolicy::default(), t3, None)
             .await
             .unwrap();
         let (k, _) = store.get(&rot_name).await.unwrap().unwrap();
@@ -479,11 +550,80 @@ pub mod contract {
             KeyPolicy::default(),
             "policy replaced, not merged"
         );
+        // compare-and-set: a stale policy version changes nothing
+        for stale in [0, 4, 6] {
+            let err = store
+                .update_policy(&rot_name, stale, &policy, t3, Some("stale"))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Conflict), "pv {stale}: {err:?}");
+        }
+        let (k, _) = store.get(&rot_name).await.unwrap().unwrap();
+        assert_eq!(
+            (k.policy_version, k.policy.clone(), k.record_mac.clone()),
+            (5, KeyPolicy::default(), None),
+            "lost compare-and-sets change nothing"
+        );
         let err = store
-            .update_policy(&format!("{p}missing"), &policy, t3)
+            .update_policy(&format!("{p}missing"), 1, &policy, t3, None)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+        // many writers racing from the same read: exactly one wins, the rest Conflict
+        let racers: Vec<KeyPolicy> = (0..12_u64)
+            .map(|i| KeyPolicy {
+                rotation_period_seconds: 3600 + i,
+                ..KeyPolicy::default()
+            })
+            .collect();
+        let results = futures::future::join_all(
+            racers
+                .iter()
+                .map(|pol| store.update_policy(&rot_name, 5, pol, t3, None)),
+        )
+        .await;
+        let winners: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(winners.len(), 1, "exactly one winner: {results:?}");
+        assert!(
+            results
+                .iter()
+                .all(|r| r.is_ok() || matches!(r, Err(StoreError::Conflict))),
+            "{results:?}"
+        );
+        let (k, _) = store.get(&rot_name).await.unwrap().unwrap();
+        assert_eq!(
+            k.policy, racers[winners[0]],
+            "the winner's policy is stored"
+        );
+        assert_eq!(k.policy_version, 6);
+
+        // set_mac: compare-and-set on the policy version, changes nothing else
+        assert!(!store.set_mac(&rot_name, 5, "old").await.unwrap(), "stale");
+        assert!(store.set_mac(&rot_name, 6, "fresh").await.unwrap());
+        let (k2, _) = store.get(&rot_name).await.unwrap().unwrap();
+        assert_eq!(k2.record_mac.as_deref(), Some("fresh"));
+        assert_eq!(
+            KeyRecord {
+                record_mac: None,
+                ..k2
+            },
+            KeyRecord {
+                record_mac: None,
+                ..k
+            },
+            "only the mac changed"
+        );
+        assert!(!store.set_mac(&format!("{p}missing"), 1, "x").await.unwrap());
+        store
+            .update_policy(&rot_name, 6, &KeyPolicy::default(), t3, None)
+            .await
+            .unwrap();
 
         // ---- KEK usage and rewrapping. This run's versions so far: `full` (a, b, a),
         // `rev` (b ×3), 25 listed keys (b), `rot` (a ×3).
@@ -599,6 +739,41 @@ pub mod contract {
         assert_eq!(usage(&u, &kek_a), 0, "{u:?}");
         assert_eq!(usage(&u, &kek_b), 34, "{u:?}");
 
+        // ---- delete_if_allowed: the flag is checked by the deleting statement
+        let guarded = format!("{p}guarded");
+        store
+            .insert(&key(&guarded, 1, t0), &[ver(1, &kek_a, t0)])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.delete_if_allowed(&guarded).await.unwrap(),
+            DeleteOutcome::Protected
+        );
+        assert_eq!(
+            store.get(&guarded).await.unwrap().unwrap().1.len(),
+            1,
+            "a protected key keeps its versions"
+        );
+        let allow = KeyPolicy {
+            deletion_allowed: true,
+            ..KeyPolicy::default()
+        };
+        store
+            .update_policy(&guarded, 1, &allow, t1, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.delete_if_allowed(&guarded).await.unwrap(),
+            DeleteOutcome::Deleted
+        );
+        assert!(store.get(&guarded).await.unwrap().is_none());
+        assert_eq!(
+            store.delete_if_allowed(&guarded).await.unwrap(),
+            DeleteOutcome::NotFound
+        );
+        let u = store.kek_usage().await.unwrap();
+        assert_eq!(usage(&u, &kek_a), 0, "its versions went with it: {u:?}");
+
         // ---- delete
         assert!(store.delete(&rot_name).await.unwrap());
         assert!(!store.delete(&rot_name).await.unwrap(), "already gone");
@@ -612,7 +787,7 @@ pub mod contract {
         );
         assert!(store.get(&rev_name).await.unwrap().is_some());
         let err = store
-            .add_version(&rot_name, 3, &ver(4, &kek_b, t3), t3)
+            .add_version(&rot_name, 3, 7, &ver(4, &kek_b, t3), t3, None)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::NotFound), "{err:?}");

@@ -8,8 +8,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
 
 use super::{
-    KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db, is_unique_violation,
-    period_from_db, period_to_db, version_from_db, version_to_db,
+    DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db,
+    is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
+    policy_version_to_db, version_from_db, version_to_db,
 };
 
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ fn key_from(r: &PgRow) -> Result<KeyRecord, StoreError> {
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
         last_rotated_at: r.try_get("last_rotated_at")?,
+        policy_version: policy_version_from_db(r.try_get("policy_version")?)?,
+        record_mac: r.try_get("record_mac")?,
     })
 }
 
@@ -71,8 +74,9 @@ impl KeyStore for PgKeyStore {
             "INSERT INTO crypto_keys
                (name, key_type, latest_version, min_decryption_version, min_encryption_version,
                 rotation_period_seconds, deletion_allowed, exportable,
-                created_at, updated_at, last_rotated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                created_at, updated_at, last_rotated_at, policy_version, record_mac)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                     $12, $13)",
         )
         .bind(&key.name)
         .bind(&key.key_type)
@@ -85,6 +89,8 @@ impl KeyStore for PgKeyStore {
         .bind(key.created_at)
         .bind(key.updated_at)
         .bind(key.last_rotated_at)
+        .bind(policy_version_to_db(key.policy_version)?)
+        .bind(key.record_mac.as_deref())
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -115,6 +121,7 @@ impl KeyStore for PgKeyStore {
             "SELECT k.name, k.key_type, k.latest_version, k.min_decryption_version,
                     k.min_encryption_version, k.rotation_period_seconds, k.deletion_allowed,
                     k.exportable, k.created_at, k.updated_at, k.last_rotated_at,
+                    k.policy_version, k.record_mac,
                     v.version AS v_version, v.created_at AS v_created_at,
                     v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key
              FROM crypto_keys k
@@ -140,7 +147,8 @@ impl KeyStore for PgKeyStore {
         let rows = sqlx::query(
             "SELECT name, key_type, latest_version, min_decryption_version,
                     min_encryption_version, rotation_period_seconds, deletion_allowed,
-                    exportable, created_at, updated_at, last_rotated_at
+                    exportable, created_at, updated_at, last_rotated_at, policy_version,
+                    record_mac
              FROM crypto_keys
              WHERE ($1::text IS NULL OR name > $1)
              ORDER BY name
@@ -157,24 +165,29 @@ impl KeyStore for PgKeyStore {
         &self,
         name: &str,
         expected_latest: u32,
+        expected_policy_version: u64,
         version: &VersionRecord,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError> {
         if expected_latest.checked_add(1) != Some(version.version) {
             return Err(StoreError::Conflict);
         }
         let mut tx = self.pool.begin().await?;
-        // The row lock taken here serialises racing rotations: the loser re-checks
-        // `latest_version` once the winner commits and matches nothing.
+        // The row lock taken here serialises racing writers: the loser re-checks
+        // `latest_version` and `policy_version` once the winner commits and matches nothing.
         let updated = sqlx::query(
             "UPDATE crypto_keys
-             SET latest_version = $1, updated_at = $2, last_rotated_at = $2
-             WHERE name = $3 AND latest_version = $4",
+             SET latest_version = $1, updated_at = $2, last_rotated_at = $2,
+                 policy_version = policy_version + 1, record_mac = $3
+             WHERE name = $4 AND latest_version = $5 AND policy_version = $6",
         )
         .bind(version_to_db(version.version))
         .bind(now)
+        .bind(mac)
         .bind(name)
         .bind(version_to_db(expected_latest))
+        .bind(policy_version_to_db(expected_policy_version)?)
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
@@ -214,15 +227,19 @@ impl KeyStore for PgKeyStore {
     async fn update_policy(
         &self,
         name: &str,
+        expected_policy_version: u64,
         policy: &KeyPolicy,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError> {
+        // One statement: the row lock makes a racing writer wait, then re-check
+        // `policy_version` against the committed row, so exactly one of them matches.
         let updated = sqlx::query(
             "UPDATE crypto_keys
              SET min_decryption_version = $1, min_encryption_version = $2,
                  rotation_period_seconds = $3, deletion_allowed = $4, exportable = $5,
-                 updated_at = $6
-             WHERE name = $7",
+                 updated_at = $6, policy_version = policy_version + 1, record_mac = $7
+             WHERE name = $8 AND policy_version = $9",
         )
         .bind(version_to_db(policy.min_decryption_version))
         .bind(version_to_db(policy.min_encryption_version))
@@ -230,13 +247,41 @@ impl KeyStore for PgKeyStore {
         .bind(policy.deletion_allowed)
         .bind(policy.exportable)
         .bind(now)
+        .bind(mac)
         .bind(name)
+        .bind(policy_version_to_db(expected_policy_version)?)
         .execute(&self.pool)
         .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+        if updated.rows_affected() > 0 {
+            return Ok(());
         }
-        Ok(())
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM crypto_keys WHERE name = $1)")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+        Err(if exists {
+            StoreError::Conflict
+        } else {
+            StoreError::NotFound
+        })
+    }
+
+    async fn set_mac(
+        &self,
+        name: &str,
+        policy_version: u64,
+        mac: &str,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE crypto_keys SET record_mac = $1 WHERE name = $2 AND policy_version = $3",
+        )
+        .bind(mac)
+        .bind(name)
+        .bind(policy_version_to_db(policy_version)?)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() > 0)
     }
 
     async fn delete(&self, name: &str) -> Result<bool, StoreError> {
@@ -246,6 +291,29 @@ impl KeyStore for PgKeyStore {
             .execute(&self.pool)
             .await?;
         Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn delete_if_allowed(&self, name: &str) -> Result<DeleteOutcome, StoreError> {
+        // The condition is part of the DELETE: a concurrent update that clears
+        // `deletion_allowed` holds the row lock until it commits, and the DELETE then
+        // re-evaluates its WHERE against the committed row.
+        let deleted = sqlx::query("DELETE FROM crypto_keys WHERE name = $1 AND deletion_allowed")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if deleted.rows_affected() > 0 {
+            return Ok(DeleteOutcome::Deleted);
+        }
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM crypto_keys WHERE name = $1)")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(if exists {
+            DeleteOutcome::Protected
+        } else {
+            DeleteOutcome::NotFound
+        })
     }
 
     async fn versions_not_wrapped_by(

@@ -8,8 +8,9 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row as _, SqlitePool};
 
 use super::{
-    KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db, is_unique_violation,
-    period_from_db, period_to_db, time_from_us, time_to_us, version_from_db, version_to_db,
+    DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db,
+    is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
+    policy_version_to_db, time_from_us, time_to_us, version_from_db, version_to_db,
 };
 
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ fn key_from(r: &SqliteRow) -> Result<KeyRecord, StoreError> {
         created_at: time_from_us(r.try_get("created_us")?, "created_us")?,
         updated_at: time_from_us(r.try_get("updated_us")?, "updated_us")?,
         last_rotated_at: time_from_us(r.try_get("last_rotated_us")?, "last_rotated_us")?,
+        policy_version: policy_version_from_db(r.try_get("policy_version")?)?,
+        record_mac: r.try_get("record_mac")?,
     })
 }
 
@@ -71,8 +74,9 @@ impl KeyStore for SqliteKeyStore {
             "INSERT INTO crypto_keys
                (name, key_type, latest_version, min_decryption_version, min_encryption_version,
                 rotation_period_seconds, deletion_allowed, exportable,
-                created_us, updated_us, last_rotated_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                created_us, updated_us, last_rotated_us, policy_version, record_mac)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
+                     ?12, ?13)",
         )
         .bind(&key.name)
         .bind(&key.key_type)
@@ -85,6 +89,8 @@ impl KeyStore for SqliteKeyStore {
         .bind(time_to_us(key.created_at))
         .bind(time_to_us(key.updated_at))
         .bind(time_to_us(key.last_rotated_at))
+        .bind(policy_version_to_db(key.policy_version)?)
+        .bind(key.record_mac.as_deref())
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -115,6 +121,7 @@ impl KeyStore for SqliteKeyStore {
             "SELECT k.name, k.key_type, k.latest_version, k.min_decryption_version,
                     k.min_encryption_version, k.rotation_period_seconds, k.deletion_allowed,
                     k.exportable, k.created_us, k.updated_us, k.last_rotated_us,
+                    k.policy_version, k.record_mac,
                     v.version AS v_version, v.created_us AS v_created_us,
                     v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key
              FROM crypto_keys k
@@ -140,7 +147,8 @@ impl KeyStore for SqliteKeyStore {
         let rows = sqlx::query(
             "SELECT name, key_type, latest_version, min_decryption_version,
                     min_encryption_version, rotation_period_seconds, deletion_allowed,
-                    exportable, created_us, updated_us, last_rotated_us
+                    exportable, created_us, updated_us, last_rotated_us, policy_version,
+                    record_mac
              FROM crypto_keys
              WHERE (?1 IS NULL OR name > ?1)
              ORDER BY name
@@ -157,24 +165,29 @@ impl KeyStore for SqliteKeyStore {
         &self,
         name: &str,
         expected_latest: u32,
+        expected_policy_version: u64,
         version: &VersionRecord,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError> {
         if expected_latest.checked_add(1) != Some(version.version) {
             return Err(StoreError::Conflict);
         }
         let mut tx = self.pool.begin().await?;
         // The first statement writes, so this transaction holds SQLite's write lock from
-        // here on: a racing rotation waits (busy timeout), then matches nothing.
+        // here on: a racing writer waits (busy timeout), then matches nothing.
         let updated = sqlx::query(
             "UPDATE crypto_keys
-             SET latest_version = ?1, updated_us = ?2, last_rotated_us = ?2
-             WHERE name = ?3 AND latest_version = ?4",
+             SET latest_version = ?1, updated_us = ?2, last_rotated_us = ?2,
+                 policy_version = policy_version + 1, record_mac = ?3
+             WHERE name = ?4 AND latest_version = ?5 AND policy_version = ?6",
         )
         .bind(version_to_db(version.version))
         .bind(time_to_us(now))
+        .bind(mac)
         .bind(name)
         .bind(version_to_db(expected_latest))
+        .bind(policy_version_to_db(expected_policy_version)?)
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
@@ -214,15 +227,19 @@ impl KeyStore for SqliteKeyStore {
     async fn update_policy(
         &self,
         name: &str,
+        expected_policy_version: u64,
         policy: &KeyPolicy,
         now: DateTime<Utc>,
+        mac: Option<&str>,
     ) -> Result<(), StoreError> {
+        // One statement, compare-and-set on `policy_version`: SQLite serialises writers,
+        // and each evaluates the WHERE against the latest committed row.
         let updated = sqlx::query(
             "UPDATE crypto_keys
              SET min_decryption_version = ?1, min_encryption_version = ?2,
                  rotation_period_seconds = ?3, deletion_allowed = ?4, exportable = ?5,
-                 updated_us = ?6
-             WHERE name = ?7",
+                 updated_us = ?6, policy_version = policy_version + 1, record_mac = ?7
+             WHERE name = ?8 AND policy_version = ?9",
         )
         .bind(version_to_db(policy.min_decryption_version))
         .bind(version_to_db(policy.min_encryption_version))
@@ -230,13 +247,41 @@ impl KeyStore for SqliteKeyStore {
         .bind(policy.deletion_allowed)
         .bind(policy.exportable)
         .bind(time_to_us(now))
+        .bind(mac)
         .bind(name)
+        .bind(policy_version_to_db(expected_policy_version)?)
         .execute(&self.pool)
         .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+        if updated.rows_affected() > 0 {
+            return Ok(());
         }
-        Ok(())
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM crypto_keys WHERE name = ?1)")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+        Err(if exists {
+            StoreError::Conflict
+        } else {
+            StoreError::NotFound
+        })
+    }
+
+    async fn set_mac(
+        &self,
+        name: &str,
+        policy_version: u64,
+        mac: &str,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE crypto_keys SET record_mac = ?1 WHERE name = ?2 AND policy_version = ?3",
+        )
+        .bind(mac)
+        .bind(name)
+        .bind(policy_version_to_db(policy_version)?)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() > 0)
     }
 
     async fn delete(&self, name: &str) -> Result<bool, StoreError> {
@@ -253,6 +298,37 @@ impl KeyStore for SqliteKeyStore {
             .await?;
         tx.commit().await?;
         Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn delete_if_allowed(&self, name: &str) -> Result<DeleteOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The key row goes first, in a statement that writes: from here this transaction
+        // holds SQLite's write lock, so `deletion_allowed` cannot change before it commits.
+        let deleted =
+            sqlx::query("DELETE FROM crypto_keys WHERE name = ?1 AND deletion_allowed = 1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        if deleted.rows_affected() == 0 {
+            let (exists,): (bool,) =
+                sqlx::query_as("SELECT EXISTS (SELECT 1 FROM crypto_keys WHERE name = ?1)")
+                    .bind(name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.rollback().await?;
+            return Ok(if exists {
+                DeleteOutcome::Protected
+            } else {
+                DeleteOutcome::NotFound
+            });
+        }
+        // Versions are removed explicitly (see `delete`), in the same transaction.
+        sqlx::query("DELETE FROM crypto_key_versions WHERE key_name = ?1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(DeleteOutcome::Deleted)
     }
 
     async fn versions_not_wrapped_by(
