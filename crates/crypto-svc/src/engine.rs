@@ -28,7 +28,7 @@ use sec_common::events::aggregate::{FailureAggregator, Summary};
 use sec_common::events::{Outcome, SecurityEvent, Severity, new_event};
 use zeroize::Zeroizing;
 
-use crate::kek::KekRing;
+use crate::kek::{KekError, KekRing, MacCheck};
 use crate::material::{KeyType, Loaded, Op, OpError, generate, wire};
 use crate::store::{DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord};
 
@@ -134,6 +134,9 @@ pub struct Engine {
     /// Only keys that loaded from the store, so it is bounded by the number of keys.
     cache: Mutex<HashMap<String, (Instant, Arc<CachedKey>)>>,
     decrypt_failures: FailureAggregator<Caller>,
+    /// `sec.crypto.key.integrity_failed`, at most once per key per window (plus a
+    /// summary), however many calls hit the key.
+    integrity_failures: FailureAggregator<Caller>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -251,6 +254,24 @@ impl Engine {
                 sink(e);
             }),
         );
+        let (event_clock, sink) = (clock.clone(), emit.clone());
+        let integrity_failures = FailureAggregator::new(
+            clock.clone(),
+            limits.failure_window,
+            limits.failure_keys,
+            Arc::new(move |s: Summary<Caller>| {
+                let mut e = new_event(
+                    event_clock.as_ref(),
+                    "crypto",
+                    "sec.crypto.key.integrity_failed",
+                );
+                e.actor = s.actor.as_ref().map(Caller::actor);
+                e.outcome = Outcome::Failure as i32;
+                e.severity = Severity::High as i32;
+                s.describe(&mut e);
+                sink(e);
+            }),
+        );
         Self {
             store,
             kek,
@@ -260,18 +281,157 @@ impl Engine {
             metrics,
             cache: Mutex::new(HashMap::new()),
             decrypt_failures,
+            integrity_failures,
         }
     }
 
     /// Emits the `decrypt.failed` summaries whose window has closed. The service calls it
     /// about once a second; tests call it after moving a `ManualClock`.
     pub fn tick(&self) -> usize {
-        self.decrypt_failures.tick()
+        self.decrypt_failures.tick() + self.integrity_failures.tick()
     }
 
     /// Emits every pending `decrypt.failed` summary now (shutdown).
     pub fn flush_events(&self) -> usize {
-        self.decrypt_failures.flush()
+        self.decrypt_failures.flush() + self.integrity_failures.flush()
+    }
+
+    // ---- record integrity -----------------------------------------------------------
+
+    /// The canonical encoding of everything in a key row that decides what the key may
+    /// do (type, versions, policy, rotation schedule, write counter), as MACed.
+    fn record_input(r: &KeyRecord) -> Vec<u8> {
+        let p = &r.policy;
+        // Fixed-order JSON array: unambiguous, and names are ASCII-only by rule.
+        serde_json::json!([
+            "sec-crypto-record:v1",
+            r.name,
+            r.key_type,
+            r.latest_version,
+            p.min_decryption_version,
+            p.min_encryption_version,
+            p.rotation_period_seconds,
+            p.deletion_allowed,
+            p.exportable,
+            r.policy_version,
+            r.created_at.timestamp_micros(),
+            r.last_rotated_at.timestamp_micros(),
+        ])
+        .to_string()
+        .into_bytes()
+    }
+
+    fn mac_of(&self, r: &KeyRecord) -> String {
+        self.kek.record_mac(&Self::record_input(r))
+    }
+
+    /// Refuses a key whose record or material failed its integrity check: emits
+    /// `sec.crypto.key.integrity_failed` (aggregated per key) and logs why, without
+    /// details in the caller's error.
+    fn integrity_failure(&self, name: &str, why: &'static str) -> Error {
+        tracing::error!(
+            key = name,
+            reason = why,
+            "key record failed its integrity check"
+        );
+        self.invalidate(name);
+        self.integrity_failures
+            .record(name, why, Caller::Service("crypto-svc".into()));
+        Error::precondition("key record failed its integrity check")
+    }
+
+    /// Checks a record's MAC (rows without one are refused: start-up backfills legacy
+    /// rows, so a missing MAC later means someone removed it).
+    fn check_record(&self, r: &KeyRecord) -> Result<(), Error> {
+        let ok = r.record_mac.as_deref().is_some_and(|m| {
+            self.kek.check_record_mac(m, &Self::record_input(r)) != MacCheck::Invalid
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(self.integrity_failure(&r.name, "record_mac"))
+        }
+    }
+
+    /// The key and its versions, with the record's integrity checked.
+    async fn get_verified(&self, name: &str) -> Result<(KeyRecord, Vec<VersionRecord>), Error> {
+        let (record, versions) = self
+            .store
+            .get(name)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::not_found("key not found"))?;
+        self.check_record(&record)?;
+        Ok((record, versions))
+    }
+
+    /// Unwraps one version, checking that the material belongs to this key, version and
+    /// type, and that the stored public key is the one the private key implies.
+    fn unwrap_version(
+        &self,
+        record: &KeyRecord,
+        key_type: KeyType,
+        v: &VersionRecord,
+    ) -> Result<Loaded, Error> {
+        let material = self
+            .kek
+            .unwrap(
+                &v.kek_id,
+                &record.key_type,
+                &record.name,
+                v.version,
+                &v.wrapped,
+            )
+            .map_err(|e| match e {
+                KekError::Corrupt => self.integrity_failure(&record.name, "wrapped_material"),
+                other => Error::internal("unwrapping key material failed", &other),
+            })?;
+        let l = Loaded::load(key_type, &material)
+            .map_err(|_| self.integrity_failure(&record.name, "material_type"))?;
+        if l.public_der != v.public_key {
+            return Err(self.integrity_failure(&record.name, "public_key"));
+        }
+        Ok(l)
+    }
+
+    /// Gives every key row without a MAC (written before record MACs existed, so never
+    /// written since: `policy_version` 0) its MAC, trusting it as it is now. Run at
+    /// start; returns how many rows it MACed.
+    pub async fn backfill_record_macs(&self) -> Result<u64, Error> {
+        let mut done = 0_u64;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list(after.as_deref(), 200)
+                .await
+                .map_err(store_err)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.name.clone());
+            for r in page.iter().filter(|r| r.record_mac.is_none()) {
+                if r.policy_version != 0 {
+                    // Written since MACs exist: a missing MAC was removed, not legacy.
+                    tracing::error!(key = %r.name, "key record lost its mac; it stays refused");
+                    continue;
+                }
+                if self
+                    .store
+                    .set_mac(&r.name, 0, &self.mac_of(r))
+                    .await
+                    .map_err(store_err)?
+                {
+                    tracing::warn!(key = %r.name, "backfilled the integrity mac of a key record written before record macs");
+                    done += 1;
+                }
+            }
+            if page.len() < 200 {
+                break;
+            }
+        }
+        if done > 0 {
+            tracing::warn!(keys = done, "backfilled key record macs");
+        }
+        Ok(done)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -351,10 +511,10 @@ impl Engine {
             .map_err(|e| Error::internal("new key does not load", &e))?;
         let (kek_id, wrapped) = self
             .kek
-            .wrap(name, 1, &material)
+            .wrap(key_type.name(), name, 1, &material)
             .map_err(|e| Error::internal("wrapping failed", &e))?;
         let now = micros(self.clock.now());
-        let record = KeyRecord {
+        let mut record = KeyRecord {
             name: name.to_owned(),
             key_type: key_type.name().to_owned(),
             latest_version: 1,
@@ -365,6 +525,7 @@ impl Engine {
             policy_version: 1,
             record_mac: None,
         };
+        record.record_mac = Some(self.mac_of(&record));
         let version = VersionRecord {
             version: 1,
             created_at: now,
@@ -385,12 +546,7 @@ impl Engine {
 
     pub async fn get_key(&self, name: &str) -> Result<KeyView, Error> {
         validate_name(name, "name")?;
-        let (record, versions) = self
-            .store
-            .get(name)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| Error::not_found("key not found"))?;
+        let (record, versions) = self.get_verified(name).await?;
         Self::view(record, &versions)
     }
 
@@ -427,7 +583,7 @@ impl Engine {
             .map_err(|e| Error::internal("new key does not load", &e))?;
         let (kek_id, wrapped) = self
             .kek
-            .wrap(name, next, &material)
+            .wrap(view.key_type.name(), name, next, &material)
             .map_err(|e| Error::internal("wrapping failed", &e))?;
         let now = micros(self.clock.now());
         let version = VersionRecord {
@@ -437,6 +593,14 @@ impl Engine {
             wrapped,
             public_key: loaded.public_der.clone(),
         };
+        let after = KeyRecord {
+            latest_version: next,
+            last_rotated_at: now,
+            updated_at: now,
+            policy_version: view.record.policy_version + 1,
+            ..view.record.clone()
+        };
+        let mac = self.mac_of(&after);
         self.store
             .add_version(
                 name,
@@ -444,7 +608,7 @@ impl Engine {
                 view.record.policy_version,
                 &version,
                 now,
-                None,
+                Some(&mac),
             )
             .await
             .map_err(store_err)?;
@@ -511,9 +675,15 @@ impl Engine {
         // Compare-and-set on the version read above: if anyone wrote the key since, this
         // write matches nothing and the caller retries on the new state, instead of
         // silently undoing the other change (e.g. a min_decryption_version raise).
+        let after = KeyRecord {
+            policy: p.clone(),
+            policy_version: expected + 1,
+            ..view.record.clone()
+        };
+        let mac = self.mac_of(&after);
         match self
             .store
-            .update_policy(name, expected, &p, micros(self.clock.now()), None)
+            .update_policy(name, expected, &p, micros(self.clock.now()), Some(&mac))
             .await
         {
             Ok(()) => {}
@@ -587,12 +757,7 @@ impl Engine {
         {
             return Ok(Arc::clone(k));
         }
-        let (record, versions) = self
-            .store
-            .get(name)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| Error::not_found("key not found"))?;
+        let (record, versions) = self.get_verified(name).await?;
         let key_type = KeyType::parse(&record.key_type)
             .ok_or_else(|| Error::internal("unknown stored key type", &record.key_type))?;
         let mut loaded = BTreeMap::new();
@@ -600,12 +765,7 @@ impl Engine {
             .iter()
             .filter(|v| v.version >= record.policy.min_decryption_version)
         {
-            let material = self
-                .kek
-                .unwrap(&v.kek_id, name, v.version, &v.wrapped)
-                .map_err(|e| Error::internal("unwrapping key material failed", &e))?;
-            let l = Loaded::load(key_type, &material)
-                .map_err(|e| Error::internal("stored key material does not load", &e))?;
+            let l = self.unwrap_version(&record, key_type, v)?;
             loaded.insert(v.version, Arc::new(l));
         }
         let k = Arc::new(CachedKey {
@@ -897,12 +1057,17 @@ impl Engine {
         } else {
             version
         };
-        let der = view
-            .versions
+        // Derived from the private key (and checked against the stored column), never
+        // taken from the column alone: a replaced public key would redirect backups.
+        let (record, versions) = self.get_verified(name).await?;
+        let stored = versions
             .iter()
-            .find(|(n, _, _)| *n == v)
-            .and_then(|(_, _, d)| d.clone())
+            .find(|r| r.version == v)
             .ok_or_else(|| Error::not_found("no such key version").with_field("version"))?;
+        let der = self
+            .unwrap_version(&record, view.key_type, stored)?
+            .public_der
+            .ok_or_else(|| Error::internal("asymmetric key without a public key", &v))?;
         Ok((crate::material::public_pem(&der), v, view.key_type))
     }
 
@@ -974,12 +1139,7 @@ impl Engine {
         }
         let oaep = OaepPublicEncryptingKey::new(public)
             .map_err(|_| Error::invalid("wrapping_public_key_pem", "unusable RSA key"))?;
-        let (record, versions) = self
-            .store
-            .get(name)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| Error::not_found("key not found"))?;
+        let (record, versions) = self.get_verified(name).await?;
         if !record.policy.exportable {
             return Err(Error::precondition(
                 "key is not exportable: set exportable first",
@@ -1002,7 +1162,7 @@ impl Engine {
         for v in &versions {
             let m = self
                 .kek
-                .unwrap(&v.kek_id, name, v.version, &v.wrapped)
+                .unwrap(&v.kek_id, &record.key_type, name, v.version, &v.wrapped)
                 .map_err(|e| Error::internal("unwrapping key material failed", &e))?;
             doc.versions.push(BackupVersion {
                 version: v.version,
@@ -1134,7 +1294,7 @@ impl Engine {
             let loaded = Loaded::load(key_type, &material).map_err(|_| bad())?;
             let (kek_id, wrapped) = self
                 .kek
-                .wrap(&name, v.version, &material)
+                .wrap(key_type.name(), &name, v.version, &material)
                 .map_err(|e| Error::internal("wrapping failed", &e))?;
             versions.push(VersionRecord {
                 version: v.version,
@@ -1153,7 +1313,7 @@ impl Engine {
             return Err(bad());
         }
         let now = micros(self.clock.now());
-        let record = KeyRecord {
+        let mut record = KeyRecord {
             name: name.clone(),
             key_type: key_type.name().into(),
             latest_version: doc.latest_version,
@@ -1170,6 +1330,7 @@ impl Engine {
             policy_version: 1,
             record_mac: None,
         };
+        record.record_mac = Some(self.mac_of(&record));
         self.store
             .insert(&record, &versions)
             .await
@@ -1182,14 +1343,17 @@ impl Engine {
         Self::view(record, &versions)
     }
 
-    /// Re-wraps every version not under the current KEK. Returns (re-wrapped, already current).
+    /// Re-wraps every version not under the current KEK or not in the current wrapping
+    /// format (v1 material gets its key type bound), then re-MACs every key record MACed
+    /// by a previous KEK. Returns (re-wrapped, already current).
     pub async fn rotate_kek(&self, who: &Caller) -> Result<(u64, u64), Error> {
         let current = self.kek.current_id().to_owned();
         let mut rewrapped = 0_u64;
+        let mut records: HashMap<String, Option<KeyRecord>> = HashMap::new();
         loop {
             let batch = self
                 .store
-                .versions_not_wrapped_by(&current, 100)
+                .versions_not_wrapped_by(&current, crate::kek::WRAP_V2_PREFIX, 100)
                 .await
                 .map_err(store_err)?;
             if batch.is_empty() {
@@ -1197,15 +1361,42 @@ impl Engine {
             }
             let mut progressed = false;
             for (name, v) in batch {
-                let m = self
-                    .kek
-                    .unwrap(&v.kek_id, &name, v.version, &v.wrapped)
-                    .map_err(|e| {
-                        Error::precondition(format!("cannot re-wrap {name} v{}: {e}", v.version))
-                    })?;
+                if !records.contains_key(&name) {
+                    let Some((record, _)) = self.store.get(&name).await.map_err(store_err)? else {
+                        continue; // deleted meanwhile
+                    };
+                    // Never re-wrap (and so launder) material of a tampered record; it
+                    // stays refused, and does not hold up the other keys.
+                    let ok = self.check_record(&record).is_ok();
+                    records.insert(name.clone(), ok.then_some(record));
+                }
+                let Some(Some(record)) = records.get(&name) else {
+                    continue;
+                };
+                let m = match self.kek.unwrap(
+                    &v.kek_id,
+                    &record.key_type,
+                    &name,
+                    v.version,
+                    &v.wrapped,
+                ) {
+                    Ok(m) => m,
+                    // Material that is not this key's (swapped or damaged) stays refused;
+                    // it must not hold up the re-wrapping of every other key.
+                    Err(KekError::Corrupt) => {
+                        tracing::error!(key = %name, version = v.version, "key material failed its integrity check; not re-wrapped");
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(Error::precondition(format!(
+                            "cannot re-wrap {name} v{}: {e}",
+                            v.version
+                        )));
+                    }
+                };
                 let (id, wrapped) = self
                     .kek
-                    .wrap(&name, v.version, &m)
+                    .wrap(&record.key_type, &name, v.version, &m)
                     .map_err(|e| Error::internal("wrapping failed", &e))?;
                 if self
                     .store
@@ -1221,6 +1412,7 @@ impl Engine {
                 break;
             }
         }
+        let remaced = self.remac_previous().await?;
         let usage = self.store.kek_usage().await.map_err(store_err)?;
         let current_count = usage
             .iter()
@@ -1229,12 +1421,47 @@ impl Engine {
         let mut e = self.event(who, "sec.crypto.kek.rotated", &current);
         e.severity = Severity::Medium as i32;
         e.details.insert("rewrapped".into(), rewrapped.to_string());
+        e.details.insert("remaced".into(), remaced.to_string());
         (self.emit)(e);
         self.cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         Ok((rewrapped, current_count.saturating_sub(rewrapped)))
+    }
+
+    /// Re-MACs under the current KEK every record whose MAC verifies only under a
+    /// previous KEK (a record that fails its check is left as it is, refused).
+    async fn remac_previous(&self) -> Result<u64, Error> {
+        let mut done = 0_u64;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list(after.as_deref(), 200)
+                .await
+                .map_err(store_err)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.name.clone());
+            for r in &page {
+                let Some(mac) = r.record_mac.as_deref() else {
+                    continue;
+                };
+                if self.kek.check_record_mac(mac, &Self::record_input(r)) == MacCheck::Previous
+                    && self
+                        .store
+                        .set_mac(&r.name, r.policy_version, &self.mac_of(r))
+                        .await
+                        .map_err(store_err)?
+                {
+                    done += 1;
+                }
+            }
+            if page.len() < 200 {
+                break;
+            }
+        }
+        Ok(done)
     }
 
     pub fn kek_id(&self) -> &str {

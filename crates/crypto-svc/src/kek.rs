@@ -25,6 +25,8 @@ pub const GENERATED_KEK_FILE: &str = "crypto-kek";
 struct Kek {
     id: String,
     key: LessSafeKey,
+    /// HMAC key derived from the KEK for key-record MACs.
+    mac: aws_lc_rs::hmac::Key,
 }
 
 /// The current KEK and the previous ones.
@@ -53,8 +55,34 @@ pub enum KekError {
     Corrupt,
 }
 
-fn aad(name: &str, version: u32) -> Vec<u8> {
+/// Associated data of material wrapped before the key type was bound (still readable).
+fn aad_v1(name: &str, version: u32) -> Vec<u8> {
     format!("sec-crypto-kek:v1:{name}:{version}").into_bytes()
+}
+
+/// Associated data of current wrappings: the key type is bound too, so material cannot be
+/// reinterpreted as another type (an AES key as an HMAC or ChaCha key) by editing a row.
+fn aad_v2(key_type: &str, name: &str, version: u32) -> Vec<u8> {
+    format!("sec-crypto-kek:v2:{key_type}:{name}:{version}").into_bytes()
+}
+
+/// Leading bytes of a v2 wrapping (`prefix ‖ nonce ‖ ciphertext ‖ tag`). v1 wrappings are
+/// `nonce ‖ ciphertext ‖ tag` and are told apart by this prefix; stripping or adding it
+/// changes the nonce, so a wrapping cannot be downgraded to v1.
+pub const WRAP_V2_PREFIX: &[u8; 4] = b"SKW2";
+
+/// Label of the key, derived from each KEK, that MACs key records.
+const RECORD_MAC_LABEL: &[u8] = b"sec-crypto-record-mac:v1";
+
+/// What checking a record MAC found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacCheck {
+    /// Valid under the current KEK.
+    Current,
+    /// Valid under a previous KEK: re-MAC it (`RotateKek` does).
+    Previous,
+    /// Wrong tag, malformed, or made by a KEK this ring does not hold.
+    Invalid,
 }
 
 impl Kek {
@@ -72,7 +100,14 @@ impl Kek {
         let key = LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| anyhow::anyhow!("invalid KEK"))?,
         );
-        Ok(Self { id, key })
+        // A separate key for record MACs (HMAC of a fixed label under the KEK), so the
+        // KEK itself is only ever used for one purpose per primitive.
+        let derived = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes),
+            RECORD_MAC_LABEL,
+        );
+        let mac = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, derived.as_ref());
+        Ok(Self { id, key, mac })
     }
 }
 
@@ -258,8 +293,103 @@ impl KekRing {
         &self.current.id
     }
 
-    /// Wraps key material for `name` version `version` under the current KEK.
+    /// Wraps key material of type `key_type` for `name` version `version` under the
+    /// current KEK, in the v2 format (type, name and version bound).
     pub fn wrap(
+        &self,
+        key_type: &str,
+        name: &str,
+        version: u32,
+        material: &[u8],
+    ) -> anyhow::Result<(String, Vec<u8>)> {
+        let mut nonce = [0_u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| anyhow::anyhow!("random generator failed"))?;
+        let mut buf = material.to_vec();
+        self.current
+            .key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad_v2(key_type, name, version)),
+                &mut buf,
+            )
+            .map_err(|_| anyhow::anyhow!("wrapping failed"))?;
+        let mut out = Vec::with_capacity(WRAP_V2_PREFIX.len() + NONCE_LEN + buf.len());
+        out.extend_from_slice(WRAP_V2_PREFIX);
+        out.extend_from_slice(&nonce);
+        out.append(&mut buf);
+        Ok((self.current.id.clone(), out))
+    }
+
+    /// Whether `wrapped` is in the current (v2) format; v1 wrappings are re-wrapped by
+    /// `RotateKek`.
+    pub fn is_current_format(wrapped: &[u8]) -> bool {
+        wrapped.starts_with(WRAP_V2_PREFIX)
+    }
+
+    /// Unwraps material wrapped by KEK `kek_id` for `name` version `version` of type
+    /// `key_type`: v2 wrappings must match all three, v1 wrappings name and version.
+    pub fn unwrap(
+        &self,
+        kek_id: &str,
+        key_type: &str,
+        name: &str,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KekError> {
+        let kek = self
+            .find(kek_id)
+            .ok_or_else(|| KekError::UnknownKek(kek_id.to_owned()))?;
+        if let Some(v2) = wrapped.strip_prefix(WRAP_V2_PREFIX.as_slice())
+            && let Ok(m) = open(kek, v2, &aad_v2(key_type, name, version))
+        {
+            return Ok(m);
+        }
+        // A v1 wrapping (whose random nonce may, rarely, start with the v2 prefix).
+        open(kek, wrapped, &aad_v1(name, version))
+    }
+
+    fn find(&self, kek_id: &str) -> Option<&Kek> {
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|k| k.id == kek_id)
+    }
+
+    /// The MAC of a key record's canonical encoding under the current KEK, as stored:
+    /// `<kek id>:<base64 tag>`.
+    pub fn record_mac(&self, record: &[u8]) -> String {
+        let tag = aws_lc_rs::hmac::sign(&self.current.mac, record);
+        format!(
+            "{}:{}",
+            self.current.id,
+            base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+        )
+    }
+
+    /// Checks a stored record MAC (constant-time comparison).
+    pub fn check_record_mac(&self, stored: &str, record: &[u8]) -> MacCheck {
+        let Some((id, tag)) = stored.split_once(':') else {
+            return MacCheck::Invalid;
+        };
+        let Some(kek) = self.find(id) else {
+            return MacCheck::Invalid;
+        };
+        let Ok(tag) = base64::engine::general_purpose::STANDARD.decode(tag) else {
+            return MacCheck::Invalid;
+        };
+        if aws_lc_rs::hmac::verify(&kek.mac, record, &tag).is_err() {
+            return MacCheck::Invalid;
+        }
+        if kek.id == self.current.id {
+            MacCheck::Current
+        } else {
+            MacCheck::Previous
+        }
+    }
+
+    /// A v1 wrapping, as written before the key type was bound (tests of the upgrade).
+    #[doc(hidden)]
+    pub fn wrap_v1_for_tests(
         &self,
         name: &str,
         version: u32,
@@ -273,7 +403,7 @@ impl KekRing {
             .key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(name, version)),
+                Aad::from(aad_v1(name, version)),
                 &mut buf,
             )
             .map_err(|_| anyhow::anyhow!("wrapping failed"))?;
@@ -281,33 +411,22 @@ impl KekRing {
         out.append(&mut buf);
         Ok((self.current.id.clone(), out))
     }
+}
 
-    /// Unwraps material wrapped by KEK `kek_id` for `name` version `version`.
-    pub fn unwrap(
-        &self,
-        kek_id: &str,
-        name: &str,
-        version: u32,
-        wrapped: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, KekError> {
-        let kek = std::iter::once(&self.current)
-            .chain(&self.previous)
-            .find(|k| k.id == kek_id)
-            .ok_or_else(|| KekError::UnknownKek(kek_id.to_owned()))?;
-        if wrapped.len() < NONCE_LEN {
-            return Err(KekError::Corrupt);
-        }
-        let (nonce, body) = wrapped.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| KekError::Corrupt)?;
-        let mut buf = Zeroizing::new(body.to_vec());
-        let len = kek
-            .key
-            .open_in_place(nonce, Aad::from(aad(name, version)), &mut buf)
-            .map_err(|_| KekError::Corrupt)?
-            .len();
-        buf.truncate(len);
-        Ok(buf)
+fn open(kek: &Kek, wrapped: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, KekError> {
+    if wrapped.len() < NONCE_LEN {
+        return Err(KekError::Corrupt);
     }
+    let (nonce, body) = wrapped.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| KekError::Corrupt)?;
+    let mut buf = Zeroizing::new(body.to_vec());
+    let len = kek
+        .key
+        .open_in_place(nonce, Aad::from(aad), &mut buf)
+        .map_err(|_| KekError::Corrupt)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -315,52 +434,109 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wrap_binds_name_and_version_and_detects_tampering() {
+    fn wrap_binds_type_name_and_version_and_detects_tampering() {
         let ring = KekRing::from_bytes(&[7; 32], &[]).unwrap();
-        let (id, blob) = ring.wrap("orders", 3, b"secret material").unwrap();
+        let (id, blob) = ring
+            .wrap("aes256-gcm", "orders", 3, b"secret material")
+            .unwrap();
+        assert!(KekRing::is_current_format(&blob));
         assert_eq!(
-            ring.unwrap(&id, "orders", 3, &blob).unwrap().as_slice(),
+            ring.unwrap(&id, "aes256-gcm", "orders", 3, &blob)
+                .unwrap()
+                .as_slice(),
             b"secret material"
         );
-        assert_eq!(
-            ring.unwrap(&id, "orders", 4, &blob),
-            Err(KekError::Corrupt),
-            "other version"
-        );
-        assert_eq!(
-            ring.unwrap(&id, "billing", 3, &blob),
-            Err(KekError::Corrupt),
-            "other key"
-        );
+        for (ty, name, v, what) in [
+            ("aes256-gcm", "orders", 4, "other version"),
+            ("aes256-gcm", "billing", 3, "other key"),
+            ("hmac-sha256", "orders", 3, "other type"),
+            ("chacha20-poly1305", "orders", 3, "other type"),
+        ] {
+            assert_eq!(
+                ring.unwrap(&id, ty, name, v, &blob),
+                Err(KekError::Corrupt),
+                "{what}"
+            );
+        }
         let mut t = blob.clone();
         t[20] ^= 1;
         assert_eq!(
-            ring.unwrap(&id, "orders", 3, &t),
+            ring.unwrap(&id, "aes256-gcm", "orders", 3, &t),
             Err(KekError::Corrupt),
             "tampered"
         );
         assert_eq!(
-            ring.unwrap(&id, "orders", 3, &blob[..5]),
+            ring.unwrap(&id, "aes256-gcm", "orders", 3, &blob[..5]),
             Err(KekError::Corrupt),
             "truncated"
         );
+        assert_eq!(
+            ring.unwrap(&id, "aes256-gcm", "orders", 3, &blob[4..]),
+            Err(KekError::Corrupt),
+            "no downgrade to v1 by stripping the prefix"
+        );
         assert!(matches!(
-            ring.unwrap("0000", "orders", 3, &blob),
+            ring.unwrap("0000", "aes256-gcm", "orders", 3, &blob),
             Err(KekError::UnknownKek(_))
         ));
     }
 
     #[test]
+    fn v1_wrappings_still_unwrap() {
+        let ring = KekRing::from_bytes(&[7; 32], &[]).unwrap();
+        let (id, blob) = ring
+            .wrap_v1_for_tests("orders", 3, b"old material")
+            .unwrap();
+        assert!(!KekRing::is_current_format(&blob));
+        assert_eq!(
+            ring.unwrap(&id, "aes256-gcm", "orders", 3, &blob)
+                .unwrap()
+                .as_slice(),
+            b"old material"
+        );
+        assert_eq!(
+            ring.unwrap(&id, "aes256-gcm", "orders", 2, &blob),
+            Err(KekError::Corrupt),
+            "still bound to name and version"
+        );
+    }
+
+    #[test]
+    fn record_macs_verify_under_current_and_previous_keks_only() {
+        let old = KekRing::from_bytes(&[1; 32], &[]).unwrap();
+        let mac = old.record_mac(b"record");
+        assert_eq!(old.check_record_mac(&mac, b"record"), MacCheck::Current);
+        assert_eq!(old.check_record_mac(&mac, b"recorD"), MacCheck::Invalid);
+        assert_eq!(
+            old.check_record_mac("garbage", b"record"),
+            MacCheck::Invalid
+        );
+        let ring = KekRing::from_bytes(&[2; 32], &[&[1; 32]]).unwrap();
+        assert_eq!(ring.check_record_mac(&mac, b"record"), MacCheck::Previous);
+        let other = KekRing::from_bytes(&[3; 32], &[]).unwrap();
+        assert_eq!(other.check_record_mac(&mac, b"record"), MacCheck::Invalid);
+        // a tag from another KEK under this KEK's id does not verify
+        let forged = format!(
+            "{}:{}",
+            old.current_id(),
+            other.record_mac(b"record").split_once(':').unwrap().1
+        );
+        assert_eq!(old.check_record_mac(&forged, b"record"), MacCheck::Invalid);
+    }
+
+    #[test]
     fn previous_keks_still_unwrap_and_ids_differ() {
         let old = KekRing::from_bytes(&[1; 32], &[]).unwrap();
-        let (old_id, blob) = old.wrap("k", 1, b"m").unwrap();
+        let (old_id, blob) = old.wrap("ed25519", "k", 1, b"m").unwrap();
         let ring = KekRing::from_bytes(&[2; 32], &[&[1; 32]]).unwrap();
         assert_ne!(ring.current_id(), old_id);
         assert_eq!(
-            ring.unwrap(&old_id, "k", 1, &blob).unwrap().as_slice(),
+            ring.unwrap(&old_id, "ed25519", "k", 1, &blob)
+                .unwrap()
+                .as_slice(),
             b"m"
         );
-        let (new_id, _) = ring.wrap("k", 1, b"m").unwrap();
+        let (new_id, _) = ring.wrap("ed25519", "k", 1, b"m").unwrap();
         assert_eq!(new_id, ring.current_id());
     }
 

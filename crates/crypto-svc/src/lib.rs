@@ -118,6 +118,12 @@ pub async fn run(
         },
         metrics,
     ));
+    // Key rows written before record MACs existed get theirs now (the service holds the
+    // KEK); from then on every load checks them.
+    engine
+        .backfill_record_macs()
+        .await
+        .map_err(|e| anyhow::anyhow!("backfilling key record macs: {e}"))?;
 
     let rotation = tokio::spawn(rotation_loop(
         engine.clone(),

@@ -748,11 +748,11 @@ async fn kek_rotation_rewraps_everything_without_losing_a_key() {
         b"keep me"
     );
     assert!(new.sign("b", b"m").await.is_ok());
-    // and the wrong KEK alone cannot read anything
+    // and the wrong KEK alone cannot read anything (its record MACs do not verify)
     let (wrong, _, _) = engine_on(store, KekRing::from_bytes(&[3; 32], &[]).unwrap(), 1024);
     assert_eq!(
         code(wrong.encrypt("a", b"x", b"").await),
-        ErrorCode::Internal
+        ErrorCode::FailedPrecondition
     );
 }
 
@@ -867,9 +867,12 @@ impl KeyStore for SpyStore {
     async fn versions_not_wrapped_by(
         &self,
         kek_id: &str,
+        format_prefix: &[u8],
         limit: u32,
     ) -> Result<Vec<(String, VersionRecord)>, StoreError> {
-        self.inner.versions_not_wrapped_by(kek_id, limit).await
+        self.inner
+            .versions_not_wrapped_by(kek_id, format_prefix, limit)
+            .await
     }
     async fn rewrap_version(
         &self,
@@ -1580,4 +1583,334 @@ async fn raced_delete_never_removes_a_protected_key_postgres() {
     if let Some(f) = pg_fixture().await {
         raced_delete_never_removes_a_protected_key(&f).await;
     }
+}
+
+// ---- type and policy bound to the key material ------------------------------------
+
+/// Raw access to a store's database, to tamper with rows as a database writer could.
+enum Raw {
+    Sqlite(sqlx::SqlitePool, #[allow(dead_code)] tempfile::TempDir),
+    Pg(sqlx::PgPool),
+}
+
+impl Raw {
+    async fn exec(&self, sql: &str) {
+        let q = sqlx::AssertSqlSafe(sql.to_owned());
+        let n = match self {
+            Raw::Sqlite(p, _) => sqlx::query(q).execute(p).await.unwrap().rows_affected(),
+            Raw::Pg(p) => sqlx::query(q).execute(p).await.unwrap().rows_affected(),
+        };
+        assert!(n > 0, "tampering matched no row: {sql}");
+    }
+}
+
+async fn raw_store(pg: bool) -> Option<(Arc<dyn KeyStore>, Raw)> {
+    if pg {
+        let url = sec_testkit::backend_url(sec_testkit::Backend::Postgres)?;
+        let schema = format!("crypto_t{}", uuid::Uuid::new_v4().simple());
+        let pool = sec_common::storage::connect_postgres(&url, &schema, 4)
+            .await
+            .unwrap();
+        crypto_svc::MIGRATIONS.postgres.run(&pool).await.unwrap();
+        let store = crypto_svc::store::postgres::PgKeyStore::new(pool.clone());
+        return Some((Arc::new(store), Raw::Pg(pool)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = sec_common::storage::connect_sqlite(&dir.path().join("crypto.db"), 4)
+        .await
+        .unwrap();
+    crypto_svc::MIGRATIONS.sqlite.run(&pool).await.unwrap();
+    let store = crypto_svc::store::sqlite::SqliteKeyStore::new(pool.clone());
+    Some((Arc::new(store), Raw::Sqlite(pool, dir)))
+}
+
+fn integrity_events(events: &Mutex<Vec<SecurityEvent>>, key: &str) -> Vec<SecurityEvent> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.r#type == "sec.crypto.key.integrity_failed" && e.subject == key)
+        .cloned()
+        .collect()
+}
+
+async fn tampering_is_detected(pg: bool) {
+    let Some((store, raw)) = raw_store(pg).await else {
+        return;
+    };
+    let (e, events, clock) = engine_on(
+        store.clone(),
+        KekRing::from_bytes(&[1; 32], &[]).unwrap(),
+        64 * 1024,
+    );
+    let aes = |n: &'static str| e.create_key(&ADMIN, n, KeyType::Aes256Gcm, KeyPolicy::default());
+    for n in [
+        "t-exp", "t-min", "t-type", "t-swap-a", "t-swap-b", "t-ver", "t-ok",
+    ] {
+        aes(n).await.unwrap();
+    }
+    for n in ["t-pub", "t-pub2"] {
+        e.create_key(&ADMIN, n, KeyType::EcdsaP256, KeyPolicy::default())
+            .await
+            .unwrap();
+    }
+    e.create_key(&ADMIN, "t-wrap", KeyType::Rsa3072, KeyPolicy::default())
+        .await
+        .unwrap();
+    let (pem, _, _) = e.public_key("t-wrap", 0).await.unwrap();
+    for n in ["t-min", "t-ver"] {
+        e.rotate_key(&ADMIN, n).await.unwrap();
+    }
+    e.update_policy(
+        &ADMIN,
+        "t-min",
+        PolicyUpdate {
+            min_decryption_version: Some(2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (ok_ct, _) = e.encrypt("t-ok", b"still fine", b"").await.unwrap();
+    assert!(
+        e.backup_key(&ADMIN, "t-exp", &pem).await.is_err(),
+        "not exportable"
+    );
+
+    // The tampering a database writer could do.
+    raw.exec("UPDATE crypto_keys SET exportable = TRUE WHERE name = 't-exp'")
+        .await;
+    raw.exec("UPDATE crypto_keys SET min_decryption_version = 0 WHERE name = 't-min'")
+        .await;
+    raw.exec("UPDATE crypto_keys SET key_type = 'hmac-sha256' WHERE name = 't-type'")
+        .await;
+    raw.exec(
+        "UPDATE crypto_key_versions SET public_key = \
+         (SELECT public_key FROM crypto_key_versions WHERE key_name = 't-pub2' AND version = 1) \
+         WHERE key_name = 't-pub' AND version = 1",
+    )
+    .await;
+    raw.exec(
+        "UPDATE crypto_key_versions SET wrapped = \
+         (SELECT wrapped FROM crypto_key_versions WHERE key_name = 't-swap-b' AND version = 1) \
+         WHERE key_name = 't-swap-a' AND version = 1",
+    )
+    .await;
+    raw.exec(
+        "UPDATE crypto_key_versions SET wrapped = \
+         (SELECT wrapped FROM crypto_key_versions WHERE key_name = 't-ver' AND version = 1) \
+         WHERE key_name = 't-ver' AND version = 2",
+    )
+    .await;
+
+    let refused = |r: Result<_, sec_common::error::Error>, what: &str| {
+        let err = r
+            .err()
+            .unwrap_or_else(|| panic!("{what}: tampered key was used"));
+        assert_eq!(err.code, ErrorCode::FailedPrecondition, "{what}: {err:?}");
+        assert_eq!(
+            err.message, "key record failed its integrity check",
+            "{what}"
+        );
+    };
+    refused(
+        e.backup_key(&ADMIN, "t-exp", &pem).await.map(|_| ()),
+        "flipped exportable: backup",
+    );
+    refused(
+        e.encrypt("t-exp", b"x", b"").await.map(|_| ()),
+        "flipped exportable",
+    );
+    refused(
+        e.encrypt("t-min", b"x", b"").await.map(|_| ()),
+        "lowered min_decryption",
+    );
+    refused(
+        e.get_key("t-min").await.map(|_| ()),
+        "lowered min_decryption: get",
+    );
+    refused(e.hmac("t-type", b"x").await.map(|_| ()), "changed type");
+    refused(
+        e.encrypt("t-type", b"x", b"").await.map(|_| ()),
+        "changed type",
+    );
+    refused(
+        e.public_key("t-pub", 1).await.map(|_| ()),
+        "swapped public key: export",
+    );
+    refused(
+        e.sign("t-pub", b"m").await.map(|_| ()),
+        "swapped public key: sign",
+    );
+    refused(
+        e.encrypt("t-swap-a", b"x", b"").await.map(|_| ()),
+        "material of another key",
+    );
+    refused(
+        e.encrypt("t-ver", b"x", b"").await.map(|_| ()),
+        "material of another version",
+    );
+    // a tampered policy cannot be laundered by an update that re-MACs it
+    refused(
+        e.update_policy(
+            &ADMIN,
+            "t-min",
+            PolicyUpdate {
+                rotation_period_seconds: Some(7200),
+                ..Default::default()
+            },
+        )
+        .await
+        .map(|_| ()),
+        "update of a tampered key",
+    );
+    refused(
+        e.rotate_key(&ADMIN, "t-exp").await.map(|_| ()),
+        "rotation of a tampered key",
+    );
+
+    // one event per key however many calls, high severity
+    for key in ["t-exp", "t-min", "t-type", "t-pub", "t-swap-a", "t-ver"] {
+        let ev = integrity_events(&events, key);
+        assert_eq!(ev.len(), 1, "{key}: one immediate event, got {ev:?}");
+        assert_eq!(ev[0].severity, sec_common::events::Severity::High as i32);
+    }
+    refused(
+        e.encrypt("t-exp", b"x", b"").await.map(|_| ()),
+        "still refused",
+    );
+    assert_eq!(integrity_events(&events, "t-exp").len(), 1, "aggregated");
+    clock.advance(chrono::Duration::seconds(11));
+    e.tick();
+    assert_eq!(
+        integrity_events(&events, "t-exp").len(),
+        2,
+        "the rest as one summary when the window closes"
+    );
+
+    // untampered keys keep working
+    assert_eq!(
+        e.decrypt(&ADMIN, "t-ok", &ok_ct, b"")
+            .await
+            .unwrap()
+            .0
+            .as_slice(),
+        b"still fine"
+    );
+    assert!(e.sign("t-pub2", b"m").await.is_ok());
+    assert!(e.encrypt("t-swap-b", b"x", b"").await.is_ok());
+    assert!(integrity_events(&events, "t-ok").is_empty());
+
+    // a removed MAC: a legacy row (never written since MACs) is backfilled at start; a
+    // row written since stays refused
+    raw.exec("UPDATE crypto_keys SET record_mac = NULL, policy_version = 0 WHERE name = 't-ok'")
+        .await;
+    raw.exec("UPDATE crypto_keys SET record_mac = NULL WHERE name = 't-swap-b'")
+        .await;
+    refused(e.encrypt("t-ok", b"x", b"").await.map(|_| ()), "no mac");
+    assert_eq!(e.backfill_record_macs().await.unwrap(), 1);
+    assert!(
+        e.decrypt(&ADMIN, "t-ok", &ok_ct, b"").await.is_ok(),
+        "backfilled"
+    );
+    refused(
+        e.encrypt("t-swap-b", b"x", b"").await.map(|_| ()),
+        "mac removed",
+    );
+
+    // KEK rotation keeps untampered keys valid (re-wrapped and re-MACed) and does not
+    // launder tampered ones
+    let (mid, _, _) = engine_on(
+        store.clone(),
+        KekRing::from_bytes(&[2; 32], &[&[1; 32]]).unwrap(),
+        64 * 1024,
+    );
+    mid.rotate_kek(&ADMIN).await.unwrap();
+    let (new, _, _) = engine_on(
+        store.clone(),
+        KekRing::from_bytes(&[2; 32], &[]).unwrap(),
+        64 * 1024,
+    );
+    assert_eq!(
+        new.decrypt(&ADMIN, "t-ok", &ok_ct, b"")
+            .await
+            .unwrap()
+            .0
+            .as_slice(),
+        b"still fine"
+    );
+    assert!(new.sign("t-pub2", b"m").await.is_ok());
+    assert!(new.public_key("t-wrap", 0).await.is_ok());
+    for key in ["t-exp", "t-min", "t-type"] {
+        assert_eq!(
+            code(new.encrypt(key, b"x", b"").await),
+            ErrorCode::FailedPrecondition,
+            "{key} stays refused after a KEK rotation"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tampering_is_detected_sqlite() {
+    tampering_is_detected(false).await;
+}
+
+#[tokio::test]
+async fn tampering_is_detected_postgres() {
+    tampering_is_detected(true).await;
+}
+
+/// Material wrapped before the key type was bound (v1) still loads, and `RotateKek`
+/// re-wraps it in the current format.
+#[tokio::test]
+async fn v1_wrapped_material_loads_and_kek_rotation_upgrades_it() {
+    let f = fixture().await;
+    f.engine
+        .create_key(&ADMIN, "legacy", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let (ct, _) = f.engine.encrypt("legacy", b"old", b"").await.unwrap();
+    // Put v1 back the way an old release stored it: v1-wrapped, no record MAC.
+    let ring = KekRing::from_bytes(&[1; 32], &[]).unwrap();
+    let (_, v) = f.store.get("legacy").await.unwrap().unwrap();
+    let material = ring
+        .unwrap(&v[0].kek_id, "aes256-gcm", "legacy", 1, &v[0].wrapped)
+        .unwrap();
+    let (id, old) = ring.wrap_v1_for_tests("legacy", 1, &material).unwrap();
+    assert!(
+        f.store
+            .rewrap_version("legacy", 1, &id, &id, &old)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        f.engine
+            .decrypt(&ADMIN, "legacy", &ct, b"")
+            .await
+            .unwrap()
+            .0
+            .as_slice(),
+        b"old"
+    );
+    let (rewrapped, _) = f.engine.rotate_kek(&ADMIN).await.unwrap();
+    assert_eq!(
+        rewrapped, 1,
+        "the v1 wrapping is upgraded under the same KEK"
+    );
+    let (_, v) = f.store.get("legacy").await.unwrap().unwrap();
+    assert!(KekRing::is_current_format(&v[0].wrapped));
+    assert_eq!(
+        f.engine.rotate_kek(&ADMIN).await.unwrap().0,
+        0,
+        "idempotent"
+    );
+    assert_eq!(
+        f.engine
+            .decrypt(&ADMIN, "legacy", &ct, b"")
+            .await
+            .unwrap()
+            .0
+            .as_slice(),
+        b"old"
+    );
 }

@@ -117,10 +117,13 @@ pub trait KeyStore: Send + Sync + 'static {
     /// same statement or transaction that deletes, so a concurrent update that protects
     /// the key either lands first (and the key stays) or after (on a deleted key).
     async fn delete_if_allowed(&self, name: &str) -> Result<DeleteOutcome, StoreError>;
-    /// Up to `limit` (key name, version) pairs whose material is NOT wrapped by `kek_id`.
+    /// Up to `limit` (key name, version) pairs whose material is NOT wrapped by `kek_id`,
+    /// or whose wrapping does not start with `format_prefix` (an older wrapping format;
+    /// an empty prefix matches every wrapping).
     async fn versions_not_wrapped_by(
         &self,
         kek_id: &str,
+        format_prefix: &[u8],
         limit: u32,
     ) -> Result<Vec<(String, VersionRecord)>, StoreError>;
     /// Replaces one version's wrapping, only if it is still wrapped by `old_kek_id`
@@ -634,7 +637,7 @@ pub mod contract {
 
         let pending = ours(
             store
-                .versions_not_wrapped_by(&kek_b, u32::MAX)
+                .versions_not_wrapped_by(&kek_b, b"", u32::MAX)
                 .await
                 .unwrap(),
             &p,
@@ -648,7 +651,7 @@ pub mod contract {
         ];
         assert_eq!(pending, expected);
         let all_pending = store
-            .versions_not_wrapped_by(&kek_b, u32::MAX)
+            .versions_not_wrapped_by(&kek_b, b"", u32::MAX)
             .await
             .unwrap();
         assert!(all_pending.iter().all(|(_, v)| v.kek_id != kek_b));
@@ -661,11 +664,11 @@ pub mod contract {
             (&full_name, &full_versions[0]),
             "full records returned"
         );
-        let limited = store.versions_not_wrapped_by(&kek_b, 2).await.unwrap();
+        let limited = store.versions_not_wrapped_by(&kek_b, b"", 2).await.unwrap();
         assert_eq!(limited.len(), 2, "limit caps");
         assert!(
             store
-                .versions_not_wrapped_by(&kek_b, 0)
+                .versions_not_wrapped_by(&kek_b, b"", 0)
                 .await
                 .unwrap()
                 .is_empty()
@@ -713,12 +716,29 @@ pub mod contract {
         }
         let left = ours(
             store
-                .versions_not_wrapped_by(&kek_b, u32::MAX)
+                .versions_not_wrapped_by(&kek_b, b"", u32::MAX)
                 .await
                 .unwrap(),
             &p,
         );
         assert!(left.is_empty(), "everything rewrapped: {left:?}");
+        // an older wrapping format (not starting with the prefix) also needs a re-wrap
+        let old_format: Vec<(String, u32)> = ours(
+            store
+                .versions_not_wrapped_by(&kek_b, p.as_bytes(), u32::MAX)
+                .await
+                .unwrap(),
+            &p,
+        )
+        .into_iter()
+        .filter(|(n, _, _)| *n == full_name)
+        .map(|(n, v, _)| (n, v))
+        .collect();
+        assert_eq!(
+            old_format,
+            vec![(full_name.clone(), 2)],
+            "v1 and v4e9 were rewrapped to '{{name}}/..' (prefix), v2 is [0]"
+        );
         let (k, vs) = store.get(&full_name).await.unwrap().unwrap();
         assert_eq!(k, full, "rewrapping does not touch the key");
         for (got, orig) in vs.iter().zip(&full_versions) {

@@ -334,18 +334,20 @@ impl KeyStore for SqliteKeyStore {
     async fn versions_not_wrapped_by(
         &self,
         kek_id: &str,
+        format_prefix: &[u8],
         limit: u32,
     ) -> Result<Vec<(String, VersionRecord)>, StoreError> {
         let rows = sqlx::query(
             "SELECT key_name, version AS v_version, created_us AS v_created_us,
                     kek_id AS v_kek_id, wrapped AS v_wrapped, public_key AS v_public_key
              FROM crypto_key_versions
-             WHERE kek_id <> ?1
+             WHERE kek_id <> ?1 OR substr(wrapped, 1, length(?3)) <> ?3
              ORDER BY key_name, version
              LIMIT ?2",
         )
         .bind(kek_id)
         .bind(i64::from(limit))
+        .bind(format_prefix)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
