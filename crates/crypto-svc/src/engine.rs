@@ -196,6 +196,25 @@ pub struct PolicyUpdate {
 const BACKUP_PREFIX: &str = "sec-backup:v1:";
 const BACKUP_AAD: &[u8] = b"sec-crypto-backup:v1";
 
+/// Associated data (and so RSA-OAEP labels) starting with these bytes belong to
+/// crypto-svc's own protocols (backups: `sec-crypto-backup:*`; derivations:
+/// `sec-crypto:*`) and are refused from callers on every operation that takes AAD, so a
+/// caller can never present crypto-svc's internal context as its own (issue 14).
+/// `sec-envelope:v1`, the label of `sec_common::envelope`, is a caller's protocol and
+/// stays allowed.
+pub const RESERVED_AAD_PREFIX: &[u8] = b"sec-crypto";
+
+/// Refuses caller associated data in crypto-svc's reserved namespace.
+fn check_aad(aad: &[u8]) -> Result<(), Error> {
+    if aad.starts_with(RESERVED_AAD_PREFIX) {
+        return Err(Error::invalid(
+            "associated_data",
+            "associated data starting with 'sec-crypto' is reserved for crypto-svc",
+        ));
+    }
+    Ok(())
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct BackupDoc {
     format: String,
@@ -677,6 +696,7 @@ impl Engine {
         self.metered(name, Op::Encrypt, async {
             self.check_payload("plaintext", plaintext.len())?;
             self.check_payload("associated_data", aad.len())?;
+            check_aad(aad)?;
             let k = self.load(name).await?;
             Self::require(&k, Op::Encrypt)?;
             let (v, l) = Self::latest(&k)?;
@@ -721,6 +741,7 @@ impl Engine {
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
         Self::require(k, Op::Decrypt)?;
+        check_aad(aad)?;
         let (v, body) = wire::parse(ciphertext).ok_or_else(|| {
             Error::invalid(
                 "ciphertext",
@@ -766,6 +787,7 @@ impl Engine {
                 n @ 16..=64 => n as usize,
                 _ => return Err(Error::invalid("bytes", "data keys are 16 to 64 bytes")),
             };
+            check_aad(aad)?;
             let k = self.load(name).await?;
             Self::require(&k, Op::DataKey)?;
             let mut dk = Zeroizing::new(vec![0_u8; n]);
@@ -1051,9 +1073,13 @@ impl Engine {
         let (nonce, body) = rest.split_at(NONCE_LEN);
         validate_name(wrapping_key, "wrapping_key_name")?;
         let k = self.load(wrapping_key).await?;
-        if !matches!(k.key_type, KeyType::Rsa3072 | KeyType::Rsa4096) {
-            return Err(Error::precondition("the wrapping key must be an RSA key")
-                .with_field("wrapping_key_name"));
+        // Only a key made for this: a general RSA key's OAEP is reachable through
+        // Decrypt, a wrapping key's only here.
+        if !k.key_type.is_wrapping() {
+            return Err(Error::precondition(
+                "the wrapping key must be of type rsa-3072-wrapping or rsa-4096-wrapping",
+            )
+            .with_field("wrapping_key_name"));
         }
         // The backup names no version: try each usable version of the wrapping key.
         let cek = k

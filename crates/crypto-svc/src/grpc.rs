@@ -32,6 +32,8 @@ pub fn key_type_from_proto(t: i32) -> Result<KeyType, Error> {
         P::EcdsaP384 => KeyType::EcdsaP384,
         P::Ed25519 => KeyType::Ed25519,
         P::HmacSha256 => KeyType::HmacSha256,
+        P::Rsa3072Wrapping => KeyType::Rsa3072Wrapping,
+        P::Rsa4096Wrapping => KeyType::Rsa4096Wrapping,
         P::Unspecified => return Err(Error::invalid("type", "key type is required")),
     })
 }
@@ -48,6 +50,8 @@ pub fn key_type_to_proto(t: KeyType) -> pb::KeyType {
         KeyType::EcdsaP384 => P::EcdsaP384,
         KeyType::Ed25519 => P::Ed25519,
         KeyType::HmacSha256 => P::HmacSha256,
+        KeyType::Rsa3072Wrapping => P::Rsa3072Wrapping,
+        KeyType::Rsa4096Wrapping => P::Rsa4096Wrapping,
     }
 }
 

@@ -595,7 +595,12 @@ async fn backup_restores_on_another_installation_and_refuses_otherwise() {
         .unwrap();
 
     target
-        .create_key(&ADMIN, "import", KeyType::Rsa4096, KeyPolicy::default())
+        .create_key(
+            &ADMIN,
+            "import",
+            KeyType::Rsa4096Wrapping,
+            KeyPolicy::default(),
+        )
         .await
         .unwrap();
     let (pem, _, _) = target.public_key("import", 0).await.unwrap();
@@ -676,7 +681,12 @@ async fn backup_restores_on_another_installation_and_refuses_otherwise() {
         ErrorCode::InvalidArgument
     );
     target
-        .create_key(&ADMIN, "other-rsa", KeyType::Rsa3072, KeyPolicy::default())
+        .create_key(
+            &ADMIN,
+            "other-rsa",
+            KeyType::Rsa3072Wrapping,
+            KeyPolicy::default(),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -1268,4 +1278,150 @@ async fn decrypt_failures_are_aggregated_per_key_and_reason() {
             .iter()
             .any(|e| e.subject == "k3" || e.subject == "k4")
     );
+}
+
+/// The backup's wrapped one-time key as a `sec:v1:` ciphertext of the wrapping key.
+fn wrapped_cek_of(backup: &str) -> String {
+    let b64 = backup.rsplit(':').next().unwrap();
+    let raw = base64_decode(b64);
+    let n = usize::from(u16::from_be_bytes([raw[0], raw[1]]));
+    format!("sec:v1:{}", base64_encode(&raw[2..2 + n]))
+}
+
+/// Issue 14 item 1, the exact attack: a service caller that may use the wrapping key
+/// holds a backup, calls `Decrypt(wrapping key, "sec:v1:" + wrapped key, aad = the
+/// backup's OAEP label)` and opens the backup's one-time AES key. It must be refused:
+/// a wrapping key has no Decrypt at all, and the label is reserved even on a general
+/// RSA key (which an admin might still have backed up to, by mistake or from old docs).
+async fn backup_cannot_be_opened_through_decrypt(source: &Engine, target: &Engine) {
+    let service = Caller::Service("assess-svc".into());
+    source
+        .create_key(
+            &ADMIN,
+            "payroll",
+            KeyType::Aes256Gcm,
+            KeyPolicy {
+                exportable: true,
+                ..KeyPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    target
+        .create_key(
+            &ADMIN,
+            "import",
+            KeyType::Rsa4096Wrapping,
+            KeyPolicy::default(),
+        )
+        .await
+        .unwrap();
+    let (pem, _, _) = target.public_key("import", 0).await.unwrap();
+    let backup = source.backup_key(&ADMIN, "payroll", &pem).await.unwrap();
+    let forged = wrapped_cek_of(&backup);
+    for label in [&b"sec-crypto-backup:v1"[..], b"sec-crypto-backup:v2", b""] {
+        assert_eq!(
+            code(target.decrypt(&service, "import", &forged, label).await),
+            ErrorCode::FailedPrecondition,
+            "a wrapping key refuses Decrypt"
+        );
+    }
+    assert_eq!(
+        code(target.encrypt("import", b"x", b"").await),
+        ErrorCode::FailedPrecondition,
+        "a wrapping key refuses Encrypt"
+    );
+    assert_eq!(
+        code(target.rewrap(&service, "import", &forged, b"").await),
+        ErrorCode::FailedPrecondition
+    );
+    assert_eq!(
+        code(target.generate_data_key("import", 32, b"").await),
+        ErrorCode::FailedPrecondition
+    );
+
+    // A backup made to a general RSA key: its label is reserved, so Decrypt refuses it.
+    target
+        .create_key(&ADMIN, "general", KeyType::Rsa4096, KeyPolicy::default())
+        .await
+        .unwrap();
+    let (gpem, _, _) = target.public_key("general", 0).await.unwrap();
+    let backup = source.backup_key(&ADMIN, "payroll", &gpem).await.unwrap();
+    let forged = wrapped_cek_of(&backup);
+    for label in [&b"sec-crypto-backup:v1"[..], b"sec-crypto-backup:v2"] {
+        assert_eq!(
+            code(target.decrypt(&service, "general", &forged, label).await),
+            ErrorCode::InvalidArgument,
+            "reserved label refused"
+        );
+    }
+    // ... and cannot be restored through it either.
+    assert_eq!(
+        code(target.restore_key(&ADMIN, &backup, "general", None).await),
+        ErrorCode::FailedPrecondition
+    );
+
+    // The general RSA key still works for callers, and every AAD-taking operation
+    // refuses the reserved namespace.
+    let (ct, _) = target
+        .encrypt("general", b"hello", b"tenant-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        target
+            .decrypt(&service, "general", &ct, b"tenant-1")
+            .await
+            .unwrap()
+            .0
+            .as_slice(),
+        b"hello"
+    );
+    assert_eq!(
+        code(
+            target
+                .encrypt("general", b"x", b"sec-crypto-backup:v1")
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            target
+                .rewrap(&service, "general", &ct, b"sec-crypto:x")
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(target.generate_data_key("general", 32, b"sec-crypto").await),
+        ErrorCode::InvalidArgument
+    );
+    // the envelope's own label is a caller protocol and stays usable
+    let (_, wrapped, _) = target
+        .generate_data_key("general", 32, b"sec-envelope:v1")
+        .await
+        .unwrap();
+    assert!(
+        target
+            .decrypt(&service, "general", &wrapped, b"sec-envelope:v1")
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn backup_cannot_be_opened_through_decrypt_sqlite() {
+    let source = fixture().await;
+    let target = fixture().await;
+    backup_cannot_be_opened_through_decrypt(&source.engine, &target.engine).await;
+}
+
+#[tokio::test]
+async fn backup_cannot_be_opened_through_decrypt_postgres() {
+    let (Some(s), Some(t)) = (pg_store().await, pg_store().await) else {
+        return;
+    };
+    let (source, _, _) = engine_on(s, KekRing::from_bytes(&[1; 32], &[]).unwrap(), 64 * 1024);
+    let (target, _, _) = engine_on(t, KekRing::from_bytes(&[2; 32], &[]).unwrap(), 64 * 1024);
+    backup_cannot_be_opened_through_decrypt(&source, &target).await;
 }

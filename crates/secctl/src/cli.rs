@@ -174,6 +174,11 @@ pub enum KeyTypeArg {
     Ed25519,
     #[value(name = "hmac-sha256")]
     HmacSha256,
+    /// Receives backups only (`key restore --wrapping-key`); no other operation.
+    #[value(name = "rsa-3072-wrapping")]
+    Rsa3072Wrapping,
+    #[value(name = "rsa-4096-wrapping")]
+    Rsa4096Wrapping,
 }
 
 impl KeyTypeArg {
@@ -188,6 +193,8 @@ impl KeyTypeArg {
             Self::EcdsaP384 => KeyType::EcdsaP384,
             Self::Ed25519 => KeyType::Ed25519,
             Self::HmacSha256 => KeyType::HmacSha256,
+            Self::Rsa3072Wrapping => KeyType::Rsa3072Wrapping,
+            Self::Rsa4096Wrapping => KeyType::Rsa4096Wrapping,
         }
     }
 }
@@ -259,6 +266,8 @@ mod tests {
             (KeyTypeArg::EcdsaP384, "ecdsa-p384"),
             (KeyTypeArg::Ed25519, "ed25519"),
             (KeyTypeArg::HmacSha256, "hmac-sha256"),
+            (KeyTypeArg::Rsa3072Wrapping, "rsa-3072-wrapping"),
+            (KeyTypeArg::Rsa4096Wrapping, "rsa-4096-wrapping"),
         ] {
             assert_eq!(KeyTypeArg::from_str(name, false), Ok(arg));
             let proto = arg.proto().as_str_name().trim_start_matches("KEY_TYPE_");

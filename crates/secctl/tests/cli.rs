@@ -346,9 +346,12 @@ async fn secctl_against_the_platform() {
     assert!(r.stderr.starts_with("secctl: NotFound: "), "{}", r.stderr);
 
     // backup to a private file, restore under a new name, the copy decrypts
-    env.run(&["key", "create", "wrap", "--type", "rsa-3072"], b"")
-        .await
-        .ok();
+    env.run(
+        &["key", "create", "wrap", "--type", "rsa-3072-wrapping"],
+        b"",
+    )
+    .await
+    .ok();
     let wrap_pem = dir.path().join("wrap.pem");
     let r = env.run(&["key", "public", "wrap"], b"").await.ok();
     std::fs::write(&wrap_pem, &r.stdout).unwrap();
