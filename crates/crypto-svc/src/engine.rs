@@ -478,6 +478,14 @@ impl Engine {
             p.deletion_allowed = v;
         }
         if let Some(v) = u.exportable {
+            // One-way, as in Vault: once exportable, the material may already be in a
+            // backup, so clearing the flag would only give false assurance.
+            if p.exportable && !v {
+                return Err(Error::precondition(
+                    "exportable cannot be turned off once set: the key may already have been exported",
+                )
+                .with_field("exportable"));
+            }
             p.exportable = v;
         }
         let latest = view.record.latest_version;

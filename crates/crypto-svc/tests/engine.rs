@@ -1425,3 +1425,75 @@ async fn backup_cannot_be_opened_through_decrypt_postgres() {
     let (target, _, _) = engine_on(t, KekRing::from_bytes(&[2; 32], &[]).unwrap(), 64 * 1024);
     backup_cannot_be_opened_through_decrypt(&source, &target).await;
 }
+
+/// Issue 14 item 8: `exportable` is one-way. Turning it off is refused and changes
+/// nothing (not even the other fields of the same update); setting it again is a no-op.
+async fn exportable_is_one_way(engine: &Engine) {
+    engine
+        .create_key(&ADMIN, "once", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    // false -> false is fine while it was never set
+    let set = |exportable, deletion_allowed| PolicyUpdate {
+        exportable: Some(exportable),
+        deletion_allowed,
+        ..Default::default()
+    };
+    engine
+        .update_policy(&ADMIN, "once", set(false, None))
+        .await
+        .unwrap();
+    let k = engine
+        .update_policy(&ADMIN, "once", set(true, None))
+        .await
+        .unwrap();
+    assert!(k.record.policy.exportable);
+    let e = engine
+        .update_policy(&ADMIN, "once", set(false, Some(true)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::FailedPrecondition);
+    assert_eq!(e.field.as_deref(), Some("exportable"));
+    let k = engine.get_key("once").await.unwrap();
+    assert!(k.record.policy.exportable, "still exportable");
+    assert!(
+        !k.record.policy.deletion_allowed,
+        "the refused update changed nothing"
+    );
+    // true again, or an update that leaves it alone: accepted
+    engine
+        .update_policy(&ADMIN, "once", set(true, Some(true)))
+        .await
+        .unwrap();
+    // created exportable: the same rule
+    engine
+        .create_key(
+            &ADMIN,
+            "born",
+            KeyType::Ed25519,
+            KeyPolicy {
+                exportable: true,
+                ..KeyPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        code(engine.update_policy(&ADMIN, "born", set(false, None)).await),
+        ErrorCode::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn exportable_is_one_way_sqlite() {
+    exportable_is_one_way(&fixture().await.engine).await;
+}
+
+#[tokio::test]
+async fn exportable_is_one_way_postgres() {
+    let Some(store) = pg_store().await else {
+        return;
+    };
+    let (engine, _, _) = engine_on(store, KekRing::from_bytes(&[1; 32], &[]).unwrap(), 1024);
+    exportable_is_one_way(&engine).await;
+}
