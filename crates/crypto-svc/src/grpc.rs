@@ -209,7 +209,22 @@ impl CryptoService for CryptoApi {
             .engine
             .backup_key(&who, &r.name, &r.wrapping_public_key_pem)
             .await?;
-        Ok(Response::new(pb::BackupKeyResponse { backup }))
+        let (source_public_key_pem, _) = self.engine.installation_public_key().await?;
+        Ok(Response::new(pb::BackupKeyResponse {
+            backup,
+            source_public_key_pem,
+        }))
+    }
+
+    async fn get_installation_key(
+        &self,
+        _req: Request<pb::GetInstallationKeyRequest>,
+    ) -> Result<Response<pb::GetInstallationKeyResponse>, Status> {
+        let (public_key_pem, fingerprint) = self.engine.installation_public_key().await?;
+        Ok(Response::new(pb::GetInstallationKeyResponse {
+            public_key_pem,
+            fingerprint,
+        }))
     }
 
     async fn restore_key(
@@ -221,7 +236,13 @@ impl CryptoService for CryptoApi {
         let new_name = (!r.new_name.is_empty()).then_some(r.new_name.as_str());
         Ok(Response::new(key_to_proto(
             self.engine
-                .restore_key(&who, &r.backup, &r.wrapping_key_name, new_name)
+                .restore_key(
+                    &who,
+                    &r.backup,
+                    &r.wrapping_key_name,
+                    new_name,
+                    &r.source_public_key_pem,
+                )
                 .await?,
         )))
     }
