@@ -216,7 +216,7 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
-/// Most versions a restored key may have, and the longest rotation period.
+/// Most versions a restored key may have.
 const MAX_RESTORED_VERSIONS: u32 = 100_000;
 /// Upper bound of `rotation_period_seconds` accepted from a backup (ten years).
 pub const MAX_ROTATION_PERIOD_SECONDS: u64 = 10 * 365 * 86_400;
