@@ -205,10 +205,142 @@ fn policy_conflict() -> Error {
     Error::new(ErrorCode::Aborted, "key policy changed concurrently; retry")
 }
 
-const BACKUP_PREFIX: &str = "sec-backup:v1:";
-const BACKUP_AAD: &[u8] = b"sec-crypto-backup:v1";
+/// Backups v2: `sec-backup:v2:` + base64(signature ‖ signed), signed = u16 length of
+/// the wrapped key ‖ RSA-OAEP-wrapped AES key ‖ nonce ‖ AES-GCM(key document). The
+/// Ed25519 signature of the source installation covers all of `signed`.
+const BACKUP_PREFIX: &str = "sec-backup:v2:";
+/// Unsigned backups of earlier releases: refused, since anyone could have made them.
+const BACKUP_PREFIX_V1: &str = "sec-backup:v1:";
+const BACKUP_FORMAT: &str = "sec-crypto-backup/v2";
+/// OAEP label and AEAD associated data of a backup (in the reserved AAD namespace).
+const BACKUP_AAD: &[u8] = b"sec-crypto-backup:v2";
+/// Context prefixed to the signed bytes, so the signing key's signatures mean only this.
+const SIGNATURE_CONTEXT: &[u8] = b"sec-crypto-backup-signature:v2\0";
+const SIGNATURE_LEN: usize = 64;
+
+/// The installation signing key's reserved name: it starts with '.', which
+/// [`validate_name`] refuses, so no caller can create, read, use, back up or delete it;
+/// `ListKeys` hides it. The KEK wraps it like any key (and `RotateKek` re-wraps it).
+pub const INSTALLATION_KEY: &str = ".installation-backup-signing";
+
+/// DER SubjectPublicKeyInfo header of an Ed25519 key (RFC 8410); 32 key bytes follow.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Most versions a restored key may have.
+const MAX_RESTORED_VERSIONS: u32 = 100_000;
+/// Upper bound of `rotation_period_seconds` accepted from a backup (ten years).
+pub const MAX_ROTATION_PERIOD_SECONDS: u64 = 10 * 365 * 86_400;
+
+fn signature_input(signed: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNATURE_CONTEXT.len() + signed.len());
+    m.extend_from_slice(SIGNATURE_CONTEXT);
+    m.extend_from_slice(signed);
+    m
+}
+
+/// SHA-256 of a public key's DER, lowercase hex: what operators compare.
+pub fn fingerprint(der: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The pinned source public key (PEM Ed25519 SubjectPublicKeyInfo) as DER. Required:
+/// without a pin a backup's origin cannot be checked, so nothing is restored.
+fn pinned_ed25519(pem: &str) -> Result<Vec<u8>, Error> {
+    const FIELD: &str = "source_public_key_pem";
+    if pem.trim().is_empty() {
+        return Err(Error::invalid(
+            FIELD,
+            "the source installation's backup-signing public key is required (see GetInstallationKey on the source)",
+        ));
+    }
+    let der = crate::material::pem_to_der(pem)
+        .filter(|d| {
+            d.len() == ED25519_SPKI_PREFIX.len() + 32 && d.starts_with(&ED25519_SPKI_PREFIX)
+        })
+        .ok_or_else(|| Error::invalid(FIELD, "not a PEM Ed25519 public key"))?;
+    Ok(der)
+}
+
+/// Checks a decrypted backup document before any of it is used: format, names, key
+/// type, versions 1..=latest each exactly once, minimum versions within them, rotation
+/// period within bounds. Returns the key type.
+fn validate_backup(doc: &BackupDoc) -> Result<KeyType, Error> {
+    let invalid = |m: &str| Err(Error::invalid("backup", m.to_owned()));
+    if doc.format != BACKUP_FORMAT {
+        return invalid("unsupported backup format");
+    }
+    validate_name(&doc.name, "backup")?;
+    let Some(key_type) = KeyType::parse(&doc.key_type) else {
+        return invalid("unknown key type in backup");
+    };
+    let latest = doc.latest_version;
+    if latest == 0 || latest > MAX_RESTORED_VERSIONS {
+        return invalid("latest_version out of range");
+    }
+    let mut seen: Vec<u32> = doc.versions.iter().map(|v| v.version).collect();
+    seen.sort_unstable();
+    if seen.len() != latest as usize || seen.iter().zip(1..).any(|(v, want)| *v != want) {
+        return invalid("versions must be exactly 1..=latest_version");
+    }
+    if doc.min_decryption_version > latest || doc.min_encryption_version > latest {
+        return invalid("minimum versions cannot exceed latest_version");
+    }
+    if doc.min_encryption_version != 0 && doc.min_encryption_version < doc.min_decryption_version {
+        return invalid("min_encryption_version must be 0 or at least min_decryption_version");
+    }
+    let period = doc.rotation_period_seconds;
+    if period != 0 && !(3600..=MAX_ROTATION_PERIOD_SECONDS).contains(&period) {
+        return invalid("rotation_period_seconds out of range");
+    }
+    Ok(key_type)
+}
+
+/// Material length against the key type (the rest — RSA modulus, curve point, Ed25519
+/// seed and public key agreeing — is checked by [`Loaded::load`]).
+fn check_material(t: KeyType, m: &[u8]) -> Result<(), Error> {
+    let ok = match t {
+        KeyType::Aes256Gcm | KeyType::Chacha20Poly1305 | KeyType::Aes256GcmSiv => m.len() == 32,
+        // generated keys are 32 bytes; beyond the 64-byte block HMAC hashes the key anyway
+        KeyType::HmacSha256 => (32..=64).contains(&m.len()),
+        _ => !m.is_empty(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "backup",
+            "key material does not match its key type",
+        ))
+    }
+}
+
+/// Associated data (and so RSA-OAEP labels) starting with these bytes belong to
+/// crypto-svc's own protocols (backups: `sec-crypto-backup:*`; derivations:
+/// `sec-crypto:*`) and are refused from callers on every operation that takes AAD, so a
+/// caller can never present crypto-svc's internal context as its own (issue 14).
+/// `sec-envelope:v1`, the label of `sec_common::envelope`, is a caller's protocol and
+/// stays allowed.
+pub const RESERVED_AAD_PREFIX: &[u8] = b"sec-crypto";
+
+/// Refuses caller associated data in crypto-svc's reserved namespace.
+fn check_aad(aad: &[u8]) -> Result<(), Error> {
+    if aad.starts_with(RESERVED_AAD_PREFIX) {
+        return Err(Error::invalid(
+            "associated_data",
+            "associated data starting with 'sec-crypto' is reserved for crypto-svc",
+        ));
+    }
+    Ok(())
+}
 
 #[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BackupDoc {
     format: String,
     name: String,
@@ -225,6 +357,7 @@ struct BackupDoc {
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BackupVersion {
     version: u32,
     created_at: DateTime<Utc>,
@@ -557,7 +690,9 @@ impl Engine {
         limit: u32,
     ) -> Result<(Vec<KeyView>, Option<String>), Error> {
         let limit = limit.clamp(1, 100);
-        let records = self.store.list(after, limit + 1).await.map_err(store_err)?;
+        let mut records = self.store.list(after, limit + 2).await.map_err(store_err)?;
+        // Internal keys ('.'-names, e.g. the installation signing key) are not listed.
+        records.retain(|r| !r.name.starts_with('.'));
         let more = records.len() > limit as usize;
         let mut out = Vec::new();
         for r in records.into_iter().take(limit as usize) {
@@ -645,6 +780,14 @@ impl Engine {
             p.deletion_allowed = v;
         }
         if let Some(v) = u.exportable {
+            // One-way, as in Vault: once exportable, the material may already be in a
+            // backup, so clearing the flag would only give false assurance.
+            if p.exportable && !v {
+                return Err(Error::precondition(
+                    "exportable cannot be turned off once set: the key may already have been exported",
+                )
+                .with_field("exportable"));
+            }
             p.exportable = v;
         }
         let latest = view.record.latest_version;
@@ -880,6 +1023,7 @@ impl Engine {
         self.metered(name, Op::Encrypt, async {
             self.check_payload("plaintext", plaintext.len())?;
             self.check_payload("associated_data", aad.len())?;
+            check_aad(aad)?;
             let k = self.load(name).await?;
             Self::require(&k, Op::Encrypt)?;
             let (v, l) = Self::latest(&k)?;
@@ -924,6 +1068,7 @@ impl Engine {
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
         Self::require(k, Op::Decrypt)?;
+        check_aad(aad)?;
         let (v, body) = wire::parse(ciphertext).ok_or_else(|| {
             Error::invalid(
                 "ciphertext",
@@ -969,6 +1114,7 @@ impl Engine {
                 n @ 16..=64 => n as usize,
                 _ => return Err(Error::invalid("bytes", "data keys are 16 to 64 bytes")),
             };
+            check_aad(aad)?;
             let k = self.load(name).await?;
             Self::require(&k, Op::DataKey)?;
             let mut dk = Zeroizing::new(vec![0_u8; n]);
@@ -1115,7 +1261,89 @@ impl Engine {
 
     // ---- backup, restore, KEK rotation -----------------------------------------------
 
-    /// The key with all versions, encrypted to an RSA public key (3072+ bits).
+    /// The installation signing key (created on first use), which signs every backup so
+    /// a target can tell where a backup comes from. Stored like any key, wrapped by the
+    /// KEK, under the reserved name [`INSTALLATION_KEY`] that no caller can pass.
+    async fn installation_key(&self) -> Result<Loaded, Error> {
+        for _ in 0..2 {
+            if let Some((record, versions)) =
+                self.store.get(INSTALLATION_KEY).await.map_err(store_err)?
+            {
+                self.check_record(&record)?;
+                let v = versions
+                    .iter()
+                    .find(|v| v.version == record.latest_version)
+                    .ok_or_else(|| Error::internal("installation key has no version", &"latest"))?;
+                let m = self
+                    .kek
+                    .unwrap(
+                        &v.kek_id,
+                        KeyType::Ed25519.name(),
+                        INSTALLATION_KEY,
+                        v.version,
+                        &v.wrapped,
+                    )
+                    .map_err(|e| Error::internal("unwrapping the installation key failed", &e))?;
+                return Loaded::load(KeyType::Ed25519, &m)
+                    .map_err(|e| Error::internal("installation key does not load", &e));
+            }
+            let material = generate(KeyType::Ed25519)
+                .map_err(|e| Error::internal("key generation failed", &e))?;
+            let loaded = Loaded::load(KeyType::Ed25519, &material)
+                .map_err(|e| Error::internal("new key does not load", &e))?;
+            let (kek_id, wrapped) = self
+                .kek
+                .wrap(KeyType::Ed25519.name(), INSTALLATION_KEY, 1, &material)
+                .map_err(|e| Error::internal("wrapping failed", &e))?;
+            let now = micros(self.clock.now());
+            let mut record = KeyRecord {
+                name: INSTALLATION_KEY.to_owned(),
+                key_type: KeyType::Ed25519.name().to_owned(),
+                latest_version: 1,
+                policy: KeyPolicy::default(),
+                created_at: now,
+                updated_at: now,
+                last_rotated_at: now,
+                policy_version: 1,
+                record_mac: None,
+            };
+            record.record_mac = Some(self.mac_of(&record));
+            let version = VersionRecord {
+                version: 1,
+                created_at: now,
+                kek_id,
+                wrapped,
+                public_key: loaded.public_der.clone(),
+            };
+            match self.store.insert(&record, &[version]).await {
+                Ok(()) => {
+                    tracing::info!("installation signing key created");
+                    return Ok(loaded);
+                }
+                // Another replica created it first: use theirs.
+                Err(StoreError::AlreadyExists) => continue,
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        Err(Error::unavailable(
+            "installation key unavailable",
+            &"created concurrently and not readable",
+        ))
+    }
+
+    /// This installation's backup-signing public key: (PEM, SHA-256 fingerprint of its
+    /// DER in hex). Targets pin it to accept this installation's backups.
+    pub async fn installation_public_key(&self) -> Result<(String, String), Error> {
+        let k = self.installation_key().await?;
+        let der = k
+            .public_der
+            .as_deref()
+            .ok_or_else(|| Error::internal("installation key has no public key", &"ed25519"))?;
+        Ok((crate::material::public_pem(der), fingerprint(der)))
+    }
+
+    /// The key with all versions, encrypted to an RSA public key (3072+ bits) and signed
+    /// by this installation's signing key.
     pub async fn backup_key(
         &self,
         who: &Caller,
@@ -1145,8 +1373,9 @@ impl Engine {
                 "key is not exportable: set exportable first",
             ));
         }
+        let signer = self.installation_key().await?;
         let mut doc = BackupDoc {
-            format: "sec-crypto-backup/v1".into(),
+            format: BACKUP_FORMAT.into(),
             name: record.name.clone(),
             key_type: record.key_type.clone(),
             latest_version: record.latest_version,
@@ -1204,15 +1433,21 @@ impl Engine {
             .map_err(|_| Error::internal("backup key wrapping failed", &"oaep"))?
             .len();
         wrapped_cek.truncate(n);
-        let mut blob = Vec::with_capacity(2 + n + NONCE_LEN + body.len());
-        blob.extend_from_slice(
+        let mut signed = Vec::with_capacity(2 + n + NONCE_LEN + body.len());
+        signed.extend_from_slice(
             &u16::try_from(n)
                 .map_err(|_| Error::internal("wrapped key too long", &n))?
                 .to_be_bytes(),
         );
-        blob.extend_from_slice(&wrapped_cek);
-        blob.extend_from_slice(&nonce);
-        blob.extend_from_slice(&body);
+        signed.extend_from_slice(&wrapped_cek);
+        signed.extend_from_slice(&nonce);
+        signed.extend_from_slice(&body);
+        let sig = signer
+            .sign(&signature_input(&signed))
+            .map_err(|e| Error::internal("backup signing failed", &e))?;
+        let mut blob = Vec::with_capacity(sig.len() + signed.len());
+        blob.extend_from_slice(&sig);
+        blob.extend_from_slice(&signed);
         let mut e = self.event(who, "sec.crypto.key.backed_up", name);
         e.severity = Severity::Medium as i32;
         e.details
@@ -1224,12 +1459,18 @@ impl Engine {
         ))
     }
 
+    /// Restores a backup made for `wrapping_key` (an `rsa-*-wrapping` key here) by the
+    /// installation whose signing public key is `source_pem`. The signature is checked
+    /// against the pin before anything is unwrapped; every field is then validated
+    /// before anything is written, so a backup encrypted to our public wrapping key by
+    /// anyone else, or a signed one with impossible contents, restores nothing.
     pub async fn restore_key(
         &self,
         who: &Caller,
         backup: &str,
         wrapping_key: &str,
         new_name: Option<&str>,
+        source_pem: &str,
     ) -> Result<KeyView, Error> {
         use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
         let bad = || {
@@ -1238,25 +1479,51 @@ impl Engine {
                 "backup is malformed, tampered with, or not made for this wrapping key",
             )
         };
+        validate_name(wrapping_key, "wrapping_key_name")?;
+        if let Some(n) = new_name {
+            validate_name(n, "new_name")?;
+        }
+        let backup = backup.trim();
+        if backup.starts_with(BACKUP_PREFIX_V1) {
+            return Err(Error::invalid(
+                "backup",
+                "unsigned v1 backups are no longer accepted: make a new backup on the source",
+            ));
+        }
+        // 1. Proof of origin, before anything else is looked at.
+        let pin = pinned_ed25519(source_pem)?;
         let raw = backup
-            .trim()
             .strip_prefix(BACKUP_PREFIX)
             .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
             .ok_or_else(bad)?;
-        if raw.len() < 2 {
+        if raw.len() < SIGNATURE_LEN + 2 {
             return Err(bad());
         }
-        let n = usize::from(u16::from_be_bytes([raw[0], raw[1]]));
-        if raw.len() < 2 + n + NONCE_LEN + 16 {
+        let (sig, signed) = raw.split_at(SIGNATURE_LEN);
+        let raw_pin = &pin[ED25519_SPKI_PREFIX.len()..];
+        aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, raw_pin)
+            .verify(&signature_input(signed), sig)
+            .map_err(|_| {
+                Error::invalid(
+                    "backup",
+                    "backup signature does not verify against the pinned source key",
+                )
+            })?;
+        // 2. Unwrap with our wrapping key.
+        let n = usize::from(u16::from_be_bytes([signed[0], signed[1]]));
+        if signed.len() < 2 + n + NONCE_LEN + 16 {
             return Err(bad());
         }
-        let (wrapped_cek, rest) = raw[2..].split_at(n);
+        let (wrapped_cek, rest) = signed[2..].split_at(n);
         let (nonce, body) = rest.split_at(NONCE_LEN);
-        validate_name(wrapping_key, "wrapping_key_name")?;
         let k = self.load(wrapping_key).await?;
-        if !matches!(k.key_type, KeyType::Rsa3072 | KeyType::Rsa4096) {
-            return Err(Error::precondition("the wrapping key must be an RSA key")
-                .with_field("wrapping_key_name"));
+        // Only a key made for this: a general RSA key's OAEP is reachable through
+        // Decrypt, a wrapping key's only here.
+        if !k.key_type.is_wrapping() {
+            return Err(Error::precondition(
+                "the wrapping key must be of type rsa-3072-wrapping or rsa-4096-wrapping",
+            )
+            .with_field("wrapping_key_name"));
         }
         // The backup names no version: try each usable version of the wrapping key.
         let cek = k
@@ -1274,15 +1541,9 @@ impl Engine {
             .len();
         buf.truncate(len);
         let mut doc: BackupDoc = serde_json::from_slice(&buf).map_err(|_| bad())?;
-        if doc.format != "sec-crypto-backup/v1" {
-            return Err(Error::invalid("backup", "unsupported backup format"));
-        }
-        let key_type = KeyType::parse(&doc.key_type).ok_or_else(bad)?;
-        let name = new_name
-            .filter(|n| !n.is_empty())
-            .unwrap_or(&doc.name)
-            .to_owned();
-        validate_name(&name, "new_name")?;
+        // 3. Every field, before anything is written.
+        let key_type = validate_backup(&doc)?;
+        let name = new_name.unwrap_or(&doc.name).to_owned();
         let mut versions = Vec::new();
         for v in &mut doc.versions {
             let material = Zeroizing::new(
@@ -1291,7 +1552,10 @@ impl Engine {
                     .map_err(|_| bad())?,
             );
             zeroize::Zeroize::zeroize(&mut v.material);
-            let loaded = Loaded::load(key_type, &material).map_err(|_| bad())?;
+            check_material(key_type, &material)?;
+            let loaded = Loaded::load(key_type, &material).map_err(|_| {
+                Error::invalid("backup", "key material does not match its key type")
+            })?;
             let (kek_id, wrapped) = self
                 .kek
                 .wrap(key_type.name(), &name, v.version, &material)
@@ -1305,13 +1569,6 @@ impl Engine {
             });
         }
         versions.sort_by_key(|v| v.version);
-        let contiguous = versions
-            .iter()
-            .enumerate()
-            .all(|(i, v)| v.version as usize == i + 1);
-        if versions.is_empty() || !contiguous || versions.len() != doc.latest_version as usize {
-            return Err(bad());
-        }
         let now = micros(self.clock.now());
         let mut record = KeyRecord {
             name: name.clone(),
@@ -1339,6 +1596,8 @@ impl Engine {
         e.severity = Severity::Medium as i32;
         e.details
             .insert("versions".into(), versions.len().to_string());
+        e.details
+            .insert("source_key_fingerprint".into(), fingerprint(&pin));
         (self.emit)(e);
         Self::view(record, &versions)
     }

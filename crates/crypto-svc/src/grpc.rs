@@ -32,6 +32,8 @@ pub fn key_type_from_proto(t: i32) -> Result<KeyType, Error> {
         P::EcdsaP384 => KeyType::EcdsaP384,
         P::Ed25519 => KeyType::Ed25519,
         P::HmacSha256 => KeyType::HmacSha256,
+        P::Rsa3072Wrapping => KeyType::Rsa3072Wrapping,
+        P::Rsa4096Wrapping => KeyType::Rsa4096Wrapping,
         P::Unspecified => return Err(Error::invalid("type", "key type is required")),
     })
 }
@@ -48,6 +50,8 @@ pub fn key_type_to_proto(t: KeyType) -> pb::KeyType {
         KeyType::EcdsaP384 => P::EcdsaP384,
         KeyType::Ed25519 => P::Ed25519,
         KeyType::HmacSha256 => P::HmacSha256,
+        KeyType::Rsa3072Wrapping => P::Rsa3072Wrapping,
+        KeyType::Rsa4096Wrapping => P::Rsa4096Wrapping,
     }
 }
 
@@ -206,7 +210,22 @@ impl CryptoService for CryptoApi {
             .engine
             .backup_key(&who, &r.name, &r.wrapping_public_key_pem)
             .await?;
-        Ok(Response::new(pb::BackupKeyResponse { backup }))
+        let (source_public_key_pem, _) = self.engine.installation_public_key().await?;
+        Ok(Response::new(pb::BackupKeyResponse {
+            backup,
+            source_public_key_pem,
+        }))
+    }
+
+    async fn get_installation_key(
+        &self,
+        _req: Request<pb::GetInstallationKeyRequest>,
+    ) -> Result<Response<pb::GetInstallationKeyResponse>, Status> {
+        let (public_key_pem, fingerprint) = self.engine.installation_public_key().await?;
+        Ok(Response::new(pb::GetInstallationKeyResponse {
+            public_key_pem,
+            fingerprint,
+        }))
     }
 
     async fn restore_key(
@@ -218,7 +237,13 @@ impl CryptoService for CryptoApi {
         let new_name = (!r.new_name.is_empty()).then_some(r.new_name.as_str());
         Ok(Response::new(key_to_proto(
             self.engine
-                .restore_key(&who, &r.backup, &r.wrapping_key_name, new_name)
+                .restore_key(
+                    &who,
+                    &r.backup,
+                    &r.wrapping_key_name,
+                    new_name,
+                    &r.source_public_key_pem,
+                )
                 .await?,
         )))
     }

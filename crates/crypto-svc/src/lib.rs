@@ -42,6 +42,7 @@ pub const ACCESS: AccessTable = AccessTable {
         ("BackupKey", Access::Admin),
         ("RestoreKey", Access::Admin),
         ("RotateKek", Access::Admin),
+        ("GetInstallationKey", Access::Admin),
         ("Encrypt", Access::Service),
         ("Decrypt", Access::Service),
         ("BatchEncrypt", Access::Service),

@@ -28,6 +28,11 @@ pub enum KeyType {
     EcdsaP384,
     Ed25519,
     HmacSha256,
+    /// RSA keys made only to receive backups (`RestoreKey`): no caller operation at all,
+    /// so the RSA-OAEP that wraps a backup's one-time key can never be reached through
+    /// `Decrypt` (issue 14). Their public key is exported with `GetPublicKey`.
+    Rsa3072Wrapping,
+    Rsa4096Wrapping,
 }
 
 /// What a caller can do with a key.
@@ -67,8 +72,10 @@ const RSA: &[Op] = &[
 ];
 const SIGNING: &[Op] = &[Op::Sign, Op::Verify];
 const MAC: &[Op] = &[Op::Hmac];
+/// Wrapping keys are used only inside `RestoreKey`.
+const NONE: &[Op] = &[];
 
-pub const ALL_TYPES: [KeyType; 9] = [
+pub const ALL_TYPES: [KeyType; 11] = [
     KeyType::Aes256Gcm,
     KeyType::Chacha20Poly1305,
     KeyType::Aes256GcmSiv,
@@ -78,6 +85,8 @@ pub const ALL_TYPES: [KeyType; 9] = [
     KeyType::EcdsaP384,
     KeyType::Ed25519,
     KeyType::HmacSha256,
+    KeyType::Rsa3072Wrapping,
+    KeyType::Rsa4096Wrapping,
 ];
 
 impl KeyType {
@@ -92,6 +101,8 @@ impl KeyType {
             KeyType::EcdsaP384 => "ecdsa-p384",
             KeyType::Ed25519 => "ed25519",
             KeyType::HmacSha256 => "hmac-sha256",
+            KeyType::Rsa3072Wrapping => "rsa-3072-wrapping",
+            KeyType::Rsa4096Wrapping => "rsa-4096-wrapping",
         }
     }
 
@@ -105,6 +116,7 @@ impl KeyType {
             KeyType::Rsa3072 | KeyType::Rsa4096 => RSA,
             KeyType::EcdsaP256 | KeyType::EcdsaP384 | KeyType::Ed25519 => SIGNING,
             KeyType::HmacSha256 => MAC,
+            KeyType::Rsa3072Wrapping | KeyType::Rsa4096Wrapping => NONE,
         }
     }
 
@@ -120,7 +132,23 @@ impl KeyType {
                 | KeyType::EcdsaP256
                 | KeyType::EcdsaP384
                 | KeyType::Ed25519
+                | KeyType::Rsa3072Wrapping
+                | KeyType::Rsa4096Wrapping
         )
+    }
+
+    /// A key that only receives backups (see [`KeyType::Rsa4096Wrapping`]).
+    pub fn is_wrapping(self) -> bool {
+        matches!(self, KeyType::Rsa3072Wrapping | KeyType::Rsa4096Wrapping)
+    }
+
+    /// The modulus size of RSA types: material of another size is refused on load.
+    fn rsa_bits(self) -> Option<usize> {
+        match self {
+            KeyType::Rsa3072 | KeyType::Rsa3072Wrapping => Some(3072),
+            KeyType::Rsa4096 | KeyType::Rsa4096Wrapping => Some(4096),
+            _ => None,
+        }
     }
 }
 
@@ -158,8 +186,11 @@ pub fn generate(t: KeyType) -> Result<Zeroizing<Vec<u8>>, MaterialError> {
             aws_lc_rs::rand::fill(&mut k).map_err(|_| MaterialError::Generate)?;
             k
         }
-        KeyType::Rsa3072 | KeyType::Rsa4096 => {
-            let size = if t == KeyType::Rsa3072 {
+        KeyType::Rsa3072
+        | KeyType::Rsa4096
+        | KeyType::Rsa3072Wrapping
+        | KeyType::Rsa4096Wrapping => {
+            let size = if t.rsa_bits() == Some(3072) {
                 KeySize::Rsa3072
             } else {
                 KeySize::Rsa4096
@@ -269,8 +300,15 @@ impl Loaded {
                     None,
                 )
             }
-            KeyType::Rsa3072 | KeyType::Rsa4096 => {
+            KeyType::Rsa3072
+            | KeyType::Rsa4096
+            | KeyType::Rsa3072Wrapping
+            | KeyType::Rsa4096Wrapping => {
                 let sign = RsaKeyPair::from_pkcs8(material).map_err(|_| MaterialError::Invalid)?;
+                // The type names the modulus: a 2048-bit key restored as "rsa-4096" is refused.
+                if Some(sign.public_modulus_len() * 8) != t.rsa_bits() {
+                    return Err(MaterialError::Invalid);
+                }
                 let priv_key = PrivateDecryptingKey::from_pkcs8(material)
                     .map_err(|_| MaterialError::Invalid)?;
                 let public = priv_key.public_key();

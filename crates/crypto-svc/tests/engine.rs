@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use crypto_svc::engine::{CryptoMetrics, Engine, Limits, PolicyUpdate};
 use crypto_svc::kek::KekRing;
-use crypto_svc::material::{ALL_TYPES, KeyType, Op};
+use crypto_svc::material::{ALL_TYPES, KeyType, Loaded, Op};
 use crypto_svc::store::{KeyPolicy, KeyStore};
 use sec_common::auth::Caller;
 use sec_common::clock::{ManualClock, SharedClock};
@@ -595,7 +595,12 @@ async fn backup_restores_on_another_installation_and_refuses_otherwise() {
         .unwrap();
 
     target
-        .create_key(&ADMIN, "import", KeyType::Rsa4096, KeyPolicy::default())
+        .create_key(
+            &ADMIN,
+            "import",
+            KeyType::Rsa4096Wrapping,
+            KeyPolicy::default(),
+        )
         .await
         .unwrap();
     let (pem, _, _) = target.public_key("import", 0).await.unwrap();
@@ -626,10 +631,12 @@ async fn backup_restores_on_another_installation_and_refuses_otherwise() {
         .backup_key(&ADMIN, "payroll", &pem)
         .await
         .unwrap();
-    assert!(backup.starts_with("sec-backup:v1:"));
+    assert!(backup.starts_with("sec-backup:v2:"));
+    let (pin, _) = source.engine.installation_public_key().await.unwrap();
+    let pin = pin.as_str();
 
     let restored = target
-        .restore_key(&ADMIN, &backup, "import", None)
+        .restore_key(&ADMIN, &backup, "import", None, pin)
         .await
         .unwrap();
     assert_eq!(restored.record.latest_version, 2);
@@ -652,12 +659,16 @@ async fn backup_restores_on_another_installation_and_refuses_otherwise() {
         b"bonus"
     );
     assert_eq!(
-        code(target.restore_key(&ADMIN, &backup, "import", None).await),
+        code(
+            target
+                .restore_key(&ADMIN, &backup, "import", None, pin)
+                .await
+        ),
         ErrorCode::AlreadyExists
     );
     assert!(
         target
-            .restore_key(&ADMIN, &backup, "import", Some("payroll-copy"))
+            .restore_key(&ADMIN, &backup, "import", Some("payroll-copy"), pin)
             .await
             .is_ok()
     );
@@ -670,19 +681,24 @@ async fn backup_restores_on_another_installation_and_refuses_otherwise() {
     assert_eq!(
         code(
             target
-                .restore_key(&ADMIN, &tampered, "import", Some("t1"))
+                .restore_key(&ADMIN, &tampered, "import", Some("t1"), pin)
                 .await
         ),
         ErrorCode::InvalidArgument
     );
     target
-        .create_key(&ADMIN, "other-rsa", KeyType::Rsa3072, KeyPolicy::default())
+        .create_key(
+            &ADMIN,
+            "other-rsa",
+            KeyType::Rsa3072Wrapping,
+            KeyPolicy::default(),
+        )
         .await
         .unwrap();
     assert_eq!(
         code(
             target
-                .restore_key(&ADMIN, &backup, "other-rsa", Some("t2"))
+                .restore_key(&ADMIN, &backup, "other-rsa", Some("t2"), pin)
                 .await
         ),
         ErrorCode::InvalidArgument
@@ -1046,9 +1062,10 @@ async fn invalid_key_names_are_refused_before_any_lookup_metric_or_event() {
             .engine
             .restore_key(
                 &ADMIN,
-                "sec-backup:v1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                "sec-backup:v2:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
                 name,
                 None,
+                "",
             )
             .await
             .unwrap_err();
@@ -1359,13 +1376,16 @@ const CHANGES: [Change; 5] = [
     Change::Export,
 ];
 
+/// Back to the defaults between rounds, except `exportable`, which is one-way: a round
+/// that set it leaves it set, so its change stays visible (a lost update of the other
+/// fields is still caught).
 async fn reset_policy(f: &Fixture, name: &str) {
     let reset = PolicyUpdate {
         min_decryption_version: Some(0),
         min_encryption_version: Some(0),
         rotation_period_seconds: Some(0),
         deletion_allowed: Some(false),
-        exportable: Some(false),
+        exportable: None,
         expected_policy_version: None,
     };
     f.engine.update_policy(&ADMIN, name, reset).await.unwrap();
@@ -1442,7 +1462,7 @@ async fn concurrent_policy_updates_lose_nothing(f: &Fixture) {
             &ADMIN,
             name,
             PolicyUpdate {
-                exportable: Some(true),
+                rotation_period_seconds: Some(86_400),
                 expected_policy_version: Some(read),
                 ..Default::default()
             },
@@ -1451,8 +1471,8 @@ async fn concurrent_policy_updates_lose_nothing(f: &Fixture) {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Aborted);
     let now = f.engine.get_key(name).await.unwrap().record;
-    assert!(
-        !now.policy.exportable,
+    assert_eq!(
+        now.policy.rotation_period_seconds, 0,
         "a stale expected version changes nothing"
     );
     assert_eq!(now.policy_version, read + 1, "only the reset wrote");
@@ -1461,21 +1481,22 @@ async fn concurrent_policy_updates_lose_nothing(f: &Fixture) {
             &ADMIN,
             name,
             PolicyUpdate {
-                exportable: Some(true),
+                rotation_period_seconds: Some(86_400),
                 expected_policy_version: Some(now.policy_version),
                 ..Default::default()
             },
         )
         .await
         .unwrap();
-    assert!(
+    assert_eq!(
         f.engine
             .get_key(name)
             .await
             .unwrap()
             .record
             .policy
-            .exportable
+            .rotation_period_seconds,
+        86_400
     );
 }
 
@@ -1913,4 +1934,580 @@ async fn v1_wrapped_material_loads_and_kek_rotation_upgrades_it() {
             .as_slice(),
         b"old"
     );
+}
+
+/// The backup's wrapped one-time key as a `sec:v1:` ciphertext of the wrapping key.
+fn wrapped_cek_of(backup: &str) -> String {
+    let b64 = backup.rsplit(':').next().unwrap();
+    let raw = base64_decode(b64);
+    let raw = &raw[64..]; // Ed25519 signature first
+    let n = usize::from(u16::from_be_bytes([raw[0], raw[1]]));
+    format!("sec:v1:{}", base64_encode(&raw[2..2 + n]))
+}
+
+/// Issue 14 item 1, the exact attack: a service caller that may use the wrapping key
+/// holds a backup, calls `Decrypt(wrapping key, "sec:v1:" + wrapped key, aad = the
+/// backup's OAEP label)` and opens the backup's one-time AES key. It must be refused:
+/// a wrapping key has no Decrypt at all, and the label is reserved even on a general
+/// RSA key (which an admin might still have backed up to, by mistake or from old docs).
+async fn backup_cannot_be_opened_through_decrypt(source: &Engine, target: &Engine) {
+    let service = Caller::Service("assess-svc".into());
+    source
+        .create_key(
+            &ADMIN,
+            "payroll",
+            KeyType::Aes256Gcm,
+            KeyPolicy {
+                exportable: true,
+                ..KeyPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    target
+        .create_key(
+            &ADMIN,
+            "import",
+            KeyType::Rsa4096Wrapping,
+            KeyPolicy::default(),
+        )
+        .await
+        .unwrap();
+    let (pem, _, _) = target.public_key("import", 0).await.unwrap();
+    let backup = source.backup_key(&ADMIN, "payroll", &pem).await.unwrap();
+    let forged = wrapped_cek_of(&backup);
+    for label in [&b"sec-crypto-backup:v1"[..], b"sec-crypto-backup:v2", b""] {
+        assert_eq!(
+            code(target.decrypt(&service, "import", &forged, label).await),
+            ErrorCode::FailedPrecondition,
+            "a wrapping key refuses Decrypt"
+        );
+    }
+    assert_eq!(
+        code(target.encrypt("import", b"x", b"").await),
+        ErrorCode::FailedPrecondition,
+        "a wrapping key refuses Encrypt"
+    );
+    assert_eq!(
+        code(target.rewrap(&service, "import", &forged, b"").await),
+        ErrorCode::FailedPrecondition
+    );
+    assert_eq!(
+        code(target.generate_data_key("import", 32, b"").await),
+        ErrorCode::FailedPrecondition
+    );
+
+    // A backup made to a general RSA key: its label is reserved, so Decrypt refuses it.
+    target
+        .create_key(&ADMIN, "general", KeyType::Rsa4096, KeyPolicy::default())
+        .await
+        .unwrap();
+    let (gpem, _, _) = target.public_key("general", 0).await.unwrap();
+    let backup = source.backup_key(&ADMIN, "payroll", &gpem).await.unwrap();
+    let forged = wrapped_cek_of(&backup);
+    for label in [&b"sec-crypto-backup:v1"[..], b"sec-crypto-backup:v2"] {
+        assert_eq!(
+            code(target.decrypt(&service, "general", &forged, label).await),
+            ErrorCode::InvalidArgument,
+            "reserved label refused"
+        );
+    }
+    // ... and cannot be restored through it either.
+    assert_eq!(
+        code(
+            target
+                .restore_key(
+                    &ADMIN,
+                    &backup,
+                    "general",
+                    None,
+                    &source.installation_public_key().await.unwrap().0
+                )
+                .await
+        ),
+        ErrorCode::FailedPrecondition
+    );
+
+    // The general RSA key still works for callers, and every AAD-taking operation
+    // refuses the reserved namespace.
+    let (ct, _) = target
+        .encrypt("general", b"hello", b"tenant-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        target
+            .decrypt(&service, "general", &ct, b"tenant-1")
+            .await
+            .unwrap()
+            .0
+            .as_slice(),
+        b"hello"
+    );
+    assert_eq!(
+        code(
+            target
+                .encrypt("general", b"x", b"sec-crypto-backup:v1")
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            target
+                .rewrap(&service, "general", &ct, b"sec-crypto:x")
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(target.generate_data_key("general", 32, b"sec-crypto").await),
+        ErrorCode::InvalidArgument
+    );
+    // the envelope's own label is a caller protocol and stays usable
+    let (_, wrapped, _) = target
+        .generate_data_key("general", 32, b"sec-envelope:v1")
+        .await
+        .unwrap();
+    assert!(
+        target
+            .decrypt(&service, "general", &wrapped, b"sec-envelope:v1")
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn backup_cannot_be_opened_through_decrypt_sqlite() {
+    let source = fixture().await;
+    let target = fixture().await;
+    backup_cannot_be_opened_through_decrypt(&source.engine, &target.engine).await;
+}
+
+#[tokio::test]
+async fn backup_cannot_be_opened_through_decrypt_postgres() {
+    let (Some(s), Some(t)) = (pg_store().await, pg_store().await) else {
+        return;
+    };
+    let (source, _, _) = engine_on(s, KekRing::from_bytes(&[1; 32], &[]).unwrap(), 64 * 1024);
+    let (target, _, _) = engine_on(t, KekRing::from_bytes(&[2; 32], &[]).unwrap(), 64 * 1024);
+    backup_cannot_be_opened_through_decrypt(&source, &target).await;
+}
+
+/// Issue 14 item 8: `exportable` is one-way. Turning it off is refused and changes
+/// nothing (not even the other fields of the same update); setting it again is a no-op.
+async fn exportable_is_one_way(engine: &Engine) {
+    engine
+        .create_key(&ADMIN, "once", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    // false -> false is fine while it was never set
+    let set = |exportable, deletion_allowed| PolicyUpdate {
+        exportable: Some(exportable),
+        deletion_allowed,
+        ..Default::default()
+    };
+    engine
+        .update_policy(&ADMIN, "once", set(false, None))
+        .await
+        .unwrap();
+    let k = engine
+        .update_policy(&ADMIN, "once", set(true, None))
+        .await
+        .unwrap();
+    assert!(k.record.policy.exportable);
+    let e = engine
+        .update_policy(&ADMIN, "once", set(false, Some(true)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::FailedPrecondition);
+    assert_eq!(e.field.as_deref(), Some("exportable"));
+    let k = engine.get_key("once").await.unwrap();
+    assert!(k.record.policy.exportable, "still exportable");
+    assert!(
+        !k.record.policy.deletion_allowed,
+        "the refused update changed nothing"
+    );
+    // true again, or an update that leaves it alone: accepted
+    engine
+        .update_policy(&ADMIN, "once", set(true, Some(true)))
+        .await
+        .unwrap();
+    // created exportable: the same rule
+    engine
+        .create_key(
+            &ADMIN,
+            "born",
+            KeyType::Ed25519,
+            KeyPolicy {
+                exportable: true,
+                ..KeyPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        code(engine.update_policy(&ADMIN, "born", set(false, None)).await),
+        ErrorCode::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn exportable_is_one_way_sqlite() {
+    exportable_is_one_way(&fixture().await.engine).await;
+}
+
+#[tokio::test]
+async fn exportable_is_one_way_postgres() {
+    let Some(store) = pg_store().await else {
+        return;
+    };
+    let (engine, _, _) = engine_on(store, KekRing::from_bytes(&[1; 32], &[]).unwrap(), 1024);
+    exportable_is_one_way(&engine).await;
+}
+
+/// A backup as a source would make it, from a document of the test's choosing, sealed to
+/// `target_pem` and signed by `signer` — what an attacker can make with a target's public
+/// wrapping key and a signing key (their own, or a stolen or buggy source's).
+fn forge(signer: &Loaded, target_pem: &str, doc: &serde_json::Value) -> String {
+    use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    use aws_lc_rs::rsa::{OAEP_SHA256_MGF1SHA256, OaepPublicEncryptingKey, PublicEncryptingKey};
+    let label = b"sec-crypto-backup:v2";
+    let cek = [7_u8; 32];
+    let nonce = [9_u8; 12];
+    let mut body = serde_json::to_vec(doc).unwrap();
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &cek).unwrap())
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(label),
+            &mut body,
+        )
+        .unwrap();
+    let der = crypto_svc::material::pem_to_der(target_pem).unwrap();
+    let oaep = OaepPublicEncryptingKey::new(PublicEncryptingKey::from_der(&der).unwrap()).unwrap();
+    let mut wrapped = vec![0_u8; oaep.ciphertext_size()];
+    let n = oaep
+        .encrypt(&OAEP_SHA256_MGF1SHA256, &cek, &mut wrapped, Some(label))
+        .unwrap()
+        .len();
+    let mut signed = (n as u16).to_be_bytes().to_vec();
+    signed.extend_from_slice(&wrapped[..n]);
+    signed.extend_from_slice(&nonce);
+    signed.extend_from_slice(&body);
+    let mut msg = b"sec-crypto-backup-signature:v2\0".to_vec();
+    msg.extend_from_slice(&signed);
+    let mut blob = signer.sign(&msg).unwrap();
+    blob.extend_from_slice(&signed);
+    format!("sec-backup:v2:{}", base64_encode(&blob))
+}
+
+/// The installation signing key of a store, read with its KEK (a stolen source).
+async fn stolen_signing_key(store: &dyn KeyStore, kek: &[u8; 32]) -> Loaded {
+    let (_, versions) = store
+        .get(crypto_svc::engine::INSTALLATION_KEY)
+        .await
+        .unwrap()
+        .unwrap();
+    let v = &versions[0];
+    let m = KekRing::from_bytes(kek, &[])
+        .unwrap()
+        .unwrap(
+            &v.kek_id,
+            "ed25519",
+            crypto_svc::engine::INSTALLATION_KEY,
+            v.version,
+            &v.wrapped,
+        )
+        .unwrap();
+    Loaded::load(KeyType::Ed25519, &m).unwrap()
+}
+
+fn doc(key_type: &str, material: &[&[u8]]) -> serde_json::Value {
+    serde_json::json!({
+        "format": "sec-crypto-backup/v2",
+        "name": "forged",
+        "key_type": key_type,
+        "latest_version": material.len(),
+        "min_decryption_version": 0,
+        "min_encryption_version": 0,
+        "rotation_period_seconds": 0,
+        "deletion_allowed": false,
+        "exportable": true,
+        "created_at": "2026-01-01T00:00:00Z",
+        "last_rotated_at": "2026-01-01T00:00:00Z",
+        "versions": material.iter().enumerate().map(|(i, m)| serde_json::json!({
+            "version": i + 1,
+            "created_at": "2026-01-01T00:00:00Z",
+            "material": base64_encode(m),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Issue 14 item 5: backups carry proof of origin, pinned on the target, checked before
+/// anything is unwrapped; and a signed backup with impossible contents restores nothing.
+/// `source_store` is the source's store under KEK `[1; 32]`.
+async fn backups_prove_origin_and_are_validated(
+    source: &Engine,
+    source_store: &dyn KeyStore,
+    attacker: &Engine,
+    target: &Engine,
+) {
+    target
+        .create_key(
+            &ADMIN,
+            "import",
+            KeyType::Rsa4096Wrapping,
+            KeyPolicy::default(),
+        )
+        .await
+        .unwrap();
+    let (wrap_pem, _, _) = target.public_key("import", 0).await.unwrap();
+    let exportable = KeyPolicy {
+        exportable: true,
+        ..KeyPolicy::default()
+    };
+    source
+        .create_key(&ADMIN, "payroll", KeyType::Aes256Gcm, exportable.clone())
+        .await
+        .unwrap();
+    let backup = source
+        .backup_key(&ADMIN, "payroll", &wrap_pem)
+        .await
+        .unwrap();
+    let (pin, fp) = source.installation_public_key().await.unwrap();
+    assert_eq!(fp.len(), 64);
+    assert_eq!(
+        source.installation_public_key().await.unwrap().0,
+        pin,
+        "created once"
+    );
+    assert!(pin.starts_with("-----BEGIN PUBLIC KEY-----"));
+    // the internal key is invisible to callers
+    let (listed, _) = source.list_keys(None, 100).await.unwrap();
+    assert_eq!(listed.len(), 1, "only payroll is listed");
+    for name in [crypto_svc::engine::INSTALLATION_KEY] {
+        assert_eq!(code(source.get_key(name).await), ErrorCode::InvalidArgument);
+        assert_eq!(
+            code(source.sign(name, b"m").await),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(source.delete_key(&ADMIN, name).await),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(
+                source
+                    .create_key(&ADMIN, name, KeyType::Ed25519, KeyPolicy::default())
+                    .await
+            ),
+            ErrorCode::InvalidArgument
+        );
+    }
+
+    let (attacker_pin, _) = attacker.installation_public_key().await.unwrap();
+    let refused = |r: Result<crypto_svc::engine::KeyView, sec_common::error::Error>,
+                   field: &str| {
+        let e = r.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+        assert_eq!(e.field.as_deref(), Some(field), "{e:?}");
+    };
+    // no pin, a malformed pin, the wrong pin, an unsigned v1 backup: refused
+    refused(
+        target
+            .restore_key(&ADMIN, &backup, "import", None, "")
+            .await,
+        "source_public_key_pem",
+    );
+    refused(
+        target
+            .restore_key(&ADMIN, &backup, "import", None, &wrap_pem)
+            .await,
+        "source_public_key_pem",
+    );
+    refused(
+        target
+            .restore_key(&ADMIN, &backup, "import", None, &attacker_pin)
+            .await,
+        "backup",
+    );
+    let v1 = backup.replace("sec-backup:v2:", "sec-backup:v1:");
+    refused(
+        target.restore_key(&ADMIN, &v1, "import", None, &pin).await,
+        "backup",
+    );
+
+    // The forgery of the issue: material of the attacker's choice, encrypted to the
+    // target's public wrapping key, signed by the attacker's own installation key or by
+    // their installation itself. Refused under the real source's pin.
+    let chosen: &[u8] = &[0x41; 32];
+    let own = Loaded::load(
+        KeyType::Ed25519,
+        &crypto_svc::material::generate(KeyType::Ed25519).unwrap(),
+    )
+    .unwrap();
+    refused(
+        target
+            .restore_key(
+                &ADMIN,
+                &forge(&own, &wrap_pem, &doc("aes256-gcm", &[chosen])),
+                "import",
+                None,
+                &pin,
+            )
+            .await,
+        "backup",
+    );
+    attacker
+        .create_key(&ADMIN, "payroll", KeyType::Aes256Gcm, exportable.clone())
+        .await
+        .unwrap();
+    let theirs = attacker
+        .backup_key(&ADMIN, "payroll", &wrap_pem)
+        .await
+        .unwrap();
+    refused(
+        target
+            .restore_key(&ADMIN, &theirs, "import", None, &pin)
+            .await,
+        "backup",
+    );
+    assert_eq!(code(target.get_key("payroll").await), ErrorCode::NotFound);
+    assert_eq!(code(target.get_key("forged").await), ErrorCode::NotFound);
+
+    // the genuine backup, pinned: restored
+    target
+        .restore_key(&ADMIN, &backup, "import", None, &pin)
+        .await
+        .unwrap();
+
+    // Signed by the real source key (stolen, or a source bug), but impossible contents:
+    // every field is validated before anything is written.
+    let signer = stolen_signing_key(source_store, &[1; 32]).await;
+    let aes: &[u8] = &[1; 32];
+    let rsa3072 = crypto_svc::material::generate(KeyType::Rsa3072).unwrap();
+    let with = |mut d: serde_json::Value, k: &str, v: serde_json::Value| {
+        d[k] = v;
+        d
+    };
+    let base = doc("aes256-gcm", &[aes, aes]);
+    let mut gap = base.clone();
+    gap["versions"][1]["version"] = 3.into();
+    let mut zero = base.clone();
+    zero["versions"][0]["version"] = 0.into();
+    let mut extra = base.clone();
+    extra["surprise"] = true.into();
+    let bad_docs = [
+        (
+            "latest above the versions",
+            with(base.clone(), "latest_version", 3.into()),
+        ),
+        (
+            "latest below the versions",
+            with(base.clone(), "latest_version", 1.into()),
+        ),
+        ("versions not contiguous", gap),
+        ("version zero", zero),
+        (
+            "min_decryption_version above latest",
+            with(base.clone(), "min_decryption_version", 3.into()),
+        ),
+        (
+            "min_encryption_version above latest",
+            with(base.clone(), "min_encryption_version", 3.into()),
+        ),
+        (
+            "min_encryption below min_decryption",
+            with(
+                with(base.clone(), "min_decryption_version", 2.into()),
+                "min_encryption_version",
+                1.into(),
+            ),
+        ),
+        (
+            "rotation period too long (panicked the rotation task)",
+            with(
+                base.clone(),
+                "rotation_period_seconds",
+                10_000_000_000_000_u64.into(),
+            ),
+        ),
+        (
+            "rotation period too short",
+            with(base.clone(), "rotation_period_seconds", 60.into()),
+        ),
+        ("invalid name", with(base.clone(), "name", "../etc".into())),
+        (
+            "reserved name",
+            with(base.clone(), "name", ".installation-backup-signing".into()),
+        ),
+        ("unknown type", with(base.clone(), "key_type", "des".into())),
+        (
+            "unknown format",
+            with(base.clone(), "format", "sec-crypto-backup/v9".into()),
+        ),
+        ("unknown field", extra),
+        ("short AES key", doc("aes256-gcm", &[&[1; 16]])),
+        ("short HMAC key", doc("hmac-sha256", &[&[1; 8]])),
+        ("RSA modulus not of the type", doc("rsa-4096", &[&rsa3072])),
+        ("not an EC key", doc("ecdsa-p256", &[&[4; 65]])),
+        ("not an Ed25519 key", doc("ed25519", &[aes])),
+        ("no versions", doc("aes256-gcm", &[])),
+    ];
+    for (why, d) in bad_docs {
+        let r = target
+            .restore_key(
+                &ADMIN,
+                &forge(&signer, &wrap_pem, &d),
+                "import",
+                Some("bad"),
+                &pin,
+            )
+            .await;
+        assert_eq!(code(r), ErrorCode::InvalidArgument, "{why}");
+        assert_eq!(
+            code(target.get_key("bad").await),
+            ErrorCode::NotFound,
+            "{why}"
+        );
+    }
+    // the harness itself makes restorable backups
+    let ok = with(base, "min_decryption_version", 2.into());
+    let k = target
+        .restore_key(
+            &ADMIN,
+            &forge(&signer, &wrap_pem, &ok),
+            "import",
+            Some("good"),
+            &pin,
+        )
+        .await
+        .unwrap();
+    assert_eq!(k.record.latest_version, 2);
+    assert_eq!(k.record.policy.min_decryption_version, 2);
+}
+
+#[tokio::test]
+async fn backups_prove_origin_and_are_validated_sqlite() {
+    let source = fixture().await;
+    let attacker = fixture().await;
+    let target = fixture().await;
+    backups_prove_origin_and_are_validated(
+        &source.engine,
+        source.store.as_ref(),
+        &attacker.engine,
+        &target.engine,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backups_prove_origin_and_are_validated_postgres() {
+    let (Some(s), Some(a), Some(t)) = (pg_store().await, pg_store().await, pg_store().await) else {
+        return;
+    };
+    let kek = |b| KekRing::from_bytes(&[b; 32], &[]).unwrap();
+    let (source, _, _) = engine_on(s.clone(), kek(1), 64 * 1024);
+    let (attacker, _, _) = engine_on(a, kek(3), 64 * 1024);
+    let (target, _, _) = engine_on(t, kek(2), 64 * 1024);
+    backups_prove_origin_and_are_validated(&source, s.as_ref(), &attacker, &target).await;
 }

@@ -104,7 +104,11 @@ pub enum KeyCommand {
     },
     /// Delete a key and all its versions (refused unless the key allows deletion).
     Delete { name: String },
-    /// Export a key, encrypted to an RSA public key of the installation that will restore it.
+    /// Print this installation's backup-signing public key (PEM; `-o json` adds its
+    /// SHA-256 fingerprint). Targets pin it with `key restore --source-key-file`.
+    InstallationKey,
+    /// Export a key, encrypted to an RSA public key of the installation that will restore
+    /// it and signed by this installation (see `key installation-key`).
     Backup {
         name: String,
         /// PEM public key (SubjectPublicKeyInfo) of an RSA-3072/4096 key, e.g. from `key public`.
@@ -114,11 +118,16 @@ pub enum KeyCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Import a backup made for one of this installation's RSA keys.
+    /// Import a backup made for one of this installation's rsa-*-wrapping keys.
     Restore {
-        /// Name of the local RSA key whose public key the backup was made for.
+        /// Name of the local rsa-*-wrapping key whose public key the backup was made for.
         #[arg(long, value_name = "NAME")]
         wrapping_key: String,
+        /// The source installation's backup-signing public key (its `key
+        /// installation-key`), obtained over a channel you trust: the backup's signature
+        /// must verify against it, or nothing is restored.
+        #[arg(long, value_name = "PEM_FILE")]
+        source_key_file: PathBuf,
         /// Restore under this name instead of the original.
         #[arg(long, value_name = "NAME")]
         new_name: Option<String>,
@@ -174,6 +183,11 @@ pub enum KeyTypeArg {
     Ed25519,
     #[value(name = "hmac-sha256")]
     HmacSha256,
+    /// Receives backups only (`key restore --wrapping-key`); no other operation.
+    #[value(name = "rsa-3072-wrapping")]
+    Rsa3072Wrapping,
+    #[value(name = "rsa-4096-wrapping")]
+    Rsa4096Wrapping,
 }
 
 impl KeyTypeArg {
@@ -188,6 +202,8 @@ impl KeyTypeArg {
             Self::EcdsaP384 => KeyType::EcdsaP384,
             Self::Ed25519 => KeyType::Ed25519,
             Self::HmacSha256 => KeyType::HmacSha256,
+            Self::Rsa3072Wrapping => KeyType::Rsa3072Wrapping,
+            Self::Rsa4096Wrapping => KeyType::Rsa4096Wrapping,
         }
     }
 }
@@ -259,6 +275,8 @@ mod tests {
             (KeyTypeArg::EcdsaP384, "ecdsa-p384"),
             (KeyTypeArg::Ed25519, "ed25519"),
             (KeyTypeArg::HmacSha256, "hmac-sha256"),
+            (KeyTypeArg::Rsa3072Wrapping, "rsa-3072-wrapping"),
+            (KeyTypeArg::Rsa4096Wrapping, "rsa-4096-wrapping"),
         ] {
             assert_eq!(KeyTypeArg::from_str(name, false), Ok(arg));
             let proto = arg.proto().as_str_name().trim_start_matches("KEY_TYPE_");

@@ -8,9 +8,9 @@ use anyhow::Context as _;
 use sec_common::config::Config;
 use sec_proto::common::v1::PageRequest;
 use sec_proto::crypto::v1::{
-    BackupKeyRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, GetPublicKeyRequest, Key,
-    KeyConfig, ListKeysRequest, RestoreKeyRequest, RotateKekRequest, RotateKeyRequest,
-    UpdateKeyConfigRequest,
+    BackupKeyRequest, CreateKeyRequest, DeleteKeyRequest, GetInstallationKeyRequest, GetKeyRequest,
+    GetPublicKeyRequest, Key, KeyConfig, ListKeysRequest, RestoreKeyRequest, RotateKekRequest,
+    RotateKeyRequest, UpdateKeyConfigRequest,
 };
 
 use crate::cli::{KekCommand, KeyCommand};
@@ -99,33 +99,60 @@ pub async fn run(config: &Config, output: Output, cmd: KeyCommand) -> anyhow::Re
             let pem = tokio::fs::read_to_string(&wrapping_key_file)
                 .await
                 .with_context(|| format!("reading {}", wrapping_key_file.display()))?;
-            let backup = c
+            let r = c
                 .backup_key(BackupKeyRequest {
                     name,
                     wrapping_public_key_pem: pem,
                 })
                 .await
-                .rpc()?
-                .backup;
-            match out {
-                Some(path) => {
-                    write_private(&path, format!("{backup}\n").as_bytes())?;
-                    eprintln!("backup written to {}", path.display());
+                .rpc()?;
+            if let Some(path) = &out {
+                write_private(path, format!("{}\n", r.backup).as_bytes())?;
+            }
+            match (output, out) {
+                (Output::Json, out) => print_json(&serde_json::json!({
+                    "backup": if out.is_some() { None } else { Some(&r.backup) },
+                    "out": out.map(|p| p.display().to_string()),
+                    "source_public_key_pem": r.source_public_key_pem,
+                }))?,
+                (Output::Table, Some(path)) => {
+                    eprintln!(
+                        "backup written to {}; the target pins this installation's key (secctl key installation-key)",
+                        path.display()
+                    );
                 }
-                None => println!("{backup}"),
+                (Output::Table, None) => println!("{}", r.backup),
+            }
+        }
+        KeyCommand::InstallationKey => {
+            let r = c
+                .get_installation_key(GetInstallationKeyRequest {})
+                .await
+                .rpc()?;
+            match output {
+                Output::Json => print_json(&serde_json::json!({
+                    "public_key_pem": r.public_key_pem,
+                    "fingerprint": r.fingerprint,
+                }))?,
+                Output::Table => print!("{}", r.public_key_pem),
             }
         }
         KeyCommand::Restore {
             wrapping_key,
+            source_key_file,
             new_name,
             input,
         } => {
+            let source_public_key_pem = tokio::fs::read_to_string(&source_key_file)
+                .await
+                .with_context(|| format!("reading {}", source_key_file.display()))?;
             let backup = read_text_input(input.as_deref(), "backup").await?;
             let key = c
                 .restore_key(RestoreKeyRequest {
                     backup,
                     wrapping_key_name: wrapping_key,
                     new_name: new_name.unwrap_or_default(),
+                    source_public_key_pem,
                 })
                 .await
                 .rpc()?;

@@ -346,12 +346,28 @@ async fn secctl_against_the_platform() {
     assert!(r.stderr.starts_with("secctl: NotFound: "), "{}", r.stderr);
 
     // backup to a private file, restore under a new name, the copy decrypts
-    env.run(&["key", "create", "wrap", "--type", "rsa-3072"], b"")
-        .await
-        .ok();
+    env.run(
+        &["key", "create", "wrap", "--type", "rsa-3072-wrapping"],
+        b"",
+    )
+    .await
+    .ok();
     let wrap_pem = dir.path().join("wrap.pem");
     let r = env.run(&["key", "public", "wrap"], b"").await.ok();
     std::fs::write(&wrap_pem, &r.stdout).unwrap();
+    // this installation's backup-signing key, pinned by the restoring side
+    let source_pem = dir.path().join("source.pem");
+    let r = env.run(&["key", "installation-key"], b"").await.ok();
+    assert!(r.stdout.starts_with(b"-----BEGIN PUBLIC KEY-----"));
+    std::fs::write(&source_pem, &r.stdout).unwrap();
+    let ik = env
+        .run(&["key", "installation-key", "-o", "json"], b"")
+        .await
+        .ok()
+        .json();
+    assert_eq!(ik["public_key_pem"].as_str().unwrap().as_bytes(), r.stdout);
+    assert_eq!(ik["fingerprint"].as_str().unwrap().len(), 64);
+    let source_arg = source_pem.to_str().unwrap();
     env.run(
         &[
             "key",
@@ -388,7 +404,7 @@ async fn secctl_against_the_platform() {
     assert!(
         std::fs::read_to_string(&backup)
             .unwrap()
-            .starts_with("sec-backup:v1:")
+            .starts_with("sec-backup:v2:")
     );
     #[cfg(unix)]
     {
@@ -423,6 +439,8 @@ async fn secctl_against_the_platform() {
                 "restore",
                 "--wrapping-key",
                 "wrap",
+                "--source-key-file",
+                source_arg,
                 "--new-name",
                 "exp-copy",
                 "--in",
@@ -436,6 +454,52 @@ async fn secctl_against_the_platform() {
         .ok()
         .json();
     assert_eq!(restored["name"], "exp-copy");
+    // pinned to the wrong key: refused, nothing restored
+    let r = env
+        .run(
+            &[
+                "key",
+                "restore",
+                "--wrapping-key",
+                "wrap",
+                "--source-key-file",
+                wrap_arg,
+                "--new-name",
+                "exp-wrong-pin",
+                "--in",
+                backup_arg,
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.starts_with("secctl: InvalidArgument: "),
+        "{}",
+        r.stderr
+    );
+    // backup as JSON carries the source key for the operator to hand over
+    let j = env
+        .run(
+            &[
+                "key",
+                "backup",
+                "exp",
+                "--wrapping-key-file",
+                wrap_arg,
+                "-o",
+                "json",
+            ],
+            b"",
+        )
+        .await
+        .ok()
+        .json();
+    assert!(j["backup"].as_str().unwrap().starts_with("sec-backup:v2:"));
+    assert_eq!(
+        j["source_public_key_pem"].as_str().unwrap(),
+        ik["public_key_pem"].as_str().unwrap()
+    );
     assert_eq!(restored["type"], "chacha20-poly1305");
     let r = env
         .run(&["decrypt", "exp-copy"], ct_exp.as_bytes())
@@ -451,13 +515,15 @@ async fn secctl_against_the_platform() {
         .await
         .ok()
         .out();
-    assert!(on_stdout.starts_with("sec-backup:v1:"));
+    assert!(on_stdout.starts_with("sec-backup:v2:"));
     env.run(
         &[
             "key",
             "restore",
             "--wrapping-key",
             "wrap",
+            "--source-key-file",
+            source_arg,
             "--new-name",
             "exp-copy2",
         ],
