@@ -297,3 +297,177 @@ async fn crypto_over_grpc_embedded() {
 async fn crypto_over_grpc_production() {
     crypto_over_grpc(Backends::Production).await;
 }
+
+/// Limits apply to decoded sizes, end to end: a plaintext and associated data of exactly
+/// `crypto.max_payload_bytes` round-trip through Encrypt, Decrypt and Rewrap (the
+/// ciphertext text is a third longer), one byte more is INVALID_ARGUMENT, and a
+/// BatchEncrypt of the most items allowed, each producing the longest ciphertext there is
+/// (RSA-4096), is answered, not failed at response encoding.
+async fn decoded_size_limits_over_grpc(backends: Backends) {
+    const LIMIT: usize = 1024 * 1024;
+    const ITEMS: usize = 10_000;
+    let Some(mut seed) = TestPlatform::seed(backends) else {
+        return;
+    };
+    let crypto = crypto_svc::CryptoConfig {
+        max_payload_bytes: LIMIT,
+        max_batch_items: ITEMS,
+        ..seed
+            .config
+            .section::<crypto_svc::CryptoConfig>(crypto_svc::NAME)
+            .unwrap()
+            .clone()
+    };
+    seed.config.set_section(crypto_svc::NAME, crypto).unwrap();
+    let tp = TestPlatform::start_with(seed.clone(), None).await;
+    // Clients have a 4 MiB decoding default; the responses here are larger.
+    let mut admin = client(&tp, Some(&tp.token))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let mut svc = client(&tp, Some(&tp.service_token))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    admin
+        .create_key(create("big", KeyType::Aes256Gcm))
+        .await
+        .unwrap();
+
+    let plaintext: Vec<u8> = (0..LIMIT).map(|i| (i % 253) as u8).collect();
+    let aad = vec![b'a'; LIMIT];
+    let ct = svc
+        .encrypt(EncryptRequest {
+            key_name: "big".into(),
+            plaintext: plaintext.clone(),
+            associated_data: aad.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    assert!(ct.len() > LIMIT * 4 / 3);
+    let pt = svc
+        .decrypt(DecryptRequest {
+            key_name: "big".into(),
+            ciphertext: ct.clone(),
+            associated_data: aad.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plaintext;
+    assert_eq!(pt, plaintext);
+    let rewrapped = svc
+        .rewrap(RewrapRequest {
+            key_name: "big".into(),
+            ciphertext: ct,
+            associated_data: aad.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let pt = svc
+        .decrypt(DecryptRequest {
+            key_name: "big".into(),
+            ciphertext: rewrapped,
+            associated_data: aad.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plaintext;
+    assert_eq!(pt, plaintext);
+
+    // One byte more: our error, not the transport's.
+    let e = svc
+        .encrypt(EncryptRequest {
+            key_name: "big".into(),
+            plaintext: vec![1; LIMIT + 1],
+            associated_data: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    use base64::Engine as _;
+    let forged = format!(
+        "sec:v1:{}",
+        base64::engine::general_purpose::STANDARD.encode(vec![0_u8; LIMIT + 1 + 28])
+    );
+    for aad in [vec![], aad.clone()] {
+        let e = svc
+            .decrypt(DecryptRequest {
+                key_name: "big".into(),
+                ciphertext: forged.clone(),
+                associated_data: aad,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+
+    // A batch at the item limit whose every ciphertext is an RSA-4096 block: ~7 MB of
+    // response from 10 KB of request.
+    admin
+        .create_key(create("rsa", KeyType::Rsa4096))
+        .await
+        .unwrap();
+    let items: Vec<_> = (0..ITEMS)
+        .map(|_| BatchEncryptItem {
+            plaintext: vec![],
+            associated_data: vec![],
+        })
+        .collect();
+    let results = svc
+        .batch_encrypt(BatchEncryptRequest {
+            key_name: "rsa".into(),
+            items,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), ITEMS);
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r.result, Some(batch_encrypt_result::Result::Ok(_))))
+    );
+    // And its ciphertexts decrypt back as a batch (a slice: RSA decryption is slow).
+    let items: Vec<_> = results
+        .into_iter()
+        .take(50)
+        .map(|r| match r.result {
+            Some(batch_encrypt_result::Result::Ok(ok)) => BatchDecryptItem {
+                ciphertext: ok.ciphertext,
+                associated_data: vec![],
+            },
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let results = svc
+        .batch_decrypt(BatchDecryptRequest {
+            key_name: "rsa".into(),
+            items,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r.result, Some(batch_decrypt_result::Result::Ok(_))))
+    );
+    tp.stop().await.0.unwrap();
+    TestPlatform::cleanup(&seed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoded_size_limits_over_grpc_embedded() {
+    decoded_size_limits_over_grpc(Backends::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoded_size_limits_over_grpc_production() {
+    decoded_size_limits_over_grpc(Backends::Production).await;
+}

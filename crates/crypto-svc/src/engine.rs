@@ -29,7 +29,7 @@ use sec_common::events::{Outcome, SecurityEvent, Severity, new_event};
 use zeroize::Zeroizing;
 
 use crate::kek::{KekError, KekRing, MacCheck};
-use crate::material::{KeyType, Loaded, Op, OpError, generate, wire};
+use crate::material::{KeyType, Loaded, MAX_CIPHERTEXT_OVERHEAD, Op, OpError, generate, wire};
 use crate::store::{DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord};
 
 pub type Emit = Arc<dyn Fn(SecurityEvent) + Send + Sync>;
@@ -121,6 +121,47 @@ impl Default for Limits {
             failure_window: Duration::from_secs(10),
             failure_keys: 1000,
         }
+    }
+}
+
+/// Protobuf framing of one `BatchEncryptResult` at most: the repeated field's tag and
+/// length, the oneof's tag and length, and `EncryptResponse`'s two fields (ciphertext tag
+/// and length, `key_version` tag and varint), each length a varint of at most 5 bytes.
+const BATCH_ITEM_FRAMING: usize = 24;
+
+/// Room for gRPC and protobuf envelope bytes not counted item by item.
+const MESSAGE_SLACK: usize = 64 * 1024;
+
+impl Limits {
+    /// The most ciphertext text `items` ciphertexts of plaintexts totalling `plaintext`
+    /// bytes can take, whatever the key type: each body is at most its plaintext plus
+    /// [`MAX_CIPHERTEXT_OVERHEAD`] (an RSA-4096 block exceeds any AEAD's nonce and tag),
+    /// base64-encoded (up to 4 bytes of padding per item), behind its `sec:v<n>:` prefix.
+    pub fn batch_ciphertext_text_bound(items: usize, plaintext: usize) -> usize {
+        let bodies = items
+            .saturating_mul(MAX_CIPHERTEXT_OVERHEAD)
+            .saturating_add(plaintext);
+        wire::base64_len(bodies).saturating_add(items.saturating_mul(wire::MAX_PREFIX + 4))
+    }
+
+    /// The worst-case encoded size of a `BatchEncryptResponse` of `items` items whose
+    /// plaintexts total `plaintext` bytes. An item that failed carries a short fixed
+    /// message, smaller than the successful item (≥ 700 bytes) it is counted as.
+    pub fn batch_encrypt_response_bound(items: usize, plaintext: usize) -> usize {
+        Self::batch_ciphertext_text_bound(items, plaintext)
+            .saturating_add(items.saturating_mul(BATCH_ITEM_FRAMING))
+    }
+
+    /// The largest gRPC message crypto-svc accepts or sends under these limits: a batch
+    /// of the most items at the payload limit, plus a payload of associated data (batch
+    /// decrypt requests), plus slack. The server's decoding and encoding limits are set
+    /// to it, so every request within the limits has a response that can be sent (a
+    /// BatchEncrypt never fails at response encoding), and anything larger gets our
+    /// precise `INVALID_ARGUMENT` rather than a transport error up to this size.
+    pub fn max_message_bytes(&self) -> usize {
+        Self::batch_encrypt_response_bound(self.max_batch_items, self.max_payload_bytes)
+            .saturating_add(self.max_payload_bytes)
+            .saturating_add(MESSAGE_SLACK)
     }
 }
 
@@ -230,6 +271,19 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
 
 /// Most versions a restored key may have.
 const MAX_RESTORED_VERSIONS: u32 = 100_000;
+fn too_large(field: &str, max: usize) -> Error {
+    Error::invalid(field, format!("payload exceeds the limit of {max} bytes"))
+}
+
+/// The longest ciphertext body of any type for a plaintext of `max_plaintext` bytes.
+fn max_any_ciphertext_body(max_plaintext: usize) -> usize {
+    crate::material::ALL_TYPES
+        .iter()
+        .map(|t| t.max_ciphertext_body(max_plaintext))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Upper bound of `rotation_period_seconds` accepted from a backup (ten years).
 pub const MAX_ROTATION_PERIOD_SECONDS: u64 = 10 * 365 * 86_400;
 
@@ -601,13 +655,7 @@ impl Engine {
 
     fn check_payload(&self, field: &str, len: usize) -> Result<(), Error> {
         if len > self.limits.max_payload_bytes {
-            return Err(Error::invalid(
-                field,
-                format!(
-                    "payload exceeds the limit of {} bytes",
-                    self.limits.max_payload_bytes
-                ),
-            ));
+            return Err(too_large(field, self.limits.max_payload_bytes));
         }
         Ok(())
     }
@@ -1043,9 +1091,16 @@ impl Engine {
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
         self.metered(name, Op::Decrypt, async {
-            self.check_payload("ciphertext", ciphertext.len())?;
+            // Bounded before anything is decoded or looked up: no type's ciphertext of a
+            // plaintext at the limit is longer. The limit itself applies to the decoded
+            // size, per key type, in `open`.
+            let max = self.limits.max_payload_bytes;
+            if ciphertext.trim().len() > wire::max_text_len(max_any_ciphertext_body(max)) {
+                return Err(too_large("ciphertext", max));
+            }
+            self.check_payload("associated_data", aad.len())?;
             let k = self.load(name).await?;
-            let r = Self::open(&k, ciphertext, aad);
+            let r = Self::open(&k, ciphertext, aad, max);
             // Only failures against a key that exists are events, so the aggregator's
             // keys are real key names (and capped on top of that).
             if let Err(e) = &r
@@ -1066,15 +1121,23 @@ impl Engine {
         k: &CachedKey,
         ciphertext: &str,
         aad: &[u8],
+        max_plaintext: usize,
     ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
         Self::require(k, Op::Decrypt)?;
         check_aad(aad)?;
+        let max_body = k.key_type.max_ciphertext_body(max_plaintext);
+        if ciphertext.trim().len() > wire::max_text_len(max_body) {
+            return Err(too_large("ciphertext", max_plaintext));
+        }
         let (v, body) = wire::parse(ciphertext).ok_or_else(|| {
             Error::invalid(
                 "ciphertext",
                 "ciphertext is not of the form sec:v<version>:<base64>",
             )
         })?;
+        if body.len() > max_body {
+            return Err(too_large("ciphertext", max_plaintext));
+        }
         let l = Self::version(k, v, "ciphertext")?;
         let pt = l
             .decrypt(&body, aad)

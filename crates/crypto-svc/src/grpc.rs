@@ -12,7 +12,7 @@ use sec_proto::crypto::v1 as pb;
 use sec_proto::crypto::v1::crypto_service_server::CryptoService;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, KeyView, PolicyUpdate};
+use crate::engine::{Engine, KeyView, Limits, PolicyUpdate};
 use crate::material::{KeyType, public_pem};
 use crate::store::KeyPolicy;
 
@@ -303,8 +303,18 @@ impl CryptoService for CryptoApi {
             .iter()
             .map(|i| i.plaintext.len() + i.associated_data.len())
             .sum();
-        if total > self.engine.limits().max_payload_bytes {
+        let limits = self.engine.limits();
+        if total > limits.max_payload_bytes {
             return Err(Error::invalid("items", "batch exceeds the payload limit").into());
+        }
+        // The response must never fail at encoding after the work is done: refuse up
+        // front when its worst case could exceed what the server sends. With the
+        // server's limit set from `max_message_bytes` this holds for every batch within
+        // the item and payload limits; the check keeps it true if they ever diverge.
+        if Limits::batch_encrypt_response_bound(r.items.len(), total) > limits.max_message_bytes() {
+            return Err(
+                Error::invalid("items", "batch response would exceed the message limit").into(),
+            );
         }
         let mut results = Vec::with_capacity(r.items.len());
         for item in r.items {
@@ -336,12 +346,15 @@ impl CryptoService for CryptoApi {
         let who = Caller::of(&req)?;
         let r = req.into_inner();
         check_batch(&self.engine, &r.key_name, r.items.len())?;
-        let total: usize = r
-            .items
-            .iter()
-            .map(|i| i.ciphertext.len() + i.associated_data.len())
-            .sum();
-        if total > self.engine.limits().max_payload_bytes {
+        // The payload limit applies to what the texts decode to: the ciphertexts of a
+        // batch of plaintexts at the limit (as BatchEncrypt accepts) pass, and each item's
+        // decoded size is checked again in `Engine::decrypt`.
+        let limits = self.engine.limits();
+        let text: usize = r.items.iter().map(|i| i.ciphertext.len()).sum();
+        let aad: usize = r.items.iter().map(|i| i.associated_data.len()).sum();
+        if text > Limits::batch_ciphertext_text_bound(r.items.len(), limits.max_payload_bytes)
+            || aad > limits.max_payload_bytes
+        {
             return Err(Error::invalid("items", "batch exceeds the payload limit").into());
         }
         let mut results = Vec::with_capacity(r.items.len());

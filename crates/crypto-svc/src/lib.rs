@@ -133,12 +133,10 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    // Leave room above the payload limit for the envelope and batches, so an oversized
-    // payload gets our precise error rather than a transport one.
-    let limit = cfg
-        .max_payload_bytes
-        .saturating_mul(2)
-        .saturating_add(64 * 1024);
+    // Sized from the payload and batch limits (see `Limits::max_message_bytes`): room
+    // for the base64 expansion of a ciphertext at the limit and for a full batch's
+    // response, so nothing within the limits fails in the transport.
+    let limit = engine.limits().max_message_bytes();
     let ticker = tokio::spawn(event_tick_loop(engine.clone(), shutdown.clone()));
     let server = CryptoServiceServer::new(grpc::CryptoApi {
         engine: engine.clone(),

@@ -75,6 +75,14 @@ const MAC: &[Op] = &[Op::Hmac];
 /// Wrapping keys are used only inside `RestoreKey`.
 const NONE: &[Op] = &[];
 
+/// Nonce plus tag: what the AEAD types add to a plaintext.
+pub const AEAD_OVERHEAD: usize = NONCE_LEN + 16;
+
+/// The longest ciphertext body any type adds beyond its plaintext, or produces at all:
+/// an RSA-4096 block (512 bytes) is more than any AEAD's nonce and tag. Used for bounds
+/// computed before a key is known (batch response sizes).
+pub const MAX_CIPHERTEXT_OVERHEAD: usize = 512;
+
 pub const ALL_TYPES: [KeyType; 11] = [
     KeyType::Aes256Gcm,
     KeyType::Chacha20Poly1305,
@@ -140,6 +148,21 @@ impl KeyType {
     /// A key that only receives backups (see [`KeyType::Rsa4096Wrapping`]).
     pub fn is_wrapping(self) -> bool {
         matches!(self, KeyType::Rsa3072Wrapping | KeyType::Rsa4096Wrapping)
+    }
+
+    /// The longest ciphertext body (before base64) this type produces for a plaintext of
+    /// at most `max_plaintext` bytes: AEADs add nonce and tag, RSA-OAEP always yields one
+    /// modulus. Decrypt refuses longer bodies, so the limit applies to decoded sizes and a
+    /// ciphertext of a plaintext at the limit always decrypts. `0` for types that never
+    /// decrypt.
+    pub fn max_ciphertext_body(self, max_plaintext: usize) -> usize {
+        match self {
+            KeyType::Aes256Gcm | KeyType::Chacha20Poly1305 | KeyType::Aes256GcmSiv => {
+                max_plaintext.saturating_add(AEAD_OVERHEAD)
+            }
+            KeyType::Rsa3072 | KeyType::Rsa4096 => self.rsa_bits().unwrap_or(0) / 8,
+            _ => 0,
+        }
     }
 
     /// The modulus size of RSA types: material of another size is refused on load.
@@ -551,6 +574,19 @@ pub mod wire {
             "sec:v{version}:{}",
             base64::engine::general_purpose::STANDARD.encode(body)
         )
+    }
+
+    /// `sec:v` + at most 10 version digits + `:`.
+    pub const MAX_PREFIX: usize = 16;
+
+    /// Length of the base64 (padded) text of `bytes` bytes.
+    pub fn base64_len(bytes: usize) -> usize {
+        bytes.div_ceil(3).saturating_mul(4)
+    }
+
+    /// The longest text [`format`] produces for a body of at most `body` bytes.
+    pub fn max_text_len(body: usize) -> usize {
+        base64_len(body).saturating_add(MAX_PREFIX)
     }
 
     /// `None` when it is not of that form.

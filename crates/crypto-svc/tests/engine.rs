@@ -2511,3 +2511,139 @@ async fn backups_prove_origin_and_are_validated_postgres() {
     let (target, _, _) = engine_on(t, kek(2), 64 * 1024);
     backups_prove_origin_and_are_validated(&source, s.as_ref(), &attacker, &target).await;
 }
+
+// ---- limits apply to decoded sizes ---------------------------------------------------
+
+/// A plaintext of exactly the limit encrypts, and its ciphertext (longer as base64)
+/// decrypts and rewraps: the limit is on the decoded size, never on the text. One byte
+/// more is refused, as is text no key type could have produced, before any decoding.
+async fn payload_limit_applies_to_decoded_sizes(f: &Fixture) {
+    let limit = f.engine.limits().max_payload_bytes;
+    let at_limit: Vec<u8> = (0..limit).map(|i| (i % 251) as u8).collect();
+    let caller = Caller::Service("test".into());
+    for t in [
+        KeyType::Aes256Gcm,
+        KeyType::Chacha20Poly1305,
+        KeyType::Aes256GcmSiv,
+    ] {
+        let name = format!("lim-{}", t.name());
+        f.engine
+            .create_key(&ADMIN, &name, t, KeyPolicy::default())
+            .await
+            .unwrap();
+        let (ct, _) = f.engine.encrypt(&name, &at_limit, b"ctx").await.unwrap();
+        assert!(ct.len() > limit, "the text is longer than the limit");
+        let (pt, _) = f.engine.decrypt(&caller, &name, &ct, b"ctx").await.unwrap();
+        assert_eq!(pt.as_slice(), at_limit.as_slice(), "{t:?}");
+        let (rewrapped, _) = f.engine.rewrap(&caller, &name, &ct, b"ctx").await.unwrap();
+        let (pt, _) = f
+            .engine
+            .decrypt(&caller, &name, &rewrapped, b"ctx")
+            .await
+            .unwrap();
+        assert_eq!(pt.as_slice(), at_limit.as_slice(), "{t:?} after rewrap");
+
+        // limit + 1: refused on encrypt, and a ciphertext body one byte longer than any
+        // the limit allows is refused on decrypt and rewrap.
+        let over = vec![7_u8; limit + 1];
+        let e = f.engine.encrypt(&name, &over, b"").await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        let forged = format!("sec:v1:{}", base64_encode(&vec![0_u8; limit + 1 + 28]));
+        for e in [
+            f.engine
+                .decrypt(&caller, &name, &forged, b"")
+                .await
+                .unwrap_err(),
+            f.engine
+                .rewrap(&caller, &name, &forged, b"")
+                .await
+                .unwrap_err(),
+        ] {
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{t:?}");
+            assert_eq!(e.field.as_deref(), Some("ciphertext"));
+            assert!(e.message.contains("limit"), "{}", e.message);
+        }
+        // Far longer than any ciphertext: refused without decoding.
+        let huge = format!("sec:v1:{}", "A".repeat(limit * 2));
+        let e = f
+            .engine
+            .decrypt(&caller, &name, &huge, b"")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("limit"), "{}", e.message);
+    }
+    // RSA: the body is one modulus whatever the limit; a longer one is refused.
+    f.engine
+        .create_key(&ADMIN, "lim-rsa", KeyType::Rsa3072, KeyPolicy::default())
+        .await
+        .unwrap();
+    let (ct, _) = f.engine.encrypt("lim-rsa", &[5; 318], b"").await.unwrap();
+    let (pt, _) = f
+        .engine
+        .decrypt(&caller, "lim-rsa", &ct, b"")
+        .await
+        .unwrap();
+    assert_eq!(pt.as_slice(), &[5; 318][..]);
+    let long = format!("sec:v1:{}", base64_encode(&[0; 385]));
+    assert_eq!(
+        code(f.engine.decrypt(&caller, "lim-rsa", &long, b"").await),
+        ErrorCode::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn payload_limit_applies_to_decoded_sizes_sqlite() {
+    payload_limit_applies_to_decoded_sizes(&fixture().await).await;
+}
+
+#[tokio::test]
+async fn payload_limit_applies_to_decoded_sizes_postgres() {
+    let Some(f) = pg_fixture().await else {
+        return;
+    };
+    payload_limit_applies_to_decoded_sizes(&f).await;
+}
+
+/// The server's message limit covers the worst-case BatchEncrypt response at the item and
+/// payload limits: a real response, every item the longest ciphertext possible (an
+/// RSA-4096-sized body beyond its plaintext share, a 10-digit version), encodes within it.
+#[test]
+fn message_limit_covers_the_worst_batch_response() {
+    use prost::Message as _;
+    use sec_proto::crypto::v1 as pb;
+    for (items, payload) in [(1, 1), (10_000, 1), (1000, 4 << 20), (3, 4 << 20)] {
+        let limits = Limits {
+            max_batch_items: items,
+            max_payload_bytes: payload,
+            ..Limits::default()
+        };
+        let share = payload / items;
+        let results = (0..items)
+            .map(|i| {
+                let pt = if i == 0 {
+                    payload - share * (items - 1)
+                } else {
+                    share
+                };
+                pb::BatchEncryptResult {
+                    result: Some(pb::batch_encrypt_result::Result::Ok(pb::EncryptResponse {
+                        ciphertext: format!(
+                            "sec:v4294967295:{}",
+                            "A".repeat((pt + 512).div_ceil(3) * 4)
+                        ),
+                        key_version: u32::MAX,
+                    })),
+                }
+            })
+            .collect();
+        let encoded = pb::BatchEncryptResponse { results }.encoded_len();
+        let bound = Limits::batch_encrypt_response_bound(items, payload);
+        assert!(
+            encoded <= bound,
+            "{items} items, {payload} bytes: {encoded} > {bound}"
+        );
+        assert!(limits.max_message_bytes() >= bound);
+        assert!(limits.max_message_bytes() > 2 * payload);
+    }
+}
