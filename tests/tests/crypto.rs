@@ -405,6 +405,30 @@ async fn decoded_size_limits_over_grpc(backends: Backends) {
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     }
 
+    // rotation_period_seconds is bounded: 10^13 (which used to panic the rotation task)
+    // is refused on create and update, and the service stays ready.
+    let e = admin
+        .create_key(CreateKeyRequest {
+            config: Some(KeyConfig {
+                rotation_period_seconds: 10_u64.pow(13),
+                ..Default::default()
+            }),
+            ..create("forever", KeyType::Aes256Gcm)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = admin
+        .update_key_config(UpdateKeyConfigRequest {
+            name: "big".into(),
+            rotation_period_seconds: Some(10_u64.pow(13)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    tp.wait_ready().await.unwrap();
+
     // A batch at the item limit whose every ciphertext is an RSA-4096 block: ~7 MB of
     // response from 10 KB of request.
     admin

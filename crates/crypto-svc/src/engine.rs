@@ -284,8 +284,36 @@ fn max_any_ciphertext_body(max_plaintext: usize) -> usize {
         .unwrap_or(0)
 }
 
-/// Upper bound of `rotation_period_seconds` accepted from a backup (ten years).
+/// Upper bound of `rotation_period_seconds` (ten years), on CreateKey, UpdateKeyConfig and
+/// restore: far beyond any sensible rotation, and far from the end of representable time,
+/// so the rotation task's date arithmetic cannot overflow.
 pub const MAX_ROTATION_PERIOD_SECONDS: u64 = 10 * 365 * 86_400;
+
+/// Lower bound of a non-zero `rotation_period_seconds` (one hour).
+pub const MIN_ROTATION_PERIOD_SECONDS: u64 = 3600;
+
+/// `rotation_period_seconds` is 0 (off) or within
+/// [`MIN_ROTATION_PERIOD_SECONDS`]..=[`MAX_ROTATION_PERIOD_SECONDS`].
+pub fn check_rotation_period(field: &str, period: u64) -> Result<(), Error> {
+    if period != 0 && !(MIN_ROTATION_PERIOD_SECONDS..=MAX_ROTATION_PERIOD_SECONDS).contains(&period)
+    {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be 0 (off) or between {MIN_ROTATION_PERIOD_SECONDS} and \
+                 {MAX_ROTATION_PERIOD_SECONDS} (ten years)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// When a key rotated at `last` with `period` is next due; `None` if that is beyond
+/// representable time (a row from before the bound): never, rather than a panic.
+fn next_rotation(last: DateTime<Utc>, period: u64) -> Option<DateTime<Utc>> {
+    let secs = i64::try_from(period).ok()?;
+    last.checked_add_signed(chrono::TimeDelta::try_seconds(secs)?)
+}
 
 fn signature_input(signed: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(SIGNATURE_CONTEXT.len() + signed.len());
@@ -349,7 +377,7 @@ fn validate_backup(doc: &BackupDoc) -> Result<KeyType, Error> {
         return invalid("min_encryption_version must be 0 or at least min_decryption_version");
     }
     let period = doc.rotation_period_seconds;
-    if period != 0 && !(3600..=MAX_ROTATION_PERIOD_SECONDS).contains(&period) {
+    if check_rotation_period("backup", period).is_err() {
         return invalid("rotation_period_seconds out of range");
     }
     Ok(key_type)
@@ -683,6 +711,10 @@ impl Engine {
         policy: KeyPolicy,
     ) -> Result<KeyView, Error> {
         validate_name(name, "name")?;
+        check_rotation_period(
+            "config.rotation_period_seconds",
+            policy.rotation_period_seconds,
+        )?;
         if policy.min_decryption_version > 1 || policy.min_encryption_version > 1 {
             return Err(Error::invalid("config", "a new key has only version 1"));
         }
@@ -857,12 +889,7 @@ impl Engine {
                 "must be 0 or at least min_decryption_version",
             ));
         }
-        if p.rotation_period_seconds != 0 && p.rotation_period_seconds < 3600 {
-            return Err(Error::invalid(
-                "rotation_period_seconds",
-                "must be 0 (off) or at least 3600",
-            ));
-        }
+        check_rotation_period("rotation_period_seconds", p.rotation_period_seconds)?;
         // Compare-and-set on the version read above: if anyone wrote the key since, this
         // write matches nothing and the caller retries on the new state, instead of
         // silently undoing the other change (e.g. a min_decryption_version raise).
@@ -1299,8 +1326,10 @@ impl Engine {
                 if period == 0 {
                     continue;
                 }
-                let due = r.last_rotated_at
-                    + chrono::Duration::seconds(i64::try_from(period).unwrap_or(i64::MAX / 2));
+                let Some(due) = next_rotation(r.last_rotated_at, period) else {
+                    tracing::warn!(key = %r.name, "rotation period beyond representable time; never due");
+                    continue;
+                };
                 if now >= due {
                     match self
                         .rotate_key(&Caller::Service("crypto-svc".into()), &r.name)

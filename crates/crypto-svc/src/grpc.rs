@@ -121,13 +121,10 @@ impl CryptoService for CryptoApi {
             deletion_allowed: c.deletion_allowed,
             exportable: c.exportable,
         };
-        if policy.rotation_period_seconds != 0 && policy.rotation_period_seconds < 3600 {
-            return Err(Error::invalid(
-                "config.rotation_period_seconds",
-                "must be 0 (off) or at least 3600",
-            )
-            .into());
-        }
+        crate::engine::check_rotation_period(
+            "config.rotation_period_seconds",
+            policy.rotation_period_seconds,
+        )?;
         Ok(Response::new(key_to_proto(
             self.engine.create_key(&who, &r.name, t, policy).await?,
         )))

@@ -2647,3 +2647,123 @@ fn message_limit_covers_the_worst_batch_response() {
         assert!(limits.max_message_bytes() > 2 * payload);
     }
 }
+
+// ---- rotation period bound -----------------------------------------------------------
+
+/// `rotation_period_seconds` is bounded (ten years) on create and update, and a stored
+/// row beyond the bound (written before it, or by a database writer) neither panics nor
+/// stops the rotation of the other keys.
+async fn rotation_period_is_bounded(f: &Fixture) {
+    use crypto_svc::engine::MAX_ROTATION_PERIOD_SECONDS;
+    let huge = 10_u64.pow(13);
+    for period in [huge, MAX_ROTATION_PERIOD_SECONDS + 1, u64::MAX, 3599] {
+        let e = f
+            .engine
+            .create_key(
+                &ADMIN,
+                "too-long",
+                KeyType::Aes256Gcm,
+                KeyPolicy {
+                    rotation_period_seconds: period,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{period}");
+        assert_eq!(e.field.as_deref(), Some("config.rotation_period_seconds"));
+    }
+    assert_eq!(
+        code(f.engine.get_key("too-long").await),
+        ErrorCode::NotFound,
+        "nothing created"
+    );
+    f.engine
+        .create_key(&ADMIN, "bad", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    for period in [huge, MAX_ROTATION_PERIOD_SECONDS + 1] {
+        let e = f
+            .engine
+            .update_policy(
+                &ADMIN,
+                "bad",
+                PolicyUpdate {
+                    rotation_period_seconds: Some(period),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert_eq!(e.field.as_deref(), Some("rotation_period_seconds"));
+    }
+    let at_max = f
+        .engine
+        .update_policy(
+            &ADMIN,
+            "bad",
+            PolicyUpdate {
+                rotation_period_seconds: Some(MAX_ROTATION_PERIOD_SECONDS),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        at_max.record.policy.rotation_period_seconds,
+        MAX_ROTATION_PERIOD_SECONDS
+    );
+
+    // A row that bypassed the API with 10^13 seconds (which used to panic the task),
+    // next to a key that is due: the due key rotates, nothing panics.
+    let policy = KeyPolicy {
+        rotation_period_seconds: huge,
+        ..at_max.record.policy.clone()
+    };
+    f.store
+        .update_policy(
+            "bad",
+            at_max.record.policy_version,
+            &policy,
+            f.clock.now_utc(),
+            at_max.record.record_mac.as_deref(),
+        )
+        .await
+        .unwrap();
+    f.engine
+        .create_key(
+            &ADMIN,
+            "due",
+            KeyType::Aes256Gcm,
+            KeyPolicy {
+                rotation_period_seconds: 3600,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    f.clock.advance(chrono::Duration::hours(2));
+    assert_eq!(
+        f.engine.rotate_due(f.clock.now_utc()).await.unwrap(),
+        vec!["due".to_string()]
+    );
+    assert_eq!(
+        f.engine.get_key("bad").await.map(|_| ()).unwrap_err().code,
+        ErrorCode::FailedPrecondition,
+        "the tampered row is refused, not rotated"
+    );
+}
+
+#[tokio::test]
+async fn rotation_period_is_bounded_sqlite() {
+    rotation_period_is_bounded(&fixture().await).await;
+}
+
+#[tokio::test]
+async fn rotation_period_is_bounded_postgres() {
+    let Some(f) = pg_fixture().await else {
+        return;
+    };
+    rotation_period_is_bounded(&f).await;
+}
