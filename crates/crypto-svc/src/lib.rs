@@ -22,6 +22,7 @@ use sec_common::config::{Config, ConfigError, ConfigSection};
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::ServiceSpec;
 use sec_common::storage::{Db, Migrations};
+use sec_common::supervise::Supervisor;
 use sec_proto::crypto::v1::crypto_service_server::CryptoServiceServer;
 use tokio_util::sync::CancellationToken;
 
@@ -126,18 +127,26 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("backfilling key record macs: {e}"))?;
 
-    let rotation = tokio::spawn(rotation_loop(
-        engine.clone(),
-        platform.clock.clone(),
-        Duration::from_secs(cfg.rotation_check_seconds.max(1)),
-        shutdown.clone(),
-    ));
+    // Supervised: if a loop ends or panics, `/readyz` names it and it is restarted.
+    let mut tasks = Supervisor::new(NAME, &mut host.registry, host.readiness.clone(), &shutdown);
+    {
+        let (engine, clock, stop) = (engine.clone(), platform.clock.clone(), shutdown.clone());
+        let every = Duration::from_secs(cfg.rotation_check_seconds.max(1));
+        tasks.spawn("rotation", move || {
+            rotation_loop(engine.clone(), clock.clone(), every, stop.clone())
+        });
+    }
+    {
+        let (engine, stop) = (engine.clone(), shutdown.clone());
+        tasks.spawn("event_tick", move || {
+            event_tick_loop(engine.clone(), stop.clone())
+        });
+    }
 
     // Sized from the payload and batch limits (see `Limits::max_message_bytes`): room
     // for the base64 expansion of a ciphertext at the limit and for a full batch's
     // response, so nothing within the limits fails in the transport.
     let limit = engine.limits().max_message_bytes();
-    let ticker = tokio::spawn(event_tick_loop(engine.clone(), shutdown.clone()));
     let server = CryptoServiceServer::new(grpc::CryptoApi {
         engine: engine.clone(),
     })
@@ -148,8 +157,7 @@ pub async fn run(
         http: None,
     };
     let result = host.serve(serve, listeners, shutdown).await;
-    rotation.abort();
-    ticker.abort();
+    tasks.stop().await;
     // Requests have drained: hand the pending decrypt.failed summaries to the event bus,
     // which the host flushes to the broker before exit.
     engine.flush_events();

@@ -17,5 +17,6 @@ pub mod service;
 pub mod shutdown;
 pub mod spec;
 pub mod storage;
+pub mod supervise;
 pub mod telemetry;
 pub mod tls;
