@@ -428,6 +428,14 @@ async fn decoded_size_limits_over_grpc(backends: Backends) {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     tp.wait_ready().await.unwrap();
+    // Its background loops are supervised: each is a named /readyz check, passing.
+    let (status, body) = sec_tests::http_get(tp.admin["crypto"], "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    for task in ["\"rotation\"", "\"event_tick\""] {
+        assert!(body.contains(task), "{body}");
+    }
 
     // A batch at the item limit whose every ciphertext is an RSA-4096 block: ~7 MB of
     // response from 10 KB of request.
