@@ -194,7 +194,7 @@ fn rfc3339(t: Option<&prost_types::Timestamp>) -> serde_json::Value {
 /// The public view of a key. Field by field on purpose: a field added to `Key` later is
 /// not published until someone decides it may be.
 fn key_json(k: &Key) -> serde_json::Value {
-    let c = k.config.unwrap_or_default();
+    let c = k.config.clone().unwrap_or_default();
     let versions: Vec<_> = k
         .versions
         .iter()

@@ -182,6 +182,40 @@ pub fn validate_name(name: &str, field: &str) -> Result<(), Error> {
     }
 }
 
+/// Most entries in a key's `allowed_services`.
+pub const MAX_ALLOWED_SERVICES: usize = 32;
+/// Longest service identity in `allowed_services`.
+pub const MAX_SERVICE_IDENTITY_LEN: usize = 256;
+
+/// Checks a key's `allowed_services` (at most 32 identities of 1-256 characters: ASCII
+/// letters, digits and `-._:/@`, which covers service names, DNS names and SPIFFE IDs)
+/// and returns it sorted without duplicates, so equal lists MAC equally. The error never
+/// echoes an identity.
+pub fn validate_services(mut services: Vec<String>) -> Result<Vec<String>, Error> {
+    if services.len() > MAX_ALLOWED_SERVICES {
+        return Err(Error::invalid(
+            "allowed_services",
+            format!("at most {MAX_ALLOWED_SERVICES} service identities"),
+        ));
+    }
+    let ok = |id: &str| {
+        !id.is_empty()
+            && id.len() <= MAX_SERVICE_IDENTITY_LEN
+            && id.bytes().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b':' | b'/' | b'@')
+            })
+    };
+    if !services.iter().all(|id| ok(id)) {
+        return Err(Error::invalid(
+            "allowed_services",
+            "service identities are 1-256 characters: letters, digits, '-', '.', '_', ':', '/', '@'",
+        ));
+    }
+    services.sort();
+    services.dedup();
+    Ok(services)
+}
+
 fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
@@ -194,6 +228,8 @@ pub struct PolicyUpdate {
     pub rotation_period_seconds: Option<u64>,
     pub deletion_allowed: Option<bool>,
     pub exportable: Option<bool>,
+    /// Replaces the list of services that may use the key (empty: any trusted service).
+    pub allowed_services: Option<Vec<String>>,
     /// Apply only if the key's `policy_version` is still this (the caller's read).
     /// Without it the update is compared against the version this call reads, so a
     /// concurrent writer still makes one of the two fail with `ABORTED`.
@@ -351,6 +387,9 @@ struct BackupDoc {
     rotation_period_seconds: u64,
     deletion_allowed: bool,
     exportable: bool,
+    /// Absent in backups of unrestricted keys (and of earlier releases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    allowed_services: Vec<String>,
     created_at: DateTime<Utc>,
     last_rotated_at: DateTime<Utc>,
     versions: Vec<BackupVersion>,
@@ -436,7 +475,7 @@ impl Engine {
     fn record_input(r: &KeyRecord) -> Vec<u8> {
         let p = &r.policy;
         // Fixed-order JSON array: unambiguous, and names are ASCII-only by rule.
-        serde_json::json!([
+        let mut input = serde_json::json!([
             "sec-crypto-record:v1",
             r.name,
             r.key_type,
@@ -449,9 +488,16 @@ impl Engine {
             r.policy_version,
             r.created_at.timestamp_micros(),
             r.last_rotated_at.timestamp_micros(),
-        ])
-        .to_string()
-        .into_bytes()
+        ]);
+        // Appended only when set, so the MACs of unrestricted keys (every key written
+        // before the field existed) stay valid, while clearing or widening a list in the
+        // database breaks the MAC of a restricted key.
+        if !p.allowed_services.is_empty()
+            && let Some(a) = input.as_array_mut()
+        {
+            a.push(serde_json::json!({ "allowed_services": p.allowed_services }));
+        }
+        input.to_string().into_bytes()
     }
 
     fn mac_of(&self, r: &KeyRecord) -> String {
@@ -635,6 +681,8 @@ impl Engine {
         policy: KeyPolicy,
     ) -> Result<KeyView, Error> {
         validate_name(name, "name")?;
+        let mut policy = policy;
+        policy.allowed_services = validate_services(std::mem::take(&mut policy.allowed_services))?;
         if policy.min_decryption_version > 1 || policy.min_encryption_version > 1 {
             return Err(Error::invalid("config", "a new key has only version 1"));
         }
@@ -790,6 +838,9 @@ impl Engine {
             }
             p.exportable = v;
         }
+        if let Some(v) = u.allowed_services {
+            p.allowed_services = validate_services(v)?;
+        }
         let latest = view.record.latest_version;
         if p.min_decryption_version > latest {
             return Err(Error::invalid(
@@ -851,6 +902,8 @@ impl Engine {
             "rotation_period_seconds".into(),
             p.rotation_period_seconds.to_string(),
         );
+        e.details
+            .insert("allowed_services".into(), p.allowed_services.join(","));
         (self.emit)(e);
         self.get_key(name).await
     }
@@ -921,6 +974,32 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_owned(), (Instant::now(), Arc::clone(&k)));
         Ok(k)
+    }
+
+    /// Per-key service access: a service caller (mTLS identity, or `internal` for the
+    /// in-process credential) may use key `name` only if the key's `allowed_services` is
+    /// empty or lists it; otherwise `PERMISSION_DENIED`, without naming who may. The
+    /// admin may use every key: it can change the list anyway, so refusing it would only
+    /// look like protection. Every cryptographic RPC calls this before the operation.
+    pub async fn authorize(&self, who: &Caller, name: &str) -> Result<(), Error> {
+        let id = match who {
+            Caller::Admin => return Ok(()),
+            Caller::Service(id) => id,
+            Caller::Anonymous => {
+                return Err(Error::new(ErrorCode::Unauthenticated, "unauthenticated"));
+            }
+        };
+        let k = self.load(name).await?;
+        let allowed = &k.record.policy.allowed_services;
+        if allowed.is_empty() || allowed.iter().any(|a| a == id) {
+            return Ok(());
+        }
+        tracing::warn!(
+            key = name,
+            service = id.as_str(),
+            "service not allowed to use key"
+        );
+        Err(Error::denied("this service may not use this key"))
     }
 
     fn require(k: &CachedKey, op: Op) -> Result<(), Error> {
@@ -1384,6 +1463,7 @@ impl Engine {
             rotation_period_seconds: record.policy.rotation_period_seconds,
             deletion_allowed: record.policy.deletion_allowed,
             exportable: record.policy.exportable,
+            allowed_services: record.policy.allowed_services.clone(),
             created_at: record.created_at,
             last_rotated_at: record.last_rotated_at,
             versions: Vec::new(),
@@ -1580,6 +1660,8 @@ impl Engine {
                 rotation_period_seconds: doc.rotation_period_seconds,
                 deletion_allowed: doc.deletion_allowed,
                 exportable: doc.exportable,
+                allowed_services: validate_services(std::mem::take(&mut doc.allowed_services))
+                    .map_err(|_| Error::invalid("backup", "allowed_services is invalid"))?,
             },
             created_at: micros(doc.created_at),
             updated_at: now,

@@ -68,6 +68,7 @@ pub fn key_to_proto(k: KeyView) -> pb::Key {
             rotation_period_seconds: p.rotation_period_seconds,
             deletion_allowed: p.deletion_allowed,
             exportable: p.exportable,
+            allowed_services: p.allowed_services.clone(),
         }),
         versions: k
             .versions
@@ -87,7 +88,15 @@ pub fn key_to_proto(k: KeyView) -> pb::Key {
             .iter()
             .map(|o| o.as_str().to_owned())
             .collect(),
+        policy_version: k.record.policy_version,
     }
+}
+
+/// Per-key service access ([`Engine::authorize`]), before the operation runs.
+async fn authorize<T>(engine: &Engine, req: &Request<T>, key_name: &str) -> Result<(), Status> {
+    let who = Caller::of(req)?;
+    engine.authorize(&who, key_name).await?;
+    Ok(())
 }
 
 fn batch_error(e: Error) -> pb::BatchResultError {
@@ -120,6 +129,7 @@ impl CryptoService for CryptoApi {
             rotation_period_seconds: c.rotation_period_seconds,
             deletion_allowed: c.deletion_allowed,
             exportable: c.exportable,
+            allowed_services: c.allowed_services,
         };
         if policy.rotation_period_seconds != 0 && policy.rotation_period_seconds < 3600 {
             return Err(Error::invalid(
@@ -184,7 +194,8 @@ impl CryptoService for CryptoApi {
             rotation_period_seconds: r.rotation_period_seconds,
             deletion_allowed: r.deletion_allowed,
             exportable: r.exportable,
-            expected_policy_version: None,
+            allowed_services: r.allowed_services.map(|l| l.services),
+            expected_policy_version: r.expected_policy_version,
         };
         Ok(Response::new(key_to_proto(
             self.engine.update_policy(&who, &r.name, u).await?,
@@ -265,6 +276,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (ciphertext, key_version) = self
             .engine
@@ -280,6 +292,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let who = Caller::of(&req)?;
         let r = req.into_inner();
         let (pt, key_version) = self
@@ -296,8 +309,10 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         check_batch(&self.engine, &r.key_name, r.items.len())?;
+        self.engine.authorize(&who, &r.key_name).await?;
         let total: usize = r
             .items
             .iter()
@@ -336,6 +351,7 @@ impl CryptoService for CryptoApi {
         let who = Caller::of(&req)?;
         let r = req.into_inner();
         check_batch(&self.engine, &r.key_name, r.items.len())?;
+        self.engine.authorize(&who, &r.key_name).await?;
         let total: usize = r
             .items
             .iter()
@@ -371,6 +387,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let who = Caller::of(&req)?;
         let r = req.into_inner();
         let (ciphertext, key_version) = self
@@ -387,6 +404,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (pt, ciphertext, key_version) = self
             .engine
@@ -408,6 +426,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (signature, key_version) = self.engine.sign(&r.key_name, &r.message).await?;
         Ok(Response::new(pb::SignResponse {
@@ -420,6 +439,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let valid = self
             .engine
@@ -432,6 +452,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::HmacRequest>,
     ) -> Result<Response<pb::HmacResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (hmac, key_version) = self.engine.hmac(&r.key_name, &r.message).await?;
         Ok(Response::new(pb::HmacResponse { hmac, key_version }))
@@ -441,6 +462,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::VerifyHmacRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let valid = self
             .engine
@@ -453,6 +475,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (public_key_pem, version, t) = self.engine.public_key(&r.key_name, r.version).await?;
         Ok(Response::new(pb::GetPublicKeyResponse {

@@ -1386,6 +1386,7 @@ async fn reset_policy(f: &Fixture, name: &str) {
         rotation_period_seconds: Some(0),
         deletion_allowed: Some(false),
         exportable: None,
+        allowed_services: None,
         expected_policy_version: None,
     };
     f.engine.update_policy(&ADMIN, name, reset).await.unwrap();
@@ -2510,4 +2511,284 @@ async fn backups_prove_origin_and_are_validated_postgres() {
     let (attacker, _, _) = engine_on(a, kek(3), 64 * 1024);
     let (target, _, _) = engine_on(t, kek(2), 64 * 1024);
     backups_prove_origin_and_are_validated(&source, s.as_ref(), &attacker, &target).await;
+}
+
+// ---- per-key service access ---------------------------------------------------------
+
+fn denied<T>(r: Result<tonic::Response<T>, tonic::Status>) {
+    let s = r.map(|_| ()).unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(
+        !s.message().contains("token-svc"),
+        "who may is not revealed"
+    );
+}
+
+fn as_service<T>(id: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.extensions_mut().insert(Caller::Service(id.into()));
+    req
+}
+
+/// A key limited to token-svc: token-svc uses it, assess-svc gets PERMISSION_DENIED on
+/// every operation (over the gRPC handlers, as the host calls them), the admin keeps
+/// every right, the list is validated, shown, changeable, and covered by the record MAC.
+async fn services_are_limited_per_key(pg: bool) {
+    use crypto_svc::grpc::CryptoApi;
+    use sec_proto::crypto::v1 as pb;
+    use sec_proto::crypto::v1::crypto_service_server::CryptoService;
+
+    let Some((store, raw)) = raw_store(pg).await else {
+        return;
+    };
+    let (engine, events, _) = engine_on(
+        store.clone(),
+        KekRing::from_bytes(&[1; 32], &[]).unwrap(),
+        64 * 1024,
+    );
+    let limited = KeyPolicy {
+        allowed_services: vec!["token-svc".into(), "token-svc".into()],
+        ..KeyPolicy::default()
+    };
+    let k = engine
+        .create_key(&ADMIN, "token-wrap", KeyType::Aes256Gcm, limited.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        k.record.policy.allowed_services,
+        ["token-svc"],
+        "deduplicated"
+    );
+    engine
+        .create_key(&ADMIN, "token-sign", KeyType::Ed25519, limited)
+        .await
+        .unwrap();
+    engine
+        .create_key(&ADMIN, "open", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let api = CryptoApi {
+        engine: Arc::new(engine),
+    };
+    let engine = &api.engine;
+    let encrypt = |who: &str, key: &str| {
+        api.encrypt(as_service(
+            who,
+            pb::EncryptRequest {
+                key_name: key.into(),
+                plaintext: b"secret".to_vec(),
+                associated_data: vec![],
+            },
+        ))
+    };
+    let ct = encrypt("token-svc", "token-wrap")
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    denied(encrypt("assess-svc", "token-wrap").await);
+    denied(
+        api.decrypt(as_service(
+            "assess-svc",
+            pb::DecryptRequest {
+                key_name: "token-wrap".into(),
+                ciphertext: ct.clone(),
+                associated_data: vec![],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.rewrap(as_service(
+            "assess-svc",
+            pb::RewrapRequest {
+                key_name: "token-wrap".into(),
+                ciphertext: ct.clone(),
+                associated_data: vec![],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.generate_data_key(as_service(
+            "assess-svc",
+            pb::GenerateDataKeyRequest {
+                key_name: "token-wrap".into(),
+                ..Default::default()
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.batch_encrypt(as_service(
+            "assess-svc",
+            pb::BatchEncryptRequest {
+                key_name: "token-wrap".into(),
+                items: vec![pb::BatchEncryptItem::default()],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.batch_decrypt(as_service(
+            "assess-svc",
+            pb::BatchDecryptRequest {
+                key_name: "token-wrap".into(),
+                items: vec![pb::BatchDecryptItem {
+                    ciphertext: ct.clone(),
+                    ..Default::default()
+                }],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.sign(as_service(
+            "assess-svc",
+            pb::SignRequest {
+                key_name: "token-sign".into(),
+                message: b"m".to_vec(),
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.get_public_key(as_service(
+            "assess-svc",
+            pb::GetPublicKeyRequest {
+                key_name: "token-sign".into(),
+                version: 0,
+            },
+        ))
+        .await,
+    );
+    // the allowed service uses everything; unrestricted keys stay open to all services
+    let pt = api
+        .decrypt(as_service(
+            "token-svc",
+            pb::DecryptRequest {
+                key_name: "token-wrap".into(),
+                ciphertext: ct.clone(),
+                associated_data: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pt.plaintext, b"secret");
+    assert!(encrypt("assess-svc", "open").await.is_ok());
+    // the admin keeps management and use
+    assert!(engine.authorize(&ADMIN, "token-wrap").await.is_ok());
+    assert!(
+        api.encrypt({
+            let mut r = tonic::Request::new(pb::EncryptRequest {
+                key_name: "token-wrap".into(),
+                plaintext: b"x".to_vec(),
+                associated_data: vec![],
+            });
+            r.extensions_mut().insert(Caller::Admin);
+            r
+        })
+        .await
+        .is_ok()
+    );
+
+    // validated: count, length, syntax
+    let set = |v: Vec<String>| PolicyUpdate {
+        allowed_services: Some(v),
+        ..Default::default()
+    };
+    for bad in [
+        (0..33).map(|i| format!("svc-{i}")).collect::<Vec<_>>(),
+        vec!["a".repeat(257)],
+        vec![String::new()],
+        vec!["two words".into()],
+        vec!["svc\n".into()],
+    ] {
+        let err = engine
+            .update_policy(&ADMIN, "open", set(bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert_eq!(err.field.as_deref(), Some("allowed_services"));
+    }
+    assert_eq!(
+        code(
+            engine
+                .create_key(
+                    &ADMIN,
+                    "bad-list",
+                    KeyType::Aes256Gcm,
+                    KeyPolicy {
+                        allowed_services: vec!["a b".into()],
+                        ..KeyPolicy::default()
+                    },
+                )
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    let max: Vec<String> = (0..32).map(|i| format!("spiffe://sec/svc-{i}")).collect();
+    engine
+        .update_policy(&ADMIN, "open", set(max))
+        .await
+        .unwrap();
+    denied(encrypt("assess-svc", "open").await);
+
+    // changeable: widening to assess-svc takes effect at once; clearing lifts the limit
+    let k = engine
+        .update_policy(
+            &ADMIN,
+            "token-wrap",
+            set(vec!["token-svc".into(), "assess-svc".into()]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        k.record.policy.allowed_services,
+        ["assess-svc", "token-svc"]
+    );
+    assert!(encrypt("assess-svc", "token-wrap").await.is_ok());
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.subject == "token-wrap"
+                && e.details.get("allowed_services").map(String::as_str)
+                    == Some("assess-svc,token-svc")),
+        "config_updated names the new list"
+    );
+    engine
+        .update_policy(&ADMIN, "token-wrap", set(vec!["token-svc".into()]))
+        .await
+        .unwrap();
+    denied(encrypt("assess-svc", "token-wrap").await);
+
+    // a database writer cannot widen or clear the list: the record MAC covers it
+    raw.exec("UPDATE crypto_keys SET allowed_services = '[]' WHERE name = 'token-wrap'")
+        .await;
+    let s = encrypt("assess-svc", "token-wrap").await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert_eq!(
+        code(engine.get_key("token-wrap").await),
+        ErrorCode::FailedPrecondition
+    );
+    // nor restrict an open key to lock out its users (the MAC changes too)
+    raw.exec(r#"UPDATE crypto_keys SET allowed_services = '["x"]' WHERE name = 'token-sign'"#)
+        .await;
+    assert_eq!(
+        code(engine.get_key("token-sign").await),
+        ErrorCode::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn services_are_limited_per_key_sqlite() {
+    services_are_limited_per_key(false).await;
+}
+
+#[tokio::test]
+async fn services_are_limited_per_key_postgres() {
+    services_are_limited_per_key(true).await;
 }

@@ -32,6 +32,9 @@ pub struct KeyPolicy {
     pub rotation_period_seconds: u64,
     pub deletion_allowed: bool,
     pub exportable: bool,
+    /// Service identities (mTLS identity, or `internal` for the in-process credential)
+    /// that may use the key; empty: any trusted service. Sorted, without duplicates.
+    pub allowed_services: Vec<String>,
 }
 
 /// A named key (without its versions). `key_type` is the canonical type name
@@ -181,6 +184,16 @@ pub(crate) fn policy_version_to_db(v: u64) -> Result<i64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("policy_version {v} is too large to store")))
 }
 
+/// `allowed_services` as stored: a JSON array of strings.
+pub(crate) fn services_to_db(services: &[String]) -> String {
+    serde_json::Value::from(services.to_vec()).to_string()
+}
+
+pub(crate) fn services_from_db(s: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(s)
+        .map_err(|_| StoreError::Corrupt("allowed_services is not a JSON array of strings".into()))
+}
+
 pub(crate) fn count_from_db(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("count {n} is negative")))
 }
@@ -279,6 +292,7 @@ pub mod contract {
                 rotation_period_seconds: 90 * 24 * 3600,
                 deletion_allowed: true,
                 exportable: true,
+                allowed_services: vec!["internal".into(), "spiffe://sec/token-svc".into()],
             },
             created_at: t0,
             updated_at: t1,
@@ -530,6 +544,7 @@ pub mod contract {
             rotation_period_seconds: 3600,
             deletion_allowed: true,
             exportable: false,
+            allowed_services: vec!["token-svc".into()],
         };
         store
             .update_policy(&rot_name, 3, &policy, t3, Some("mac-p"))

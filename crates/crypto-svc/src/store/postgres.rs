@@ -10,7 +10,7 @@ use sqlx::{PgPool, Row as _};
 use super::{
     DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db,
     is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
-    policy_version_to_db, version_from_db, version_to_db,
+    policy_version_to_db, services_from_db, services_to_db, version_from_db, version_to_db,
 };
 
 #[derive(Debug, Clone)]
@@ -41,6 +41,7 @@ fn key_from(r: &PgRow) -> Result<KeyRecord, StoreError> {
             rotation_period_seconds: period_from_db(r.try_get("rotation_period_seconds")?)?,
             deletion_allowed: r.try_get("deletion_allowed")?,
             exportable: r.try_get("exportable")?,
+            allowed_services: services_from_db(&r.try_get::<String, _>("allowed_services")?)?,
         },
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
@@ -74,9 +75,10 @@ impl KeyStore for PgKeyStore {
             "INSERT INTO crypto_keys
                (name, key_type, latest_version, min_decryption_version, min_encryption_version,
                 rotation_period_seconds, deletion_allowed, exportable,
-                created_at, updated_at, last_rotated_at, policy_version, record_mac)
+                created_at, updated_at, last_rotated_at, policy_version, record_mac,
+                allowed_services)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                     $12, $13)",
+                     $12, $13, $14)",
         )
         .bind(&key.name)
         .bind(&key.key_type)
@@ -91,6 +93,7 @@ impl KeyStore for PgKeyStore {
         .bind(key.last_rotated_at)
         .bind(policy_version_to_db(key.policy_version)?)
         .bind(key.record_mac.as_deref())
+        .bind(services_to_db(&key.policy.allowed_services))
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -121,7 +124,7 @@ impl KeyStore for PgKeyStore {
             "SELECT k.name, k.key_type, k.latest_version, k.min_decryption_version,
                     k.min_encryption_version, k.rotation_period_seconds, k.deletion_allowed,
                     k.exportable, k.created_at, k.updated_at, k.last_rotated_at,
-                    k.policy_version, k.record_mac,
+                    k.policy_version, k.record_mac, k.allowed_services,
                     v.version AS v_version, v.created_at AS v_created_at,
                     v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key
              FROM crypto_keys k
@@ -148,7 +151,7 @@ impl KeyStore for PgKeyStore {
             "SELECT name, key_type, latest_version, min_decryption_version,
                     min_encryption_version, rotation_period_seconds, deletion_allowed,
                     exportable, created_at, updated_at, last_rotated_at, policy_version,
-                    record_mac
+                    record_mac, allowed_services
              FROM crypto_keys
              WHERE ($1::text IS NULL OR name > $1)
              ORDER BY name
@@ -238,7 +241,8 @@ impl KeyStore for PgKeyStore {
             "UPDATE crypto_keys
              SET min_decryption_version = $1, min_encryption_version = $2,
                  rotation_period_seconds = $3, deletion_allowed = $4, exportable = $5,
-                 updated_at = $6, policy_version = policy_version + 1, record_mac = $7
+                 updated_at = $6, policy_version = policy_version + 1, record_mac = $7,
+                 allowed_services = $10
              WHERE name = $8 AND policy_version = $9",
         )
         .bind(version_to_db(policy.min_decryption_version))
@@ -250,6 +254,7 @@ impl KeyStore for PgKeyStore {
         .bind(mac)
         .bind(name)
         .bind(policy_version_to_db(expected_policy_version)?)
+        .bind(services_to_db(&policy.allowed_services))
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() > 0 {

@@ -10,7 +10,8 @@ use sqlx::{Row as _, SqlitePool};
 use super::{
     DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db,
     is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
-    policy_version_to_db, time_from_us, time_to_us, version_from_db, version_to_db,
+    policy_version_to_db, services_from_db, services_to_db, time_from_us, time_to_us,
+    version_from_db, version_to_db,
 };
 
 #[derive(Debug, Clone)]
@@ -41,6 +42,7 @@ fn key_from(r: &SqliteRow) -> Result<KeyRecord, StoreError> {
             rotation_period_seconds: period_from_db(r.try_get("rotation_period_seconds")?)?,
             deletion_allowed: r.try_get("deletion_allowed")?,
             exportable: r.try_get("exportable")?,
+            allowed_services: services_from_db(&r.try_get::<String, _>("allowed_services")?)?,
         },
         created_at: time_from_us(r.try_get("created_us")?, "created_us")?,
         updated_at: time_from_us(r.try_get("updated_us")?, "updated_us")?,
@@ -74,9 +76,10 @@ impl KeyStore for SqliteKeyStore {
             "INSERT INTO crypto_keys
                (name, key_type, latest_version, min_decryption_version, min_encryption_version,
                 rotation_period_seconds, deletion_allowed, exportable,
-                created_us, updated_us, last_rotated_us, policy_version, record_mac)
+                created_us, updated_us, last_rotated_us, policy_version, record_mac,
+                allowed_services)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
-                     ?12, ?13)",
+                     ?12, ?13, ?14)",
         )
         .bind(&key.name)
         .bind(&key.key_type)
@@ -91,6 +94,7 @@ impl KeyStore for SqliteKeyStore {
         .bind(time_to_us(key.last_rotated_at))
         .bind(policy_version_to_db(key.policy_version)?)
         .bind(key.record_mac.as_deref())
+        .bind(services_to_db(&key.policy.allowed_services))
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -121,7 +125,7 @@ impl KeyStore for SqliteKeyStore {
             "SELECT k.name, k.key_type, k.latest_version, k.min_decryption_version,
                     k.min_encryption_version, k.rotation_period_seconds, k.deletion_allowed,
                     k.exportable, k.created_us, k.updated_us, k.last_rotated_us,
-                    k.policy_version, k.record_mac,
+                    k.policy_version, k.record_mac, k.allowed_services,
                     v.version AS v_version, v.created_us AS v_created_us,
                     v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key
              FROM crypto_keys k
@@ -148,7 +152,7 @@ impl KeyStore for SqliteKeyStore {
             "SELECT name, key_type, latest_version, min_decryption_version,
                     min_encryption_version, rotation_period_seconds, deletion_allowed,
                     exportable, created_us, updated_us, last_rotated_us, policy_version,
-                    record_mac
+                    record_mac, allowed_services
              FROM crypto_keys
              WHERE (?1 IS NULL OR name > ?1)
              ORDER BY name
@@ -238,7 +242,8 @@ impl KeyStore for SqliteKeyStore {
             "UPDATE crypto_keys
              SET min_decryption_version = ?1, min_encryption_version = ?2,
                  rotation_period_seconds = ?3, deletion_allowed = ?4, exportable = ?5,
-                 updated_us = ?6, policy_version = policy_version + 1, record_mac = ?7
+                 updated_us = ?6, policy_version = policy_version + 1, record_mac = ?7,
+                 allowed_services = ?10
              WHERE name = ?8 AND policy_version = ?9",
         )
         .bind(version_to_db(policy.min_decryption_version))
@@ -250,6 +255,7 @@ impl KeyStore for SqliteKeyStore {
         .bind(mac)
         .bind(name)
         .bind(policy_version_to_db(expected_policy_version)?)
+        .bind(services_to_db(&policy.allowed_services))
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() > 0 {
