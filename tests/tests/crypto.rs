@@ -319,8 +319,16 @@ async fn crypto_over_grpc(backends: Backends) {
         .unwrap()
         .into_inner();
     let names: Vec<_> = listed.keys.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(names, ["orders", "signer"]);
-    assert_eq!(listed.keys[0].latest_version, 2);
+    assert_eq!(
+        names,
+        ["only-internal", "only-token-svc", "orders", "signer"]
+    );
+    assert_eq!(listed.keys[2].latest_version, 2);
+    assert_eq!(
+        listed.keys[1].config.as_ref().unwrap().allowed_services,
+        ["internal", "token-svc"],
+        "the service list survives a restart"
+    );
 
     // lifecycle events and the refused decrypt reached the audit trail
     let want = [
