@@ -248,11 +248,13 @@ mod tests {
                         nanos: 0,
                     }),
                     public_key_pem: "-----BEGIN PUBLIC KEY-----\n".into(),
+                    encryptions: 0,
                 },
                 KeyVersion {
                     version: 2,
                     created_at: None,
                     public_key_pem: String::new(),
+                    encryptions: 0,
                 },
             ],
             operations: vec!["sign".into()],

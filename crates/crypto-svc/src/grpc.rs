@@ -73,10 +73,11 @@ pub fn key_to_proto(k: KeyView) -> pb::Key {
         versions: k
             .versions
             .iter()
-            .map(|(v, at, der)| pb::KeyVersion {
+            .map(|(v, at, der, encryptions)| pb::KeyVersion {
                 version: *v,
                 created_at: Some(to_timestamp(*at)),
                 public_key_pem: der.as_deref().map(public_pem).unwrap_or_default(),
+                encryptions: *encryptions,
             })
             .collect(),
         created_at: Some(to_timestamp(k.record.created_at)),

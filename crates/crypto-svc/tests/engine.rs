@@ -880,6 +880,15 @@ impl KeyStore for SpyStore {
         self.saw(name);
         self.inner.delete_if_allowed(name).await
     }
+    async fn reserve_encryptions(
+        &self,
+        name: &str,
+        version: u32,
+        n: u64,
+    ) -> Result<u64, StoreError> {
+        self.saw(name);
+        self.inner.reserve_encryptions(name, version, n).await
+    }
     async fn versions_not_wrapped_by(
         &self,
         kek_id: &str,
@@ -2791,4 +2800,149 @@ async fn services_are_limited_per_key_sqlite() {
 #[tokio::test]
 async fn services_are_limited_per_key_postgres() {
     services_are_limited_per_key(true).await;
+}
+
+// ---- bounded nonce use ----------------------------------------------------------------
+
+fn nonce_limits(bound: u64, block: u64) -> Limits {
+    Limits {
+        cache_ttl: Duration::from_millis(0),
+        max_encryptions_per_version: bound,
+        encryption_reservation: block,
+        ..Limits::default()
+    }
+}
+
+/// With a bound of 10, the 11th encryption is under version 2 and old ciphertexts still
+/// decrypt; concurrent encryptions from two engines (replicas) never exceed the bound per
+/// version; a new engine on the same store (a restart) does not reset the count.
+async fn nonce_use_is_bounded(store: Arc<dyn KeyStore>) {
+    let kek = || KekRing::from_bytes(&[1; 32], &[]).unwrap();
+    let (a, events, _) = engine_with(
+        store.clone(),
+        kek(),
+        nonce_limits(10, 4),
+        CryptoMetrics::unregistered(),
+    );
+    for t in [KeyType::Aes256Gcm, KeyType::Chacha20Poly1305] {
+        let name = format!("bounded-{}", t.name());
+        a.create_key(&ADMIN, &name, t, KeyPolicy::default())
+            .await
+            .unwrap();
+        let mut cts = Vec::new();
+        for i in 0..10 {
+            let (ct, v) = a
+                .encrypt(&name, format!("m{i}").as_bytes(), b"")
+                .await
+                .unwrap();
+            assert_eq!(v, 1, "encryption {} is under version 1", i + 1);
+            cts.push(ct);
+        }
+        let (ct, v) = a.encrypt(&name, b"eleventh", b"").await.unwrap();
+        assert_eq!(v, 2, "the 11th encryption rotated the key");
+        for (i, ct) in cts.iter().enumerate() {
+            let (pt, v) = a.decrypt(&ADMIN, &name, ct, b"").await.unwrap();
+            assert_eq!((pt.as_slice(), v), (format!("m{i}").as_bytes(), 1));
+        }
+        assert_eq!(a.decrypt(&ADMIN, &name, &ct, b"").await.unwrap().1, 2);
+        let view = a.get_key(&name).await.unwrap();
+        assert!(view.versions[0].3 >= 10, "GetKey shows the count of v1");
+        assert!(view.versions[1].3 >= 1, "and of v2");
+    }
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.r#type == "sec.crypto.key.rotated"
+                && e.details.get("reason").map(String::as_str) == Some("encryption_bound")),
+        "the automatic rotation is an event with its reason"
+    );
+    // data keys and rewraps draw nonces too
+    a.create_key(&ADMIN, "dk", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let mut last = 0;
+    for _ in 0..10 {
+        last = a.generate_data_key("dk", 32, b"").await.unwrap().2;
+    }
+    assert_eq!(last, 1);
+    let (ct, _) = a.encrypt("dk", b"x", b"").await.unwrap();
+    let (re, v) = a.rewrap(&ADMIN, "dk", &ct, b"").await.unwrap();
+    assert_eq!(v, 2, "rewrap counts");
+    assert!(re.starts_with("sec:v2:"));
+    // deterministic AES-GCM-SIV and RSA do not count
+    a.create_key(&ADMIN, "siv", KeyType::Aes256GcmSiv, KeyPolicy::default())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        assert_eq!(a.encrypt("siv", &[i], b"").await.unwrap().1, 1);
+    }
+
+    // concurrency: two replicas, 60 encryptions at once, at most 10 per version
+    let (b, _, _) = engine_with(
+        store.clone(),
+        kek(),
+        nonce_limits(10, 3),
+        CryptoMetrics::unregistered(),
+    );
+    a.create_key(&ADMIN, "race", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let results = futures::future::join_all((0..60).map(|i| {
+        let e = if i % 2 == 0 { &a } else { &b };
+        async move { e.encrypt("race", b"x", b"").await }
+    }))
+    .await;
+    let mut per_version = std::collections::BTreeMap::<u32, u32>::new();
+    for r in results {
+        let (ct, v) = r.unwrap();
+        *per_version.entry(v).or_default() += 1;
+        assert_eq!(a.decrypt(&ADMIN, "race", &ct, b"").await.unwrap().1, v);
+    }
+    assert!(
+        per_version.values().all(|n| *n <= 10),
+        "no version exceeds the bound: {per_version:?}"
+    );
+    assert!(per_version.len() >= 6);
+
+    // restart: a new engine continues from the stored count
+    a.create_key(&ADMIN, "restart", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        assert_eq!(a.encrypt("restart", b"x", b"").await.unwrap().1, 1);
+    }
+    drop(a);
+    let (c, _, _) = engine_with(
+        store,
+        kek(),
+        nonce_limits(10, 4),
+        CryptoMetrics::unregistered(),
+    );
+    assert!(c.get_key("restart").await.unwrap().versions[0].3 >= 6);
+    let mut under_v1 = 6;
+    for _ in 0..10 {
+        if c.encrypt("restart", b"x", b"").await.unwrap().1 == 1 {
+            under_v1 += 1;
+        }
+    }
+    assert!(
+        under_v1 <= 10,
+        "the restart did not reset the count: {under_v1}"
+    );
+    assert_eq!(c.get_key("restart").await.unwrap().record.latest_version, 2);
+}
+
+#[tokio::test]
+async fn nonce_use_is_bounded_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    nonce_use_is_bounded(store).await;
+}
+
+#[tokio::test]
+async fn nonce_use_is_bounded_postgres() {
+    if let Some(store) = pg_store().await {
+        nonce_use_is_bounded(store).await;
+    }
 }

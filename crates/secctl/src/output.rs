@@ -55,6 +55,7 @@ pub fn key_json(k: &Key) -> serde_json::Value {
             let mut o = serde_json::json!({
                 "version": v.version,
                 "created_at": time(v.created_at.as_ref()),
+                "encryptions": v.encryptions,
             });
             if !v.public_key_pem.is_empty() {
                 o["public_key_pem"] = v.public_key_pem.clone().into();
@@ -216,6 +217,7 @@ mod tests {
                     nanos: 0,
                 }),
                 public_key_pem: pem.into(),
+                encryptions: 0,
             }],
             ..Default::default()
         }

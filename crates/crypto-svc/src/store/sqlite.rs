@@ -9,7 +9,7 @@ use sqlx::{Row as _, SqlitePool};
 
 use super::{
     DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db,
-    is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
+    count_to_db, is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
     policy_version_to_db, services_from_db, services_to_db, time_from_us, time_to_us,
     version_from_db, version_to_db,
 };
@@ -64,6 +64,7 @@ fn version_from(r: &SqliteRow) -> Result<Option<VersionRecord>, StoreError> {
         kek_id: r.try_get("v_kek_id")?,
         wrapped: r.try_get("v_wrapped")?,
         public_key: r.try_get("v_public_key")?,
+        encryptions: count_from_db(r.try_get("v_encryptions")?)?,
     }))
 }
 
@@ -104,8 +105,8 @@ impl KeyStore for SqliteKeyStore {
         for v in versions {
             sqlx::query(
                 "INSERT INTO crypto_key_versions
-                   (key_name, version, created_us, kek_id, wrapped, public_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                   (key_name, version, created_us, kek_id, wrapped, public_key, encryptions)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .bind(&key.name)
             .bind(version_to_db(v.version))
@@ -113,6 +114,7 @@ impl KeyStore for SqliteKeyStore {
             .bind(&v.kek_id)
             .bind(&v.wrapped)
             .bind(v.public_key.as_deref())
+            .bind(count_to_db(v.encryptions)?)
             .execute(&mut *tx)
             .await?;
         }
@@ -127,7 +129,8 @@ impl KeyStore for SqliteKeyStore {
                     k.exportable, k.created_us, k.updated_us, k.last_rotated_us,
                     k.policy_version, k.record_mac, k.allowed_services,
                     v.version AS v_version, v.created_us AS v_created_us,
-                    v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key
+                    v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key,
+                    v.encryptions AS v_encryptions
              FROM crypto_keys k
              LEFT JOIN crypto_key_versions v ON v.key_name = k.name
              WHERE k.name = ?1
@@ -208,8 +211,8 @@ impl KeyStore for SqliteKeyStore {
         }
         let inserted = sqlx::query(
             "INSERT INTO crypto_key_versions
-               (key_name, version, created_us, kek_id, wrapped, public_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+               (key_name, version, created_us, kek_id, wrapped, public_key, encryptions)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .bind(name)
         .bind(version_to_db(version.version))
@@ -217,6 +220,7 @@ impl KeyStore for SqliteKeyStore {
         .bind(&version.kek_id)
         .bind(&version.wrapped)
         .bind(version.public_key.as_deref())
+        .bind(count_to_db(version.encryptions)?)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -345,7 +349,8 @@ impl KeyStore for SqliteKeyStore {
     ) -> Result<Vec<(String, VersionRecord)>, StoreError> {
         let rows = sqlx::query(
             "SELECT key_name, version AS v_version, created_us AS v_created_us,
-                    kek_id AS v_kek_id, wrapped AS v_wrapped, public_key AS v_public_key
+                    kek_id AS v_kek_id, wrapped AS v_wrapped, public_key AS v_public_key,
+                    encryptions AS v_encryptions
              FROM crypto_key_versions
              WHERE kek_id <> ?1 OR substr(wrapped, 1, length(?3)) <> ?3
              ORDER BY key_name, version
@@ -387,6 +392,26 @@ impl KeyStore for SqliteKeyStore {
         .execute(&self.pool)
         .await?;
         Ok(updated.rows_affected() > 0)
+    }
+
+    async fn reserve_encryptions(
+        &self,
+        name: &str,
+        version: u32,
+        n: u64,
+    ) -> Result<u64, StoreError> {
+        // One atomic statement: concurrent reservations (any replica) get disjoint ranges.
+        let total: Option<i64> = sqlx::query_scalar(
+            "UPDATE crypto_key_versions SET encryptions = encryptions + ?1
+             WHERE key_name = ?2 AND version = ?3
+             RETURNING encryptions",
+        )
+        .bind(count_to_db(n)?)
+        .bind(name)
+        .bind(version_to_db(version))
+        .fetch_optional(&self.pool)
+        .await?;
+        count_from_db(total.ok_or(StoreError::NotFound)?)
     }
 
     async fn kek_usage(&self) -> Result<Vec<(String, u64)>, StoreError> {
