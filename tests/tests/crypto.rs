@@ -201,6 +201,77 @@ async fn crypto_over_grpc(backends: Backends) {
         Code::PermissionDenied
     );
 
+    // per-key service access: the in-process credential is the service `internal`
+    let limited = |name: &str, services: &[&str]| CreateKeyRequest {
+        name: name.into(),
+        r#type: KeyType::Aes256Gcm as i32,
+        config: Some(KeyConfig {
+            allowed_services: services.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        }),
+    };
+    let only_internal = c
+        .create_key(limited("only-internal", &["internal"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(only_internal.config.unwrap().allowed_services, ["internal"]);
+    c.create_key(limited("only-token-svc", &["token-svc"]))
+        .await
+        .unwrap();
+    let enc = |key: &str| EncryptRequest {
+        key_name: key.into(),
+        plaintext: b"x".to_vec(),
+        associated_data: vec![],
+    };
+    assert!(svc.encrypt(enc("only-internal")).await.is_ok());
+    assert_eq!(
+        svc.encrypt(enc("only-token-svc")).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert!(
+        c.encrypt(enc("only-token-svc")).await.is_ok(),
+        "admin may use it"
+    );
+    let got = c
+        .get_key(GetKeyRequest {
+            name: "only-token-svc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let updated = c
+        .update_key_config(UpdateKeyConfigRequest {
+            name: "only-token-svc".into(),
+            allowed_services: Some(ServiceList {
+                services: vec!["token-svc".into(), "internal".into()],
+            }),
+            expected_policy_version: Some(got.policy_version),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        updated.config.unwrap().allowed_services,
+        ["internal", "token-svc"]
+    );
+    assert!(svc.encrypt(enc("only-token-svc")).await.is_ok());
+    // a stale expected_policy_version changes nothing
+    assert_eq!(
+        c.update_key_config(UpdateKeyConfigRequest {
+            name: "only-token-svc".into(),
+            allowed_services: Some(ServiceList { services: vec![] }),
+            expected_policy_version: Some(got.policy_version),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::Aborted
+    );
+    assert!(svc.encrypt(enc("only-token-svc")).await.is_ok());
+
     // per-key, per-operation metrics on the admin port
     let (_, metrics) = sec_tests::http_get(tp.admin["crypto"], "/metrics")
         .await
@@ -248,8 +319,16 @@ async fn crypto_over_grpc(backends: Backends) {
         .unwrap()
         .into_inner();
     let names: Vec<_> = listed.keys.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(names, ["orders", "signer"]);
-    assert_eq!(listed.keys[0].latest_version, 2);
+    assert_eq!(
+        names,
+        ["only-internal", "only-token-svc", "orders", "signer"]
+    );
+    assert_eq!(listed.keys[2].latest_version, 2);
+    assert_eq!(
+        listed.keys[1].config.as_ref().unwrap().allowed_services,
+        ["internal", "token-svc"],
+        "the service list survives a restart"
+    );
 
     // lifecycle events and the refused decrypt reached the audit trail
     let want = [

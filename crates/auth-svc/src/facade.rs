@@ -194,7 +194,7 @@ fn rfc3339(t: Option<&prost_types::Timestamp>) -> serde_json::Value {
 /// The public view of a key. Field by field on purpose: a field added to `Key` later is
 /// not published until someone decides it may be.
 fn key_json(k: &Key) -> serde_json::Value {
-    let c = k.config.unwrap_or_default();
+    let c = k.config.clone().unwrap_or_default();
     let versions: Vec<_> = k
         .versions
         .iter()
@@ -248,11 +248,13 @@ mod tests {
                         nanos: 0,
                     }),
                     public_key_pem: "-----BEGIN PUBLIC KEY-----\n".into(),
+                    encryptions: 0,
                 },
                 KeyVersion {
                     version: 2,
                     created_at: None,
                     public_key_pem: String::new(),
+                    encryptions: 0,
                 },
             ],
             operations: vec!["sign".into()],

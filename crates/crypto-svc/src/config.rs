@@ -28,6 +28,9 @@ pub struct CryptoConfig {
     pub cache_ttl_ms: u64,
     /// How often automatic rotation looks for keys that are due.
     pub rotation_check_seconds: u64,
+    /// Encryptions one AES-GCM / ChaCha20-Poly1305 key version may make (random 96-bit
+    /// nonces) before the key is rotated automatically: 1..=2^32, default 2^30.
+    pub max_encryptions_per_version: u64,
 }
 
 impl Default for CryptoConfig {
@@ -41,6 +44,7 @@ impl Default for CryptoConfig {
             max_batch_items: 1000,
             cache_ttl_ms: 5_000,
             rotation_check_seconds: 60,
+            max_encryptions_per_version: crate::engine::DEFAULT_MAX_ENCRYPTIONS_PER_VERSION,
         }
     }
 }
@@ -59,6 +63,12 @@ impl ServiceConfig for CryptoConfig {
         }
         if self.rotation_check_seconds == 0 || self.rotation_check_seconds > 86_400 {
             return invalid("rotation_check_seconds", "must be between 1 and 86400");
+        }
+        if !(1..=1 << 32).contains(&self.max_encryptions_per_version) {
+            return invalid(
+                "max_encryptions_per_version",
+                "must be between 1 and 2^32 (NIST SP 800-38D's bound for random nonces)",
+            );
         }
         if self.cache_ttl_ms > 3_600_000 {
             return invalid("cache_ttl_ms", "must be at most one hour");

@@ -34,13 +34,15 @@ use crate::store::{DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, Ve
 
 pub type Emit = Arc<dyn Fn(SecurityEvent) + Send + Sync>;
 
+/// (version, created_at, public key DER, encryptions reserved under it)
+pub type VersionView = (u32, DateTime<Utc>, Option<Vec<u8>>, u64);
+
 /// A key as callers see it: its record and per-version metadata (never material).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyView {
     pub record: KeyRecord,
     pub key_type: KeyType,
-    /// (version, created_at, public key DER)
-    pub versions: Vec<(u32, DateTime<Utc>, Option<Vec<u8>>)>,
+    pub versions: Vec<VersionView>,
 }
 
 struct CachedKey {
@@ -61,10 +63,17 @@ struct OpName {
     operation: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RotationReason {
+    reason: &'static str,
+}
+
 #[derive(Clone)]
 pub struct CryptoMetrics {
     ops: Family<OpLabels, Counter>,
     seconds: Family<OpName, Histogram>,
+    /// Automatic rotations by reason (`period`, `encryption_bound`): a fixed label set.
+    auto_rotations: Family<RotationReason, Counter>,
 }
 
 impl CryptoMetrics {
@@ -74,7 +83,13 @@ impl CryptoMetrics {
             seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_01, 2.5, 14))
             }),
+            auto_rotations: Family::default(),
         };
+        registry.register(
+            "sec_crypto_automatic_rotations",
+            "Automatic key rotations by reason (period, encryption_bound)",
+            m.auto_rotations.clone(),
+        );
         registry.register(
             "sec_crypto_operations",
             "Key operations by key, operation and outcome",
@@ -98,6 +113,13 @@ impl CryptoMetrics {
 /// names they tried) on the unauthenticated `/metrics`.
 pub const UNKNOWN_KEY: &str = "unknown";
 
+/// Default bound of encryptions per random-nonce key version: 2^30, far below the 2^32
+/// NIST SP 800-38D allows for random 96-bit nonces (collision chance about 2^-35).
+pub const DEFAULT_MAX_ENCRYPTIONS_PER_VERSION: u64 = 1 << 30;
+
+/// Uses of one key version reserved in the store and not yet spent by this engine.
+type Reserved = HashMap<(String, u32), Vec<std::ops::Range<u64>>>;
+
 /// Limits and tuning.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -110,6 +132,12 @@ pub struct Limits {
     pub failure_window: Duration,
     /// Distinct keys whose decrypt failures are counted apart; beyond, they share `other`.
     pub failure_keys: usize,
+    /// Encryptions allowed under one version of a random-nonce key (AES-GCM,
+    /// ChaCha20-Poly1305) before it is rotated (`crypto.max_encryptions_per_version`).
+    pub max_encryptions_per_version: u64,
+    /// Uses reserved in the store at a time per version: one write per this many
+    /// encryptions; a crash loses at most this many (over-counted, never under-).
+    pub encryption_reservation: u64,
 }
 
 impl Default for Limits {
@@ -120,6 +148,8 @@ impl Default for Limits {
             cache_ttl: Duration::from_secs(5),
             failure_window: Duration::from_secs(10),
             failure_keys: 1000,
+            max_encryptions_per_version: DEFAULT_MAX_ENCRYPTIONS_PER_VERSION,
+            encryption_reservation: 4096,
         }
     }
 }
@@ -178,6 +208,9 @@ pub struct Engine {
     /// `sec.crypto.key.integrity_failed`, at most once per key per window (plus a
     /// summary), however many calls hit the key.
     integrity_failures: FailureAggregator<Caller>,
+    /// Encryption uses reserved in the store per (key, version), spent before reserving
+    /// more. Bounded by the versions in use: exhausted entries are removed.
+    reserved: Mutex<Reserved>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -223,6 +256,40 @@ pub fn validate_name(name: &str, field: &str) -> Result<(), Error> {
     }
 }
 
+/// Most entries in a key's `allowed_services`.
+pub const MAX_ALLOWED_SERVICES: usize = 32;
+/// Longest service identity in `allowed_services`.
+pub const MAX_SERVICE_IDENTITY_LEN: usize = 256;
+
+/// Checks a key's `allowed_services` (at most 32 identities of 1-256 characters: ASCII
+/// letters, digits and `-._:/@`, which covers service names, DNS names and SPIFFE IDs)
+/// and returns it sorted without duplicates, so equal lists MAC equally. The error never
+/// echoes an identity.
+pub fn validate_services(mut services: Vec<String>) -> Result<Vec<String>, Error> {
+    if services.len() > MAX_ALLOWED_SERVICES {
+        return Err(Error::invalid(
+            "allowed_services",
+            format!("at most {MAX_ALLOWED_SERVICES} service identities"),
+        ));
+    }
+    let ok = |id: &str| {
+        !id.is_empty()
+            && id.len() <= MAX_SERVICE_IDENTITY_LEN
+            && id.bytes().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b':' | b'/' | b'@')
+            })
+    };
+    if !services.iter().all(|id| ok(id)) {
+        return Err(Error::invalid(
+            "allowed_services",
+            "service identities are 1-256 characters: letters, digits, '-', '.', '_', ':', '/', '@'",
+        ));
+    }
+    services.sort();
+    services.dedup();
+    Ok(services)
+}
+
 fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
@@ -235,6 +302,8 @@ pub struct PolicyUpdate {
     pub rotation_period_seconds: Option<u64>,
     pub deletion_allowed: Option<bool>,
     pub exportable: Option<bool>,
+    /// Replaces the list of services that may use the key (empty: any trusted service).
+    pub allowed_services: Option<Vec<String>>,
     /// Apply only if the key's `policy_version` is still this (the caller's read).
     /// Without it the update is compared against the version this call reads, so a
     /// concurrent writer still makes one of the two fail with `ABORTED`.
@@ -433,6 +502,9 @@ struct BackupDoc {
     rotation_period_seconds: u64,
     deletion_allowed: bool,
     exportable: bool,
+    /// Absent in backups of unrestricted keys (and of earlier releases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    allowed_services: Vec<String>,
     created_at: DateTime<Utc>,
     last_rotated_at: DateTime<Utc>,
     versions: Vec<BackupVersion>,
@@ -497,6 +569,7 @@ impl Engine {
             cache: Mutex::new(HashMap::new()),
             decrypt_failures,
             integrity_failures,
+            reserved: Mutex::new(HashMap::new()),
         }
     }
 
@@ -518,7 +591,7 @@ impl Engine {
     fn record_input(r: &KeyRecord) -> Vec<u8> {
         let p = &r.policy;
         // Fixed-order JSON array: unambiguous, and names are ASCII-only by rule.
-        serde_json::json!([
+        let mut input = serde_json::json!([
             "sec-crypto-record:v1",
             r.name,
             r.key_type,
@@ -531,9 +604,16 @@ impl Engine {
             r.policy_version,
             r.created_at.timestamp_micros(),
             r.last_rotated_at.timestamp_micros(),
-        ])
-        .to_string()
-        .into_bytes()
+        ]);
+        // Appended only when set, so the MACs of unrestricted keys (every key written
+        // before the field existed) stay valid, while clearing or widening a list in the
+        // database breaks the MAC of a restricted key.
+        if !p.allowed_services.is_empty()
+            && let Some(a) = input.as_array_mut()
+        {
+            a.push(serde_json::json!({ "allowed_services": p.allowed_services }));
+        }
+        input.to_string().into_bytes()
     }
 
     fn mac_of(&self, r: &KeyRecord) -> String {
@@ -695,7 +775,7 @@ impl Engine {
             key_type,
             versions: versions
                 .iter()
-                .map(|v| (v.version, v.created_at, v.public_key.clone()))
+                .map(|v| (v.version, v.created_at, v.public_key.clone(), v.encryptions))
                 .collect(),
             record,
         })
@@ -715,6 +795,8 @@ impl Engine {
             "config.rotation_period_seconds",
             policy.rotation_period_seconds,
         )?;
+        let mut policy = policy;
+        policy.allowed_services = validate_services(std::mem::take(&mut policy.allowed_services))?;
         if policy.min_decryption_version > 1 || policy.min_encryption_version > 1 {
             return Err(Error::invalid("config", "a new key has only version 1"));
         }
@@ -745,6 +827,7 @@ impl Engine {
             kek_id,
             wrapped,
             public_key: loaded.public_der.clone(),
+            encryptions: 0,
         };
         self.store
             .insert(&record, std::slice::from_ref(&version))
@@ -791,6 +874,18 @@ impl Engine {
 
     pub async fn rotate_key(&self, who: &Caller, name: &str) -> Result<KeyView, Error> {
         let view = self.get_key(name).await?;
+        self.rotate_view(who, name, view, None).await
+    }
+
+    /// Adds a version to `view` (as just read), compare-and-set on its latest and policy
+    /// version; `reason` names an automatic rotation in the event and the metrics.
+    async fn rotate_view(
+        &self,
+        who: &Caller,
+        name: &str,
+        view: KeyView,
+        reason: Option<&'static str>,
+    ) -> Result<KeyView, Error> {
         let next = view.record.latest_version + 1;
         let material =
             generate(view.key_type).map_err(|e| Error::internal("key generation failed", &e))?;
@@ -807,6 +902,7 @@ impl Engine {
             kek_id,
             wrapped,
             public_key: loaded.public_der.clone(),
+            encryptions: 0,
         };
         let after = KeyRecord {
             latest_version: next,
@@ -830,8 +926,15 @@ impl Engine {
         self.invalidate(name);
         let mut e = self.event(who, "sec.crypto.key.rotated", name);
         e.details.insert("version".into(), next.to_string());
+        if let Some(reason) = reason {
+            e.details.insert("reason".into(), reason.into());
+            self.metrics
+                .auto_rotations
+                .get_or_create(&RotationReason { reason })
+                .inc();
+        }
         (self.emit)(e);
-        tracing::info!(key = name, version = next, "key rotated");
+        tracing::info!(key = name, version = next, reason, "key rotated");
         self.get_key(name).await
     }
 
@@ -869,6 +972,9 @@ impl Engine {
                 .with_field("exportable"));
             }
             p.exportable = v;
+        }
+        if let Some(v) = u.allowed_services {
+            p.allowed_services = validate_services(v)?;
         }
         let latest = view.record.latest_version;
         if p.min_decryption_version > latest {
@@ -926,6 +1032,8 @@ impl Engine {
             "rotation_period_seconds".into(),
             p.rotation_period_seconds.to_string(),
         );
+        e.details
+            .insert("allowed_services".into(), p.allowed_services.join(","));
         (self.emit)(e);
         self.get_key(name).await
     }
@@ -998,6 +1106,32 @@ impl Engine {
         Ok(k)
     }
 
+    /// Per-key service access: a service caller (mTLS identity, or `internal` for the
+    /// in-process credential) may use key `name` only if the key's `allowed_services` is
+    /// empty or lists it; otherwise `PERMISSION_DENIED`, without naming who may. The
+    /// admin may use every key: it can change the list anyway, so refusing it would only
+    /// look like protection. Every cryptographic RPC calls this before the operation.
+    pub async fn authorize(&self, who: &Caller, name: &str) -> Result<(), Error> {
+        let id = match who {
+            Caller::Admin => return Ok(()),
+            Caller::Service(id) => id,
+            Caller::Anonymous => {
+                return Err(Error::new(ErrorCode::Unauthenticated, "unauthenticated"));
+            }
+        };
+        let k = self.load(name).await?;
+        let allowed = &k.record.policy.allowed_services;
+        if allowed.is_empty() || allowed.iter().any(|a| a == id) {
+            return Ok(());
+        }
+        tracing::warn!(
+            key = name,
+            service = id.as_str(),
+            "service not allowed to use key"
+        );
+        Err(Error::denied("this service may not use this key"))
+    }
+
     fn require(k: &CachedKey, op: Op) -> Result<(), Error> {
         if k.key_type.supports(op) {
             Ok(())
@@ -1008,6 +1142,89 @@ impl Engine {
                 op.as_str()
             )))
         }
+    }
+
+    /// The key and the version a new ciphertext uses, with one use of that version
+    /// taken. For random-nonce AEADs each version may encrypt at most
+    /// `max_encryptions_per_version` times: when the latest is spent, this rotates the
+    /// key (compare-and-set; a racing replica's rotation simply wins and is reloaded)
+    /// and uses the new version. AES-GCM-SIV does not count: its nonce is synthetic
+    /// (derived from the AAD and plaintext), so only equal inputs repeat a nonce, which
+    /// reveals only the equality it already reveals by design; RSA-OAEP has no nonce.
+    async fn for_encryption(&self, name: &str, op: Op) -> Result<(Arc<CachedKey>, u32), Error> {
+        for _ in 0..32 {
+            let k = self.load(name).await?;
+            Self::require(&k, op)?;
+            let v = k.record.latest_version;
+            if !matches!(k.key_type, KeyType::Aes256Gcm | KeyType::Chacha20Poly1305)
+                || self.take_use(name, v).await?
+            {
+                return Ok((k, v));
+            }
+            // Version `v` is spent: rotate it, unless someone already has.
+            self.invalidate(name);
+            let view = self.get_key(name).await?;
+            if view.record.latest_version == v {
+                match self
+                    .rotate_view(
+                        &Caller::Service("crypto-svc".into()),
+                        name,
+                        view,
+                        Some("encryption_bound"),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    // Lost to a concurrent rotation or policy update: reload and retry.
+                    Err(e) if e.code == ErrorCode::Aborted => self.invalidate(name),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorCode::Aborted,
+            "the key is being rotated concurrently; retry",
+        ))
+    }
+
+    /// Takes one encryption use of `version`, reserving a block in the store first when
+    /// none is left here. False when the version has reached the bound.
+    async fn take_use(&self, name: &str, version: u32) -> Result<bool, Error> {
+        let key = (name.to_owned(), version);
+        let bound = self.limits.max_encryptions_per_version;
+        if let Some(i) = Self::pop_use(
+            &mut self.reserved.lock().unwrap_or_else(PoisonError::into_inner),
+            &key,
+        ) {
+            return Ok(i < bound);
+        }
+        let n = self.limits.encryption_reservation.clamp(1, bound.max(1));
+        let total = self
+            .store
+            .reserve_encryptions(name, version, n)
+            .await
+            .map_err(store_err)?;
+        let start = total.saturating_sub(n);
+        if start >= bound {
+            return Ok(false);
+        }
+        let mut reserved = self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+        // Drop spent versions of this key (rotated away) so the map stays bounded.
+        reserved.retain(|(k, v), r| k != name || *v >= version || !r.is_empty());
+        let ranges = reserved.entry(key.clone()).or_default();
+        ranges.push(start..total.min(bound));
+        Ok(Self::pop_use(&mut reserved, &key).is_some_and(|i| i < bound))
+    }
+
+    fn pop_use(reserved: &mut Reserved, key: &(String, u32)) -> Option<u64> {
+        let ranges = reserved.get_mut(key)?;
+        while let Some(r) = ranges.last_mut() {
+            if let Some(i) = r.next() {
+                return Some(i);
+            }
+            ranges.pop();
+        }
+        None
     }
 
     fn latest(k: &CachedKey) -> Result<(u32, &Arc<Loaded>), Error> {
@@ -1099,9 +1316,8 @@ impl Engine {
             self.check_payload("plaintext", plaintext.len())?;
             self.check_payload("associated_data", aad.len())?;
             check_aad(aad)?;
-            let k = self.load(name).await?;
-            Self::require(&k, Op::Encrypt)?;
-            let (v, l) = Self::latest(&k)?;
+            let (k, v) = self.for_encryption(name, Op::Encrypt).await?;
+            let l = Self::version(&k, v, "key_name")?;
             let body = l
                 .encrypt(plaintext, aad)
                 .map_err(|e| Self::op_error(e, "plaintext"))?;
@@ -1181,8 +1397,8 @@ impl Engine {
     ) -> Result<(String, u32), Error> {
         self.metered(name, Op::Rewrap, async {
             let (pt, _) = self.decrypt(who, name, ciphertext, aad).await?;
-            let k = self.load(name).await?;
-            let (v, l) = Self::latest(&k)?;
+            let (k, v) = self.for_encryption(name, Op::Rewrap).await?;
+            let l = Self::version(&k, v, "key_name")?;
             let body = l
                 .encrypt(&pt, aad)
                 .map_err(|e| Self::op_error(e, "ciphertext"))?;
@@ -1205,12 +1421,11 @@ impl Engine {
                 _ => return Err(Error::invalid("bytes", "data keys are 16 to 64 bytes")),
             };
             check_aad(aad)?;
-            let k = self.load(name).await?;
-            Self::require(&k, Op::DataKey)?;
+            let (k, v) = self.for_encryption(name, Op::DataKey).await?;
             let mut dk = Zeroizing::new(vec![0_u8; n]);
             aws_lc_rs::rand::fill(&mut dk)
                 .map_err(|_| Error::internal("random generator failed", &"fill"))?;
-            let (v, l) = Self::latest(&k)?;
+            let l = Self::version(&k, v, "key_name")?;
             let body = l
                 .encrypt(&dk, aad)
                 .map_err(|e| Self::op_error(e, "bytes"))?;
@@ -1331,10 +1546,17 @@ impl Engine {
                     continue;
                 };
                 if now >= due {
-                    match self
-                        .rotate_key(&Caller::Service("crypto-svc".into()), &r.name)
+                    let rotation = async {
+                        let view = self.get_key(&r.name).await?;
+                        self.rotate_view(
+                            &Caller::Service("crypto-svc".into()),
+                            &r.name,
+                            view,
+                            Some("period"),
+                        )
                         .await
-                    {
+                    };
+                    match rotation.await {
                         Ok(_) => rotated.push(r.name.clone()),
                         // Another replica rotated it first: nothing to do.
                         Err(e) if e.code == ErrorCode::Aborted => {}
@@ -1406,6 +1628,7 @@ impl Engine {
                 kek_id,
                 wrapped,
                 public_key: loaded.public_der.clone(),
+                encryptions: 0,
             };
             match self.store.insert(&record, &[version]).await {
                 Ok(()) => {
@@ -1476,6 +1699,7 @@ impl Engine {
             rotation_period_seconds: record.policy.rotation_period_seconds,
             deletion_allowed: record.policy.deletion_allowed,
             exportable: record.policy.exportable,
+            allowed_services: record.policy.allowed_services.clone(),
             created_at: record.created_at,
             last_rotated_at: record.last_rotated_at,
             versions: Vec::new(),
@@ -1658,6 +1882,7 @@ impl Engine {
                 kek_id,
                 wrapped,
                 public_key: loaded.public_der.clone(),
+                encryptions: 0,
             });
         }
         versions.sort_by_key(|v| v.version);
@@ -1672,6 +1897,8 @@ impl Engine {
                 rotation_period_seconds: doc.rotation_period_seconds,
                 deletion_allowed: doc.deletion_allowed,
                 exportable: doc.exportable,
+                allowed_services: validate_services(std::mem::take(&mut doc.allowed_services))
+                    .map_err(|_| Error::invalid("backup", "allowed_services is invalid"))?,
             },
             created_at: micros(doc.created_at),
             updated_at: now,

@@ -68,14 +68,16 @@ pub fn key_to_proto(k: KeyView) -> pb::Key {
             rotation_period_seconds: p.rotation_period_seconds,
             deletion_allowed: p.deletion_allowed,
             exportable: p.exportable,
+            allowed_services: p.allowed_services.clone(),
         }),
         versions: k
             .versions
             .iter()
-            .map(|(v, at, der)| pb::KeyVersion {
+            .map(|(v, at, der, encryptions)| pb::KeyVersion {
                 version: *v,
                 created_at: Some(to_timestamp(*at)),
                 public_key_pem: der.as_deref().map(public_pem).unwrap_or_default(),
+                encryptions: *encryptions,
             })
             .collect(),
         created_at: Some(to_timestamp(k.record.created_at)),
@@ -87,7 +89,15 @@ pub fn key_to_proto(k: KeyView) -> pb::Key {
             .iter()
             .map(|o| o.as_str().to_owned())
             .collect(),
+        policy_version: k.record.policy_version,
     }
+}
+
+/// Per-key service access ([`Engine::authorize`]), before the operation runs.
+async fn authorize<T>(engine: &Engine, req: &Request<T>, key_name: &str) -> Result<(), Status> {
+    let who = Caller::of(req)?;
+    engine.authorize(&who, key_name).await?;
+    Ok(())
 }
 
 fn batch_error(e: Error) -> pb::BatchResultError {
@@ -120,6 +130,7 @@ impl CryptoService for CryptoApi {
             rotation_period_seconds: c.rotation_period_seconds,
             deletion_allowed: c.deletion_allowed,
             exportable: c.exportable,
+            allowed_services: c.allowed_services,
         };
         crate::engine::check_rotation_period(
             "config.rotation_period_seconds",
@@ -181,7 +192,8 @@ impl CryptoService for CryptoApi {
             rotation_period_seconds: r.rotation_period_seconds,
             deletion_allowed: r.deletion_allowed,
             exportable: r.exportable,
-            expected_policy_version: None,
+            allowed_services: r.allowed_services.map(|l| l.services),
+            expected_policy_version: r.expected_policy_version,
         };
         Ok(Response::new(key_to_proto(
             self.engine.update_policy(&who, &r.name, u).await?,
@@ -262,6 +274,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (ciphertext, key_version) = self
             .engine
@@ -277,6 +290,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let who = Caller::of(&req)?;
         let r = req.into_inner();
         let (pt, key_version) = self
@@ -293,8 +307,10 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        let who = Caller::of(&req)?;
         let r = req.into_inner();
         check_batch(&self.engine, &r.key_name, r.items.len())?;
+        self.engine.authorize(&who, &r.key_name).await?;
         let total: usize = r
             .items
             .iter()
@@ -343,6 +359,7 @@ impl CryptoService for CryptoApi {
         let who = Caller::of(&req)?;
         let r = req.into_inner();
         check_batch(&self.engine, &r.key_name, r.items.len())?;
+        self.engine.authorize(&who, &r.key_name).await?;
         // The payload limit applies to what the texts decode to: the ciphertexts of a
         // batch of plaintexts at the limit (as BatchEncrypt accepts) pass, and each item's
         // decoded size is checked again in `Engine::decrypt`.
@@ -381,6 +398,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let who = Caller::of(&req)?;
         let r = req.into_inner();
         let (ciphertext, key_version) = self
@@ -397,6 +415,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (pt, ciphertext, key_version) = self
             .engine
@@ -418,6 +437,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (signature, key_version) = self.engine.sign(&r.key_name, &r.message).await?;
         Ok(Response::new(pb::SignResponse {
@@ -430,6 +450,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let valid = self
             .engine
@@ -442,6 +463,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::HmacRequest>,
     ) -> Result<Response<pb::HmacResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (hmac, key_version) = self.engine.hmac(&r.key_name, &r.message).await?;
         Ok(Response::new(pb::HmacResponse { hmac, key_version }))
@@ -451,6 +473,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::VerifyHmacRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let valid = self
             .engine
@@ -463,6 +486,7 @@ impl CryptoService for CryptoApi {
         &self,
         req: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
         let r = req.into_inner();
         let (public_key_pem, version, t) = self.engine.public_key(&r.key_name, r.version).await?;
         Ok(Response::new(pb::GetPublicKeyResponse {

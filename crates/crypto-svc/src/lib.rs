@@ -116,6 +116,7 @@ pub async fn run(
             max_payload_bytes: cfg.max_payload_bytes,
             max_batch_items: cfg.max_batch_items,
             cache_ttl: Duration::from_millis(cfg.cache_ttl_ms),
+            max_encryptions_per_version: cfg.max_encryptions_per_version,
             ..engine::Limits::default()
         },
         metrics,

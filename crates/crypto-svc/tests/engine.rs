@@ -880,6 +880,15 @@ impl KeyStore for SpyStore {
         self.saw(name);
         self.inner.delete_if_allowed(name).await
     }
+    async fn reserve_encryptions(
+        &self,
+        name: &str,
+        version: u32,
+        n: u64,
+    ) -> Result<u64, StoreError> {
+        self.saw(name);
+        self.inner.reserve_encryptions(name, version, n).await
+    }
     async fn versions_not_wrapped_by(
         &self,
         kek_id: &str,
@@ -1386,6 +1395,7 @@ async fn reset_policy(f: &Fixture, name: &str) {
         rotation_period_seconds: Some(0),
         deletion_allowed: Some(false),
         exportable: None,
+        allowed_services: None,
         expected_policy_version: None,
     };
     f.engine.update_policy(&ADMIN, name, reset).await.unwrap();
@@ -2510,6 +2520,431 @@ async fn backups_prove_origin_and_are_validated_postgres() {
     let (attacker, _, _) = engine_on(a, kek(3), 64 * 1024);
     let (target, _, _) = engine_on(t, kek(2), 64 * 1024);
     backups_prove_origin_and_are_validated(&source, s.as_ref(), &attacker, &target).await;
+}
+
+// ---- per-key service access ---------------------------------------------------------
+
+fn denied<T>(r: Result<tonic::Response<T>, tonic::Status>) {
+    let s = r.map(|_| ()).unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(
+        !s.message().contains("token-svc"),
+        "who may is not revealed"
+    );
+}
+
+fn as_service<T>(id: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.extensions_mut().insert(Caller::Service(id.into()));
+    req
+}
+
+/// A key limited to token-svc: token-svc uses it, assess-svc gets PERMISSION_DENIED on
+/// every operation (over the gRPC handlers, as the host calls them), the admin keeps
+/// every right, the list is validated, shown, changeable, and covered by the record MAC.
+async fn services_are_limited_per_key(pg: bool) {
+    use crypto_svc::grpc::CryptoApi;
+    use sec_proto::crypto::v1 as pb;
+    use sec_proto::crypto::v1::crypto_service_server::CryptoService;
+
+    let Some((store, raw)) = raw_store(pg).await else {
+        return;
+    };
+    let (engine, events, _) = engine_on(
+        store.clone(),
+        KekRing::from_bytes(&[1; 32], &[]).unwrap(),
+        64 * 1024,
+    );
+    let limited = KeyPolicy {
+        allowed_services: vec!["token-svc".into(), "token-svc".into()],
+        ..KeyPolicy::default()
+    };
+    let k = engine
+        .create_key(&ADMIN, "token-wrap", KeyType::Aes256Gcm, limited.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        k.record.policy.allowed_services,
+        ["token-svc"],
+        "deduplicated"
+    );
+    engine
+        .create_key(&ADMIN, "token-sign", KeyType::Ed25519, limited)
+        .await
+        .unwrap();
+    engine
+        .create_key(&ADMIN, "open", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let api = CryptoApi {
+        engine: Arc::new(engine),
+    };
+    let engine = &api.engine;
+    let encrypt = |who: &str, key: &str| {
+        api.encrypt(as_service(
+            who,
+            pb::EncryptRequest {
+                key_name: key.into(),
+                plaintext: b"secret".to_vec(),
+                associated_data: vec![],
+            },
+        ))
+    };
+    let ct = encrypt("token-svc", "token-wrap")
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    denied(encrypt("assess-svc", "token-wrap").await);
+    denied(
+        api.decrypt(as_service(
+            "assess-svc",
+            pb::DecryptRequest {
+                key_name: "token-wrap".into(),
+                ciphertext: ct.clone(),
+                associated_data: vec![],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.rewrap(as_service(
+            "assess-svc",
+            pb::RewrapRequest {
+                key_name: "token-wrap".into(),
+                ciphertext: ct.clone(),
+                associated_data: vec![],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.generate_data_key(as_service(
+            "assess-svc",
+            pb::GenerateDataKeyRequest {
+                key_name: "token-wrap".into(),
+                ..Default::default()
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.batch_encrypt(as_service(
+            "assess-svc",
+            pb::BatchEncryptRequest {
+                key_name: "token-wrap".into(),
+                items: vec![pb::BatchEncryptItem::default()],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.batch_decrypt(as_service(
+            "assess-svc",
+            pb::BatchDecryptRequest {
+                key_name: "token-wrap".into(),
+                items: vec![pb::BatchDecryptItem {
+                    ciphertext: ct.clone(),
+                    ..Default::default()
+                }],
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.sign(as_service(
+            "assess-svc",
+            pb::SignRequest {
+                key_name: "token-sign".into(),
+                message: b"m".to_vec(),
+            },
+        ))
+        .await,
+    );
+    denied(
+        api.get_public_key(as_service(
+            "assess-svc",
+            pb::GetPublicKeyRequest {
+                key_name: "token-sign".into(),
+                version: 0,
+            },
+        ))
+        .await,
+    );
+    // the allowed service uses everything; unrestricted keys stay open to all services
+    let pt = api
+        .decrypt(as_service(
+            "token-svc",
+            pb::DecryptRequest {
+                key_name: "token-wrap".into(),
+                ciphertext: ct.clone(),
+                associated_data: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pt.plaintext, b"secret");
+    assert!(encrypt("assess-svc", "open").await.is_ok());
+    // the admin keeps management and use
+    assert!(engine.authorize(&ADMIN, "token-wrap").await.is_ok());
+    assert!(
+        api.encrypt({
+            let mut r = tonic::Request::new(pb::EncryptRequest {
+                key_name: "token-wrap".into(),
+                plaintext: b"x".to_vec(),
+                associated_data: vec![],
+            });
+            r.extensions_mut().insert(Caller::Admin);
+            r
+        })
+        .await
+        .is_ok()
+    );
+
+    // validated: count, length, syntax
+    let set = |v: Vec<String>| PolicyUpdate {
+        allowed_services: Some(v),
+        ..Default::default()
+    };
+    for bad in [
+        (0..33).map(|i| format!("svc-{i}")).collect::<Vec<_>>(),
+        vec!["a".repeat(257)],
+        vec![String::new()],
+        vec!["two words".into()],
+        vec!["svc\n".into()],
+    ] {
+        let err = engine
+            .update_policy(&ADMIN, "open", set(bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert_eq!(err.field.as_deref(), Some("allowed_services"));
+    }
+    assert_eq!(
+        code(
+            engine
+                .create_key(
+                    &ADMIN,
+                    "bad-list",
+                    KeyType::Aes256Gcm,
+                    KeyPolicy {
+                        allowed_services: vec!["a b".into()],
+                        ..KeyPolicy::default()
+                    },
+                )
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    let max: Vec<String> = (0..32).map(|i| format!("spiffe://sec/svc-{i}")).collect();
+    engine
+        .update_policy(&ADMIN, "open", set(max))
+        .await
+        .unwrap();
+    denied(encrypt("assess-svc", "open").await);
+
+    // changeable: widening to assess-svc takes effect at once; clearing lifts the limit
+    let k = engine
+        .update_policy(
+            &ADMIN,
+            "token-wrap",
+            set(vec!["token-svc".into(), "assess-svc".into()]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        k.record.policy.allowed_services,
+        ["assess-svc", "token-svc"]
+    );
+    assert!(encrypt("assess-svc", "token-wrap").await.is_ok());
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.subject == "token-wrap"
+                && e.details.get("allowed_services").map(String::as_str)
+                    == Some("assess-svc,token-svc")),
+        "config_updated names the new list"
+    );
+    engine
+        .update_policy(&ADMIN, "token-wrap", set(vec!["token-svc".into()]))
+        .await
+        .unwrap();
+    denied(encrypt("assess-svc", "token-wrap").await);
+
+    // a database writer cannot widen or clear the list: the record MAC covers it
+    raw.exec("UPDATE crypto_keys SET allowed_services = '[]' WHERE name = 'token-wrap'")
+        .await;
+    let s = encrypt("assess-svc", "token-wrap").await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert_eq!(
+        code(engine.get_key("token-wrap").await),
+        ErrorCode::FailedPrecondition
+    );
+    // nor restrict an open key to lock out its users (the MAC changes too)
+    raw.exec(r#"UPDATE crypto_keys SET allowed_services = '["x"]' WHERE name = 'token-sign'"#)
+        .await;
+    assert_eq!(
+        code(engine.get_key("token-sign").await),
+        ErrorCode::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn services_are_limited_per_key_sqlite() {
+    services_are_limited_per_key(false).await;
+}
+
+#[tokio::test]
+async fn services_are_limited_per_key_postgres() {
+    services_are_limited_per_key(true).await;
+}
+
+// ---- bounded nonce use ----------------------------------------------------------------
+
+fn nonce_limits(bound: u64, block: u64) -> Limits {
+    Limits {
+        cache_ttl: Duration::from_millis(0),
+        max_encryptions_per_version: bound,
+        encryption_reservation: block,
+        ..Limits::default()
+    }
+}
+
+/// With a bound of 10, the 11th encryption is under version 2 and old ciphertexts still
+/// decrypt; concurrent encryptions from two engines (replicas) never exceed the bound per
+/// version; a new engine on the same store (a restart) does not reset the count.
+async fn nonce_use_is_bounded(store: Arc<dyn KeyStore>) {
+    let kek = || KekRing::from_bytes(&[1; 32], &[]).unwrap();
+    let (a, events, _) = engine_with(
+        store.clone(),
+        kek(),
+        nonce_limits(10, 4),
+        CryptoMetrics::unregistered(),
+    );
+    for t in [KeyType::Aes256Gcm, KeyType::Chacha20Poly1305] {
+        let name = format!("bounded-{}", t.name());
+        a.create_key(&ADMIN, &name, t, KeyPolicy::default())
+            .await
+            .unwrap();
+        let mut cts = Vec::new();
+        for i in 0..10 {
+            let (ct, v) = a
+                .encrypt(&name, format!("m{i}").as_bytes(), b"")
+                .await
+                .unwrap();
+            assert_eq!(v, 1, "encryption {} is under version 1", i + 1);
+            cts.push(ct);
+        }
+        let (ct, v) = a.encrypt(&name, b"eleventh", b"").await.unwrap();
+        assert_eq!(v, 2, "the 11th encryption rotated the key");
+        for (i, ct) in cts.iter().enumerate() {
+            let (pt, v) = a.decrypt(&ADMIN, &name, ct, b"").await.unwrap();
+            assert_eq!((pt.as_slice(), v), (format!("m{i}").as_bytes(), 1));
+        }
+        assert_eq!(a.decrypt(&ADMIN, &name, &ct, b"").await.unwrap().1, 2);
+        let view = a.get_key(&name).await.unwrap();
+        assert!(view.versions[0].3 >= 10, "GetKey shows the count of v1");
+        assert!(view.versions[1].3 >= 1, "and of v2");
+    }
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.r#type == "sec.crypto.key.rotated"
+                && e.details.get("reason").map(String::as_str) == Some("encryption_bound")),
+        "the automatic rotation is an event with its reason"
+    );
+    // data keys and rewraps draw nonces too
+    a.create_key(&ADMIN, "dk", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let mut last = 0;
+    for _ in 0..10 {
+        last = a.generate_data_key("dk", 32, b"").await.unwrap().2;
+    }
+    assert_eq!(last, 1);
+    let (ct, _) = a.encrypt("dk", b"x", b"").await.unwrap();
+    let (re, v) = a.rewrap(&ADMIN, "dk", &ct, b"").await.unwrap();
+    assert_eq!(v, 2, "rewrap counts");
+    assert!(re.starts_with("sec:v2:"));
+    // deterministic AES-GCM-SIV and RSA do not count
+    a.create_key(&ADMIN, "siv", KeyType::Aes256GcmSiv, KeyPolicy::default())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        assert_eq!(a.encrypt("siv", &[i], b"").await.unwrap().1, 1);
+    }
+
+    // concurrency: two replicas, 60 encryptions at once, at most 10 per version
+    let (b, _, _) = engine_with(
+        store.clone(),
+        kek(),
+        nonce_limits(10, 3),
+        CryptoMetrics::unregistered(),
+    );
+    a.create_key(&ADMIN, "race", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    let results = futures::future::join_all((0..60).map(|i| {
+        let e = if i % 2 == 0 { &a } else { &b };
+        async move { e.encrypt("race", b"x", b"").await }
+    }))
+    .await;
+    let mut per_version = std::collections::BTreeMap::<u32, u32>::new();
+    for r in results {
+        let (ct, v) = r.unwrap();
+        *per_version.entry(v).or_default() += 1;
+        assert_eq!(a.decrypt(&ADMIN, "race", &ct, b"").await.unwrap().1, v);
+    }
+    assert!(
+        per_version.values().all(|n| *n <= 10),
+        "no version exceeds the bound: {per_version:?}"
+    );
+    assert!(per_version.len() >= 6);
+
+    // restart: a new engine continues from the stored count
+    a.create_key(&ADMIN, "restart", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        assert_eq!(a.encrypt("restart", b"x", b"").await.unwrap().1, 1);
+    }
+    drop(a);
+    let (c, _, _) = engine_with(
+        store,
+        kek(),
+        nonce_limits(10, 4),
+        CryptoMetrics::unregistered(),
+    );
+    assert!(c.get_key("restart").await.unwrap().versions[0].3 >= 6);
+    let mut under_v1 = 6;
+    for _ in 0..10 {
+        if c.encrypt("restart", b"x", b"").await.unwrap().1 == 1 {
+            under_v1 += 1;
+        }
+    }
+    assert!(
+        under_v1 <= 10,
+        "the restart did not reset the count: {under_v1}"
+    );
+    assert_eq!(c.get_key("restart").await.unwrap().record.latest_version, 2);
+}
+
+#[tokio::test]
+async fn nonce_use_is_bounded_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    nonce_use_is_bounded(store).await;
+}
+
+#[tokio::test]
+async fn nonce_use_is_bounded_postgres() {
+    if let Some(store) = pg_store().await {
+        nonce_use_is_bounded(store).await;
+    }
 }
 
 // ---- limits apply to decoded sizes ---------------------------------------------------

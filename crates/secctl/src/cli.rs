@@ -78,6 +78,10 @@ pub enum KeyCommand {
         /// Allow `key delete`.
         #[arg(long)]
         deletion_allowed: bool,
+        /// Only this service identity (mTLS identity, or `internal`) may use the key;
+        /// repeat for several. Default: any trusted service.
+        #[arg(long = "allowed-service", value_name = "ID")]
+        allowed_services: Vec<String>,
     },
     /// Every key (follows pages).
     List,
@@ -101,6 +105,15 @@ pub enum KeyCommand {
         deletion_allowed: Option<bool>,
         #[arg(long, value_name = "true|false")]
         exportable: Option<bool>,
+        /// Replace the services that may use the key with these (repeatable).
+        #[arg(long = "allowed-service", value_name = "ID")]
+        allowed_services: Vec<String>,
+        /// Lift the service limit: any trusted service may use the key.
+        #[arg(long, conflicts_with = "allowed_services")]
+        any_service: bool,
+        /// Apply only if the key's policy version (`key get -o json`) is still this.
+        #[arg(long, value_name = "N")]
+        expected_policy_version: Option<u64>,
     },
     /// Delete a key and all its versions (refused unless the key allows deletion).
     Delete { name: String },

@@ -10,7 +10,7 @@ use sec_proto::common::v1::PageRequest;
 use sec_proto::crypto::v1::{
     BackupKeyRequest, CreateKeyRequest, DeleteKeyRequest, GetInstallationKeyRequest, GetKeyRequest,
     GetPublicKeyRequest, Key, KeyConfig, ListKeysRequest, RestoreKeyRequest, RotateKekRequest,
-    RotateKeyRequest, UpdateKeyConfigRequest,
+    RotateKeyRequest, ServiceList, UpdateKeyConfigRequest,
 };
 
 use crate::cli::{KekCommand, KeyCommand};
@@ -30,6 +30,7 @@ pub async fn run(config: &Config, output: Output, cmd: KeyCommand) -> anyhow::Re
             rotation_period,
             exportable,
             deletion_allowed,
+            allowed_services,
         } => {
             let key = c
                 .create_key(CreateKeyRequest {
@@ -39,6 +40,7 @@ pub async fn run(config: &Config, output: Output, cmd: KeyCommand) -> anyhow::Re
                         rotation_period_seconds: rotation_period.unwrap_or(0),
                         exportable,
                         deletion_allowed,
+                        allowed_services,
                         ..Default::default()
                     }),
                 })
@@ -68,7 +70,14 @@ pub async fn run(config: &Config, output: Output, cmd: KeyCommand) -> anyhow::Re
             rotation_period,
             deletion_allowed,
             exportable,
+            allowed_services,
+            any_service,
+            expected_policy_version,
         } => {
+            let allowed_services =
+                (any_service || !allowed_services.is_empty()).then_some(ServiceList {
+                    services: allowed_services,
+                });
             let key = c
                 .update_key_config(UpdateKeyConfigRequest {
                     name,
@@ -77,6 +86,8 @@ pub async fn run(config: &Config, output: Output, cmd: KeyCommand) -> anyhow::Re
                     rotation_period_seconds: rotation_period,
                     deletion_allowed,
                     exportable,
+                    allowed_services,
+                    expected_policy_version,
                 })
                 .await
                 .rpc()?;

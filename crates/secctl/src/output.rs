@@ -47,7 +47,7 @@ pub fn duration(secs: u64) -> String {
 
 /// A key as JSON. Keys carry no secret material, only public keys of asymmetric types.
 pub fn key_json(k: &Key) -> serde_json::Value {
-    let c = k.config.unwrap_or_default();
+    let c = k.config.clone().unwrap_or_default();
     let versions: Vec<_> = k
         .versions
         .iter()
@@ -55,6 +55,7 @@ pub fn key_json(k: &Key) -> serde_json::Value {
             let mut o = serde_json::json!({
                 "version": v.version,
                 "created_at": time(v.created_at.as_ref()),
+                "encryptions": v.encryptions,
             });
             if !v.public_key_pem.is_empty() {
                 o["public_key_pem"] = v.public_key_pem.clone().into();
@@ -71,6 +72,8 @@ pub fn key_json(k: &Key) -> serde_json::Value {
         "rotation_period_seconds": c.rotation_period_seconds,
         "deletion_allowed": c.deletion_allowed,
         "exportable": c.exportable,
+        "allowed_services": c.allowed_services,
+        "policy_version": k.policy_version,
         "operations": k.operations,
         "created_at": time(k.created_at.as_ref()),
         "updated_at": time(k.updated_at.as_ref()),
@@ -90,7 +93,7 @@ pub fn key_table(keys: &[Key]) -> String {
         "NAME", "TYPE", "LATEST", "MIN_DEC", "ROTATION", "EXPORTABLE", "DELETABLE"
     );
     for k in keys {
-        let c = k.config.unwrap_or_default();
+        let c = k.config.clone().unwrap_or_default();
         s.push_str(&format!(
             "{:<32} {:<18} {:>6} {:>7} {:>8} {:<10} {:<9}\n",
             k.name,
@@ -107,7 +110,7 @@ pub fn key_table(keys: &[Key]) -> String {
 
 /// One key, for people: its settings, then each version (with its public key, if any).
 pub fn key_detail(k: &Key) -> String {
-    let c = k.config.unwrap_or_default();
+    let c = k.config.clone().unwrap_or_default();
     let min_enc = match c.min_encryption_version {
         0 => "latest".to_owned(),
         v => v.to_string(),
@@ -122,6 +125,14 @@ pub fn key_detail(k: &Key) -> String {
         ("rotation", duration(c.rotation_period_seconds)),
         ("exportable", yes_no(c.exportable).into()),
         ("deletion allowed", yes_no(c.deletion_allowed).into()),
+        (
+            "services",
+            if c.allowed_services.is_empty() {
+                "any trusted".to_owned()
+            } else {
+                c.allowed_services.join(", ")
+            },
+        ),
         ("operations", k.operations.join(", ")),
         ("created", time(k.created_at.as_ref())),
         ("last rotated", time(k.last_rotated_at.as_ref())),
@@ -206,6 +217,7 @@ mod tests {
                     nanos: 0,
                 }),
                 public_key_pem: pem.into(),
+                encryptions: 0,
             }],
             ..Default::default()
         }

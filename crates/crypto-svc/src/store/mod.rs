@@ -32,6 +32,9 @@ pub struct KeyPolicy {
     pub rotation_period_seconds: u64,
     pub deletion_allowed: bool,
     pub exportable: bool,
+    /// Service identities (mTLS identity, or `internal` for the in-process credential)
+    /// that may use the key; empty: any trusted service. Sorted, without duplicates.
+    pub allowed_services: Vec<String>,
 }
 
 /// A named key (without its versions). `key_type` is the canonical type name
@@ -71,6 +74,9 @@ pub struct VersionRecord {
     pub wrapped: Vec<u8>,
     /// DER SubjectPublicKeyInfo, for asymmetric keys.
     pub public_key: Option<Vec<u8>>,
+    /// Encryptions reserved under this version (random-nonce AEADs): only grows, and
+    /// is reserved before use, so it can over-count (a crash) but never under-count.
+    pub encryptions: u64,
 }
 
 #[async_trait]
@@ -136,6 +142,15 @@ pub trait KeyStore: Send + Sync + 'static {
         new_kek_id: &str,
         wrapped: &[u8],
     ) -> Result<bool, StoreError>;
+    /// Adds `n` to one version's `encryptions` in one atomic statement and returns the
+    /// new total, so the caller owns the uses `total - n .. total` (`NotFound` if the
+    /// version does not exist).
+    async fn reserve_encryptions(
+        &self,
+        name: &str,
+        version: u32,
+        n: u64,
+    ) -> Result<u64, StoreError>;
     /// How many versions are wrapped by each KEK id.
     async fn kek_usage(&self) -> Result<Vec<(String, u64)>, StoreError>;
 }
@@ -179,6 +194,20 @@ pub(crate) fn policy_version_from_db(v: i64) -> Result<u64, StoreError> {
 pub(crate) fn policy_version_to_db(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v)
         .map_err(|_| StoreError::Corrupt(format!("policy_version {v} is too large to store")))
+}
+
+/// `allowed_services` as stored: a JSON array of strings.
+pub(crate) fn services_to_db(services: &[String]) -> String {
+    serde_json::Value::from(services.to_vec()).to_string()
+}
+
+pub(crate) fn services_from_db(s: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(s)
+        .map_err(|_| StoreError::Corrupt("allowed_services is not a JSON array of strings".into()))
+}
+
+pub(crate) fn count_to_db(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Corrupt(format!("count {n} is too large to store")))
 }
 
 pub(crate) fn count_from_db(n: i64) -> Result<u64, StoreError> {
@@ -233,6 +262,7 @@ pub mod contract {
             kek_id: kek.to_owned(),
             wrapped: vec![v as u8, 0, 0xff, 7, 42],
             public_key: None,
+            encryptions: 0,
         }
     }
 
@@ -279,6 +309,7 @@ pub mod contract {
                 rotation_period_seconds: 90 * 24 * 3600,
                 deletion_allowed: true,
                 exportable: true,
+                allowed_services: vec!["internal".into(), "spiffe://sec/token-svc".into()],
             },
             created_at: t0,
             updated_at: t1,
@@ -293,6 +324,7 @@ pub mod contract {
                 kek_id: kek_a.clone(),
                 wrapped: (0..=255).collect(),
                 public_key: Some(vec![0x30, 0x59, 0x30, 0x13, 0x00, 0xff]),
+                encryptions: 5_000_000_000,
             },
             VersionRecord {
                 version: 2,
@@ -300,6 +332,7 @@ pub mod contract {
                 kek_id: kek_b.clone(),
                 wrapped: vec![0],
                 public_key: None,
+                encryptions: 0,
             },
             VersionRecord {
                 version: 4_000_000_000,
@@ -307,6 +340,7 @@ pub mod contract {
                 kek_id: kek_a.clone(),
                 wrapped: vec![1, 2, 3],
                 public_key: Some(Vec::new()),
+                encryptions: 7,
             },
         ];
         assert!(
@@ -320,6 +354,45 @@ pub mod contract {
             vs, full_versions,
             "every version field round-trips, ascending"
         );
+
+        // ---- reserve_encryptions: atomic, per version, persisted
+        assert_eq!(
+            store
+                .reserve_encryptions(&full_name, 2, 4096)
+                .await
+                .unwrap(),
+            4096
+        );
+        assert_eq!(
+            store.reserve_encryptions(&full_name, 1, 1).await.unwrap(),
+            5_000_000_001,
+            "adds to the stored count"
+        );
+        let totals = futures::future::join_all(
+            (0..20).map(|_| store.reserve_encryptions(&full_name, 2, 10)),
+        )
+        .await;
+        let mut totals: Vec<u64> = totals.into_iter().map(|t| t.unwrap()).collect();
+        totals.sort_unstable();
+        assert_eq!(
+            totals,
+            (1..=20).map(|i| 4096 + 10 * i).collect::<Vec<u64>>(),
+            "concurrent reservations get disjoint ranges"
+        );
+        let (_, vs) = store.get(&full_name).await.unwrap().unwrap();
+        assert_eq!(
+            vs.iter().map(|v| v.encryptions).collect::<Vec<_>>(),
+            [5_000_000_001, 4296, 7]
+        );
+        assert!(matches!(
+            store.reserve_encryptions(&full_name, 3, 1).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.reserve_encryptions(&format!("{p}absent"), 1, 1).await,
+            Err(StoreError::NotFound)
+        ));
+        let full_versions: Vec<VersionRecord> = vs;
 
         // versions come back ascending whatever the insertion order
         let rev_name = format!("{p}rev");
@@ -530,6 +603,7 @@ pub mod contract {
             rotation_period_seconds: 3600,
             deletion_allowed: true,
             exportable: false,
+            allowed_services: vec!["token-svc".into()],
         };
         store
             .update_policy(&rot_name, 3, &policy, t3, Some("mac-p"))

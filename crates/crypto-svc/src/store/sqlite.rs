@@ -9,8 +9,9 @@ use sqlx::{Row as _, SqlitePool};
 
 use super::{
     DeleteOutcome, KeyPolicy, KeyRecord, KeyStore, StoreError, VersionRecord, count_from_db,
-    is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
-    policy_version_to_db, time_from_us, time_to_us, version_from_db, version_to_db,
+    count_to_db, is_unique_violation, period_from_db, period_to_db, policy_version_from_db,
+    policy_version_to_db, services_from_db, services_to_db, time_from_us, time_to_us,
+    version_from_db, version_to_db,
 };
 
 #[derive(Debug, Clone)]
@@ -41,6 +42,7 @@ fn key_from(r: &SqliteRow) -> Result<KeyRecord, StoreError> {
             rotation_period_seconds: period_from_db(r.try_get("rotation_period_seconds")?)?,
             deletion_allowed: r.try_get("deletion_allowed")?,
             exportable: r.try_get("exportable")?,
+            allowed_services: services_from_db(&r.try_get::<String, _>("allowed_services")?)?,
         },
         created_at: time_from_us(r.try_get("created_us")?, "created_us")?,
         updated_at: time_from_us(r.try_get("updated_us")?, "updated_us")?,
@@ -62,6 +64,7 @@ fn version_from(r: &SqliteRow) -> Result<Option<VersionRecord>, StoreError> {
         kek_id: r.try_get("v_kek_id")?,
         wrapped: r.try_get("v_wrapped")?,
         public_key: r.try_get("v_public_key")?,
+        encryptions: count_from_db(r.try_get("v_encryptions")?)?,
     }))
 }
 
@@ -74,9 +77,10 @@ impl KeyStore for SqliteKeyStore {
             "INSERT INTO crypto_keys
                (name, key_type, latest_version, min_decryption_version, min_encryption_version,
                 rotation_period_seconds, deletion_allowed, exportable,
-                created_us, updated_us, last_rotated_us, policy_version, record_mac)
+                created_us, updated_us, last_rotated_us, policy_version, record_mac,
+                allowed_services)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
-                     ?12, ?13)",
+                     ?12, ?13, ?14)",
         )
         .bind(&key.name)
         .bind(&key.key_type)
@@ -91,6 +95,7 @@ impl KeyStore for SqliteKeyStore {
         .bind(time_to_us(key.last_rotated_at))
         .bind(policy_version_to_db(key.policy_version)?)
         .bind(key.record_mac.as_deref())
+        .bind(services_to_db(&key.policy.allowed_services))
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -100,8 +105,8 @@ impl KeyStore for SqliteKeyStore {
         for v in versions {
             sqlx::query(
                 "INSERT INTO crypto_key_versions
-                   (key_name, version, created_us, kek_id, wrapped, public_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                   (key_name, version, created_us, kek_id, wrapped, public_key, encryptions)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .bind(&key.name)
             .bind(version_to_db(v.version))
@@ -109,6 +114,7 @@ impl KeyStore for SqliteKeyStore {
             .bind(&v.kek_id)
             .bind(&v.wrapped)
             .bind(v.public_key.as_deref())
+            .bind(count_to_db(v.encryptions)?)
             .execute(&mut *tx)
             .await?;
         }
@@ -121,9 +127,10 @@ impl KeyStore for SqliteKeyStore {
             "SELECT k.name, k.key_type, k.latest_version, k.min_decryption_version,
                     k.min_encryption_version, k.rotation_period_seconds, k.deletion_allowed,
                     k.exportable, k.created_us, k.updated_us, k.last_rotated_us,
-                    k.policy_version, k.record_mac,
+                    k.policy_version, k.record_mac, k.allowed_services,
                     v.version AS v_version, v.created_us AS v_created_us,
-                    v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key
+                    v.kek_id AS v_kek_id, v.wrapped AS v_wrapped, v.public_key AS v_public_key,
+                    v.encryptions AS v_encryptions
              FROM crypto_keys k
              LEFT JOIN crypto_key_versions v ON v.key_name = k.name
              WHERE k.name = ?1
@@ -148,7 +155,7 @@ impl KeyStore for SqliteKeyStore {
             "SELECT name, key_type, latest_version, min_decryption_version,
                     min_encryption_version, rotation_period_seconds, deletion_allowed,
                     exportable, created_us, updated_us, last_rotated_us, policy_version,
-                    record_mac
+                    record_mac, allowed_services
              FROM crypto_keys
              WHERE (?1 IS NULL OR name > ?1)
              ORDER BY name
@@ -204,8 +211,8 @@ impl KeyStore for SqliteKeyStore {
         }
         let inserted = sqlx::query(
             "INSERT INTO crypto_key_versions
-               (key_name, version, created_us, kek_id, wrapped, public_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+               (key_name, version, created_us, kek_id, wrapped, public_key, encryptions)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .bind(name)
         .bind(version_to_db(version.version))
@@ -213,6 +220,7 @@ impl KeyStore for SqliteKeyStore {
         .bind(&version.kek_id)
         .bind(&version.wrapped)
         .bind(version.public_key.as_deref())
+        .bind(count_to_db(version.encryptions)?)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -238,7 +246,8 @@ impl KeyStore for SqliteKeyStore {
             "UPDATE crypto_keys
              SET min_decryption_version = ?1, min_encryption_version = ?2,
                  rotation_period_seconds = ?3, deletion_allowed = ?4, exportable = ?5,
-                 updated_us = ?6, policy_version = policy_version + 1, record_mac = ?7
+                 updated_us = ?6, policy_version = policy_version + 1, record_mac = ?7,
+                 allowed_services = ?10
              WHERE name = ?8 AND policy_version = ?9",
         )
         .bind(version_to_db(policy.min_decryption_version))
@@ -250,6 +259,7 @@ impl KeyStore for SqliteKeyStore {
         .bind(mac)
         .bind(name)
         .bind(policy_version_to_db(expected_policy_version)?)
+        .bind(services_to_db(&policy.allowed_services))
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() > 0 {
@@ -339,7 +349,8 @@ impl KeyStore for SqliteKeyStore {
     ) -> Result<Vec<(String, VersionRecord)>, StoreError> {
         let rows = sqlx::query(
             "SELECT key_name, version AS v_version, created_us AS v_created_us,
-                    kek_id AS v_kek_id, wrapped AS v_wrapped, public_key AS v_public_key
+                    kek_id AS v_kek_id, wrapped AS v_wrapped, public_key AS v_public_key,
+                    encryptions AS v_encryptions
              FROM crypto_key_versions
              WHERE kek_id <> ?1 OR substr(wrapped, 1, length(?3)) <> ?3
              ORDER BY key_name, version
@@ -381,6 +392,26 @@ impl KeyStore for SqliteKeyStore {
         .execute(&self.pool)
         .await?;
         Ok(updated.rows_affected() > 0)
+    }
+
+    async fn reserve_encryptions(
+        &self,
+        name: &str,
+        version: u32,
+        n: u64,
+    ) -> Result<u64, StoreError> {
+        // One atomic statement: concurrent reservations (any replica) get disjoint ranges.
+        let total: Option<i64> = sqlx::query_scalar(
+            "UPDATE crypto_key_versions SET encryptions = encryptions + ?1
+             WHERE key_name = ?2 AND version = ?3
+             RETURNING encryptions",
+        )
+        .bind(count_to_db(n)?)
+        .bind(name)
+        .bind(version_to_db(version))
+        .fetch_optional(&self.pool)
+        .await?;
+        count_from_db(total.ok_or(StoreError::NotFound)?)
     }
 
     async fn kek_usage(&self) -> Result<Vec<(String, u64)>, StoreError> {
