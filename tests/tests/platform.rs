@@ -197,12 +197,24 @@ async fn platform_end_to_end(backends: Backends) {
         .iter()
         .map(|(s, _)| format!("sec.{s}.service.stopped"))
         .collect();
-    let events = wait_for_types(&tp, &stopped).await;
-    let starts = events
-        .iter()
-        .filter(|e| e.r#type == "sec.crypto.service.started")
-        .count();
-    assert!(starts >= 2, "both starts recorded");
+    // The first run's stopped events are there at once; the second start may still be on
+    // its way through the bus, so wait for it rather than racing it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let events = wait_for_types(&tp, &stopped).await;
+        let starts = events
+            .iter()
+            .filter(|e| e.r#type == "sec.crypto.service.started")
+            .count();
+        if starts >= 2 {
+            break events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both starts recorded (have {starts})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let newest = events
         .iter()
         .find(|e| e.r#type == "sec.crypto.service.started")
