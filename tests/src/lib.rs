@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 
 use crypto_svc::CryptoConfig;
-use sec_common::auth::{Authenticator, generate_token, hash_token};
+use sec_common::auth::{Authenticator, ServiceCredentials, generate_token, hash_token};
 use sec_common::config::{Config, Secret};
 use sec_common::grpc::{BearerToken, channel};
 use sec_common::service::Platform;
@@ -157,14 +157,18 @@ impl TestPlatform {
         }
         let http = config.facade.http_addr;
         let service_token = generate_token()?;
-        let auth = Authenticator::from_config(&config)?.with_service_token(&service_token);
+        let credentials = ServiceCredentials::generate(secd::SERVICES.iter().map(|s| s.name))?;
+        let auth = Authenticator::from_config(&config)?
+            .with_service_token(&service_token)
+            .with_service_credentials(&credentials);
         let platform = Platform::connect(
             config.clone(),
             auth,
             sec_common::clock::system(),
             "sec-tests",
         )
-        .await?;
+        .await?
+        .with_credentials(credentials);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(secd::run_all(platform.clone(), listeners, shutdown.clone()));
         let tp = Self {
@@ -218,6 +222,12 @@ impl TestPlatform {
             .get(service)
             .with_context(|| format!("no service `{service}`"))?;
         channel(&format!("http://{addr}"), &self.config.tls)
+    }
+
+    /// An interceptor sending the in-process credential of service `name` (a call as
+    /// that service, e.g. `token`).
+    pub fn as_service(&self, name: &str) -> BearerToken {
+        BearerToken::new(self.platform.credential(name)).unwrap()
     }
 
     /// An interceptor sending the admin token.

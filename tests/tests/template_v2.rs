@@ -118,3 +118,45 @@ async fn a_flood_of_random_key_names_adds_no_metric_series() {
     }
     tp.stop().await.0.unwrap();
 }
+
+/// Inside one process each service has its own credential and authenticates as itself,
+/// so a key limited to token-svc is refused to assess-svc there too.
+#[tokio::test]
+async fn in_process_services_authenticate_as_themselves() {
+    use sec_proto::crypto::v1::{CreateKeyRequest, KeyConfig, KeyType};
+    let tp = TestPlatform::start(Backends::Embedded).await.unwrap();
+    let mut admin = CryptoServiceClient::with_interceptor(
+        tp.channel("crypto"),
+        BearerToken::new(Some(&tp.token)).unwrap(),
+    );
+    admin
+        .create_key(CreateKeyRequest {
+            name: "token-signing-wrap".into(),
+            r#type: KeyType::Aes256Gcm as i32,
+            config: Some(KeyConfig {
+                allowed_services: vec!["token".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let encrypt = || EncryptRequest {
+        key_name: "token-signing-wrap".into(),
+        plaintext: b"signing key".to_vec(),
+        associated_data: vec![],
+    };
+    let mut as_token =
+        CryptoServiceClient::with_interceptor(tp.channel("crypto"), tp.as_service("token"));
+    as_token.encrypt(encrypt()).await.unwrap();
+    let mut as_assess =
+        CryptoServiceClient::with_interceptor(tp.channel("crypto"), tp.as_service("assess"));
+    let err = as_assess.encrypt(encrypt()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Neither may manage keys: that stays the admin's.
+    let err = as_token
+        .list_keys(ListKeysRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    tp.stop().await.0.unwrap();
+}

@@ -338,7 +338,8 @@ enum AdminCheck {
 /// Decides who a caller is. Shared by every service in a process.
 pub struct Authenticator {
     admin: AdminCheck,
-    service_digest: Option<[u8; 32]>,
+    /// In-process service credentials: digest → the service's name.
+    service_digests: Vec<([u8; 32], String)>,
     trusted_peers: Vec<String>,
     legacy_slot: tokio::sync::Semaphore,
 }
@@ -389,16 +390,30 @@ impl Authenticator {
         };
         Ok(Self {
             admin,
-            service_digest: None,
+            service_digests: Vec::new(),
             trusted_peers: cfg.auth.trusted_peers.clone(),
             legacy_slot: tokio::sync::Semaphore::new(1),
         })
     }
 
-    /// Also accept `token` as the in-process service credential.
-    pub fn with_service_token(mut self, token: &str) -> Self {
-        self.service_digest = Some(sha256(token.as_bytes()));
+    /// Also accept `token` as a service credential of no particular service (`internal`).
+    pub fn with_service_token(self, token: &str) -> Self {
+        self.with_service_credential("internal", token)
+    }
+
+    /// Also accept `token` as the in-process credential of service `name`: its calls
+    /// authenticate as `Caller::Service(name)`, as an mTLS identity would.
+    pub fn with_service_credential(mut self, name: &str, token: &str) -> Self {
+        self.service_digests
+            .push((sha256(token.as_bytes()), name.to_owned()));
         self
+    }
+
+    /// Accepts every credential of `creds`.
+    pub fn with_service_credentials(self, creds: &ServiceCredentials) -> Self {
+        creds.0.iter().fold(self, |a, (name, token)| {
+            a.with_service_credential(name, token)
+        })
     }
 
     /// Authenticates a bearer token (gRPC metadata or HTTP `Authorization` header). Costs
@@ -407,7 +422,12 @@ impl Authenticator {
         let invalid = || Error::new(ErrorCode::Unauthenticated, "invalid credentials");
         let digest = sha256(token.as_bytes());
         // Compare against every credential so timing does not tell which one matched.
-        let service = self.service_digest.is_some_and(|s| ct_eq(&s, &digest));
+        let mut service = None;
+        for (d, name) in &self.service_digests {
+            if ct_eq(d, &digest) {
+                service = Some(name);
+            }
+        }
         let admin = match &self.admin {
             AdminCheck::None => false,
             AdminCheck::Digest(d) => ct_eq(d, &digest),
@@ -430,12 +450,10 @@ impl Authenticator {
                 }
             }
         };
-        if admin {
-            Ok(Caller::Admin)
-        } else if service {
-            Ok(Caller::Service("internal".into()))
-        } else {
-            Err(invalid())
+        match (admin, service) {
+            (true, _) => Ok(Caller::Admin),
+            (false, Some(name)) => Ok(Caller::Service(name.clone())),
+            (false, None) => Err(invalid()),
         }
     }
 
@@ -495,6 +513,34 @@ impl Authenticator {
     ) -> Result<Caller, Error> {
         let auth = metadata.get("authorization").and_then(|v| v.to_str().ok());
         self.authenticate(auth, peer).await
+    }
+}
+
+/// The credentials services in one process (`secd`, the test harness) use to call each
+/// other: one fresh 256-bit token per service, living only as long as the process, so a
+/// call from token-svc to crypto-svc authenticates as `token` without mTLS.
+#[derive(Clone, Default)]
+pub struct ServiceCredentials(std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for ServiceCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl ServiceCredentials {
+    /// A fresh credential for each of `names`.
+    pub fn generate<'a>(names: impl IntoIterator<Item = &'a str>) -> anyhow::Result<Self> {
+        let mut m = std::collections::BTreeMap::new();
+        for n in names {
+            m.insert(n.to_owned(), generate_token()?);
+        }
+        Ok(Self(m))
+    }
+
+    /// The token service `name` sends (`authorization: Bearer …`) when it calls another.
+    pub fn token(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
     }
 }
 
@@ -699,6 +745,26 @@ mod tests {
             auth.authenticate(None, None).await.unwrap(),
             Caller::Anonymous
         );
+    }
+
+    #[tokio::test]
+    async fn each_in_process_service_authenticates_as_itself() {
+        let creds = ServiceCredentials::generate(["token", "assess"]).unwrap();
+        let (auth, _) = auth_with_token();
+        let auth = Arc::try_unwrap(auth)
+            .unwrap()
+            .with_service_credentials(&creds);
+        for name in ["token", "assess"] {
+            let t = creds.token(name).unwrap();
+            assert_eq!(
+                auth.authenticate(Some(&format!("Bearer {t}")), None)
+                    .await
+                    .unwrap(),
+                Caller::Service(name.into())
+            );
+        }
+        assert_ne!(creds.token("token"), creds.token("assess"));
+        assert!(!format!("{creds:?}").contains(creds.token("token").unwrap()));
     }
 
     #[tokio::test]

@@ -35,6 +35,9 @@ pub struct Platform {
     pub clock: SharedClock,
     pub events: EventBus,
     pub auth: Arc<Authenticator>,
+    /// In-process credentials of the services in this process (empty for a standalone
+    /// binary, whose calls authenticate with mTLS).
+    pub credentials: crate::auth::ServiceCredentials,
 }
 
 impl std::fmt::Debug for Platform {
@@ -78,6 +81,7 @@ impl Platform {
             clock,
             events,
             auth: Arc::new(auth),
+            credentials: crate::auth::ServiceCredentials::default(),
         })
     }
 
@@ -87,6 +91,18 @@ impl Platform {
         if let Err(e) = self.events.publish(event) {
             tracing::error!(error = %e, "security event not accepted by the bus");
         }
+    }
+
+    /// Shares in-process service credentials (the authenticator must accept them too:
+    /// `Authenticator::with_service_credentials`).
+    pub fn with_credentials(mut self, credentials: crate::auth::ServiceCredentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The bearer token service `name` sends to the services of this process, if any.
+    pub fn credential(&self, name: &str) -> Option<&str> {
+        self.credentials.token(name)
     }
 
     /// The addresses of `service` (this one, or a peer it calls) from the configuration.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sec_common::auth::{Authenticator, Bootstrap, ensure_bootstrap_token, generate_token};
+use sec_common::auth::{Authenticator, Bootstrap, ServiceCredentials, ensure_bootstrap_token};
 use sec_common::config::{Config, ProcessEnv};
 use sec_common::service::{EXIT_BAD_CONFIG, Platform};
 use secd::SERVICES;
@@ -131,11 +131,12 @@ async fn dev(mut config: Config, bootstrap: Option<Bootstrap>) -> anyhow::Result
     }
     // Services in this process authenticate to each other with a credential that lives
     // only as long as the process.
-    let service_token = generate_token()?;
-    let auth = Authenticator::from_config(&config)?.with_service_token(&service_token);
+    let credentials = ServiceCredentials::generate(SERVICES.iter().map(|s| s.name))?;
+    let auth = Authenticator::from_config(&config)?.with_service_credentials(&credentials);
     let listeners = secd::bind_all(&mut config).await?;
-    let platform =
-        Platform::connect(config.clone(), auth, sec_common::clock::system(), "secd").await?;
+    let platform = Platform::connect(config.clone(), auth, sec_common::clock::system(), "secd")
+        .await?
+        .with_credentials(credentials);
     print_banner(
         &config,
         &listeners,
