@@ -218,6 +218,7 @@ fn key_json(k: &Key) -> serde_json::Value {
         "rotation_period_seconds": c.rotation_period_seconds,
         "deletion_allowed": c.deletion_allowed,
         "exportable": c.exportable,
+        "integrity_failed": k.integrity_failed,
         "created_at": rfc3339(k.created_at.as_ref()),
         "last_rotated_at": rfc3339(k.last_rotated_at.as_ref()),
         "versions": versions,

@@ -43,6 +43,8 @@ pub struct KeyView {
     pub record: KeyRecord,
     pub key_type: KeyType,
     pub versions: Vec<VersionView>,
+    /// Listings only: the record failed its MAC check (its public keys are withheld).
+    pub integrity_failed: bool,
 }
 
 struct CachedKey {
@@ -778,6 +780,7 @@ impl Engine {
                 .map(|v| (v.version, v.created_at, v.public_key.clone(), v.encryptions))
                 .collect(),
             record,
+            integrity_failed: false,
         })
     }
 
@@ -861,7 +864,21 @@ impl Engine {
         for r in records.into_iter().take(limit as usize) {
             // A key deleted between list and get simply drops out of the page.
             if let Some((record, versions)) = self.store.get(&r.name).await.map_err(store_err)? {
-                out.push(Self::view(record, &versions)?);
+                // A tampered record is listed, flagged, with nothing from it an operator
+                // could act on (public keys); the check also raises the event.
+                let failed = self.check_record(&record).is_err();
+                let mut view = match Self::view(record, &versions) {
+                    Ok(v) => v,
+                    Err(_) if failed => continue,
+                    Err(e) => return Err(e),
+                };
+                if failed {
+                    view.integrity_failed = true;
+                    for v in &mut view.versions {
+                        v.2 = None;
+                    }
+                }
+                out.push(view);
             }
         }
         let next = if more {

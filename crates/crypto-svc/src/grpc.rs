@@ -83,6 +83,7 @@ pub fn key_to_proto(k: KeyView) -> pb::Key {
         created_at: Some(to_timestamp(k.record.created_at)),
         updated_at: Some(to_timestamp(k.record.updated_at)),
         last_rotated_at: Some(to_timestamp(k.record.last_rotated_at)),
+        integrity_failed: k.integrity_failed,
         operations: k
             .key_type
             .operations()

@@ -1879,6 +1879,25 @@ async fn tampering_is_detected(pg: bool) {
             "{key} stays refused after a KEK rotation"
         );
     }
+
+    // Listings flag a tampered record and withhold its public keys; others are untouched.
+    let (listed, _) = new.list_keys(None, 100).await.unwrap();
+    let flag = |n: &str| {
+        let k = listed
+            .iter()
+            .find(|k| k.record.name == n)
+            .unwrap_or_else(|| panic!("{n} is still listed"));
+        (k.integrity_failed, k.versions.iter().all(|v| v.2.is_none()))
+    };
+    for n in ["t-exp", "t-min", "t-type"] {
+        assert_eq!(flag(n), (true, true), "{n}");
+    }
+    assert!(!flag("t-ok").0);
+    assert_eq!(
+        flag("t-pub2"),
+        (false, false),
+        "an intact key keeps its public key"
+    );
 }
 
 #[tokio::test]

@@ -74,6 +74,7 @@ pub fn key_json(k: &Key) -> serde_json::Value {
         "exportable": c.exportable,
         "allowed_services": c.allowed_services,
         "policy_version": k.policy_version,
+        "integrity_failed": k.integrity_failed,
         "operations": k.operations,
         "created_at": time(k.created_at.as_ref()),
         "updated_at": time(k.updated_at.as_ref()),
@@ -134,6 +135,14 @@ pub fn key_detail(k: &Key) -> String {
             },
         ),
         ("operations", k.operations.join(", ")),
+        (
+            "integrity",
+            if k.integrity_failed {
+                "FAILED (record tampered: every operation is refused)".to_owned()
+            } else {
+                "ok".to_owned()
+            },
+        ),
         ("created", time(k.created_at.as_ref())),
         ("last rotated", time(k.last_rotated_at.as_ref())),
     ] {
