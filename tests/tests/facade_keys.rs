@@ -154,6 +154,7 @@ async fn security_keys_lists_public_parts_for_admins_only() {
             "created_at",
             "deletion_allowed",
             "exportable",
+            "integrity_failed",
             "last_rotated_at",
             "latest_version",
             "min_decryption_version",

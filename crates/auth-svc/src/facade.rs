@@ -274,10 +274,11 @@ mod tests {
         );
         assert!(j["versions"][1].get("public_key_pem").is_none());
         assert!(j["last_rotated_at"].is_null());
+        assert_eq!(j["integrity_failed"], false);
         let fields: Vec<_> = j.as_object().unwrap().keys().cloned().collect();
         assert_eq!(
             fields.len(),
-            11,
+            12,
             "only the documented fields are published: {fields:?}"
         );
     }
