@@ -68,12 +68,13 @@ pub async fn run(
         let wait = if draining {
             Duration::from_millis(200)
         } else {
-            Duration::from_secs(1)
+            Duration::from_millis(500)
         };
-        let fetched = tokio::select! {
-            r = bus.fetch(BATCH, wait) => r,
-            _ = stop.cancelled(), if !draining => continue,
-        };
+        // Never abandon a fetch in flight: with JetStream the server may already have
+        // handed messages to it, and a dropped fetch leaves them unacknowledged until the
+        // consumer's ack wait (30 s) redelivers them. A stop is seen at the next turn, at
+        // most `wait` later.
+        let fetched = bus.fetch(BATCH, wait).await;
         let deliveries = match fetched {
             Ok(d) if d.is_empty() => {
                 if draining {
