@@ -786,30 +786,18 @@ impl Engine {
 
     // ---- key management -------------------------------------------------------------
 
-    pub async fn create_key(
+    /// The rows of a new key: its record (MACed) and version 1, its material wrapped.
+    fn first_version(
         &self,
-        who: &Caller,
         name: &str,
         key_type: KeyType,
         policy: KeyPolicy,
-    ) -> Result<KeyView, Error> {
-        validate_name(name, "name")?;
-        check_rotation_period(
-            "config.rotation_period_seconds",
-            policy.rotation_period_seconds,
-        )?;
-        let mut policy = policy;
-        policy.allowed_services = validate_services(std::mem::take(&mut policy.allowed_services))?;
-        if policy.min_decryption_version > 1 || policy.min_encryption_version > 1 {
-            return Err(Error::invalid("config", "a new key has only version 1"));
-        }
-        let material =
-            generate(key_type).map_err(|e| Error::internal("key generation failed", &e))?;
-        let loaded = Loaded::load(key_type, &material)
-            .map_err(|e| Error::internal("new key does not load", &e))?;
+        material: &[u8],
+        loaded: &Loaded,
+    ) -> Result<(KeyRecord, VersionRecord), Error> {
         let (kek_id, wrapped) = self
             .kek
-            .wrap(key_type.name(), name, 1, &material)
+            .wrap(key_type.name(), name, 1, material)
             .map_err(|e| Error::internal("wrapping failed", &e))?;
         let now = micros(self.clock.now());
         let mut record = KeyRecord {
@@ -832,6 +820,31 @@ impl Engine {
             public_key: loaded.public_der.clone(),
             encryptions: 0,
         };
+        Ok((record, version))
+    }
+
+    pub async fn create_key(
+        &self,
+        who: &Caller,
+        name: &str,
+        key_type: KeyType,
+        policy: KeyPolicy,
+    ) -> Result<KeyView, Error> {
+        validate_name(name, "name")?;
+        check_rotation_period(
+            "config.rotation_period_seconds",
+            policy.rotation_period_seconds,
+        )?;
+        let mut policy = policy;
+        policy.allowed_services = validate_services(std::mem::take(&mut policy.allowed_services))?;
+        if policy.min_decryption_version > 1 || policy.min_encryption_version > 1 {
+            return Err(Error::invalid("config", "a new key has only version 1"));
+        }
+        let material =
+            generate(key_type).map_err(|e| Error::internal("key generation failed", &e))?;
+        let loaded = Loaded::load(key_type, &material)
+            .map_err(|e| Error::internal("new key does not load", &e))?;
+        let (record, version) = self.first_version(name, key_type, policy, &material, &loaded)?;
         self.store
             .insert(&record, std::slice::from_ref(&version))
             .await
@@ -1622,31 +1635,13 @@ impl Engine {
                 .map_err(|e| Error::internal("key generation failed", &e))?;
             let loaded = Loaded::load(KeyType::Ed25519, &material)
                 .map_err(|e| Error::internal("new key does not load", &e))?;
-            let (kek_id, wrapped) = self
-                .kek
-                .wrap(KeyType::Ed25519.name(), INSTALLATION_KEY, 1, &material)
-                .map_err(|e| Error::internal("wrapping failed", &e))?;
-            let now = micros(self.clock.now());
-            let mut record = KeyRecord {
-                name: INSTALLATION_KEY.to_owned(),
-                key_type: KeyType::Ed25519.name().to_owned(),
-                latest_version: 1,
-                policy: KeyPolicy::default(),
-                created_at: now,
-                updated_at: now,
-                last_rotated_at: now,
-                policy_version: 1,
-                record_mac: None,
-            };
-            record.record_mac = Some(self.mac_of(&record));
-            let version = VersionRecord {
-                version: 1,
-                created_at: now,
-                kek_id,
-                wrapped,
-                public_key: loaded.public_der.clone(),
-                encryptions: 0,
-            };
+            let (record, version) = self.first_version(
+                INSTALLATION_KEY,
+                KeyType::Ed25519,
+                KeyPolicy::default(),
+                &material,
+                &loaded,
+            )?;
             match self.store.insert(&record, &[version]).await {
                 Ok(()) => {
                     tracing::info!("installation signing key created");
