@@ -3,6 +3,10 @@
 //! The plumbing is real (storage, migrations, health, admin endpoints, events, drain);
 //! the RPCs arrive with this service's own issue.
 
+pub mod config;
+pub mod keys;
+pub mod store;
+
 use sec_common::auth::{Access, AccessTable};
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
