@@ -4,6 +4,7 @@
 //! the RPCs arrive with this service's own issue.
 
 pub mod config;
+pub mod engine;
 pub mod keys;
 pub mod store;
 
