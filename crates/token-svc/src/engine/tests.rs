@@ -364,8 +364,13 @@ async fn every_bad_token_gets_its_reason() {
         Some(Reason::Malformed),
         "no alg"
     );
-    assert_eq!(
+    // Truncated: in the signature's base64 (malformed or a short signature), or mid-way.
+    assert!(matches!(
         reason(&e, &t[..t.len() - 4]).await,
+        Some(Reason::Malformed | Reason::BadSignature)
+    ));
+    assert_eq!(
+        reason(&e, &forge(&h, &c, &sig[..63])).await,
         Some(Reason::BadSignature)
     );
     assert_eq!(reason(&e, &t[..t.len() / 2]).await, Some(Reason::Malformed));
