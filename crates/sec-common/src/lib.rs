@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod fsutil;
 pub mod grpc;
+pub mod jwt;
 pub mod password;
 pub mod secret;
 pub mod service;
