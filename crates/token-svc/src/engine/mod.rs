@@ -186,7 +186,8 @@ impl KeyInfo {
 
 /// The keys as last loaded from the store.
 struct Ring {
-    keys: HashMap<String, Arc<KeyInfo>>,
+    /// The same keys for the shared verification core, each bound to its algorithm.
+    keyset: sec_common::jwt::KeySet,
     current: Option<(Arc<KeyInfo>, Arc<Signer>)>,
     jwks_json: String,
 }
@@ -278,7 +279,7 @@ impl Engine {
             default_alg,
             metrics,
             ring: RwLock::new(Arc::new(Ring {
-                keys: HashMap::new(),
+                keyset: sec_common::jwt::KeySet::new(),
                 current: None,
                 jwks_json: "{\"keys\":[]}".into(),
             })),
@@ -469,7 +470,7 @@ impl Engine {
     /// Reloads the keys from the store: another replica's rotation is seen here.
     pub async fn reload_ring(&self) -> Result<(), TokenError> {
         let rows = self.store.keys().await.map_err(db)?;
-        let mut keys = HashMap::new();
+        let mut keyset = sec_common::jwt::KeySet::new();
         let mut current = None;
         let mut jwks = Vec::new();
         for row in &rows {
@@ -483,11 +484,26 @@ impl Engine {
             {
                 jwks.push(v);
             }
+            let vk = match serde_json::from_str::<Value>(&row.public_jwk) {
+                Ok(Value::Object(m)) => sec_common::jwt::VerifyingKey::from_jwk(&m).ok(),
+                _ => None,
+            };
+            match vk {
+                Some(vk) => {
+                    use sec_common::jwt::KeyState as S;
+                    let state = match row.state {
+                        KeyState::Retired => S::Retired,
+                        KeyState::Revoked => S::Revoked,
+                        _ => S::Active,
+                    };
+                    keyset.insert(&row.kid, vk, state);
+                }
+                None => tracing::error!(kid = %row.kid, "stored public key does not parse"),
+            }
             if row.state == KeyState::Current {
                 let signer = self.signer_for(row, info.alg).await?;
                 current = Some((info.clone(), signer));
             }
-            keys.insert(row.kid.clone(), info);
         }
         let jwks_json = serde_json::json!({ "keys": jwks }).to_string();
         {
@@ -501,7 +517,7 @@ impl Engine {
                 .map(|r| r.kid.clone()),
         );
         *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Ring {
-            keys,
+            keyset,
             current,
             jwks_json,
         });

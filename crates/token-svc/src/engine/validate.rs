@@ -1,15 +1,12 @@
-//! ValidateToken: every check of a JWT this service issued, each failure mapped to one
-//! reason of a closed set. The size limit is checked before anything is parsed; the
-//! algorithm is the key's own (bound when the key was made), never the header's choice.
+//! ValidateToken: the shared core `sec_common::jwt::verify` (size limit before parsing,
+//! alg allow-list, the key's bound algorithm, signature, typ, iss, aud, exp/nbf/iat with
+//! skew) over this service's key set, then the revocation replica. Each failure is one
+//! reason of a closed set.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::{Engine, secs};
-use crate::keys::{self, Alg};
-use crate::store::KeyState;
 
 /// Why a token is not valid (mirrors `sec.token.v1.InvalidReason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +28,28 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The shared core's reason (`sec_common::jwt`), one to one.
+    pub fn from_core(r: sec_common::jwt::InvalidReason) -> Self {
+        use sec_common::jwt::InvalidReason as C;
+        match r {
+            C::Malformed => Reason::Malformed,
+            C::Oversized => Reason::Oversized,
+            C::UnsupportedAlg => Reason::UnsupportedAlg,
+            C::UnknownKey => Reason::UnknownKey,
+            C::KeyRetired => Reason::KeyRetired,
+            C::KeyRevoked => Reason::KeyRevoked,
+            C::AlgMismatch => Reason::AlgMismatch,
+            C::BadSignature => Reason::BadSignature,
+            C::WrongType => Reason::WrongType,
+            C::WrongIssuer => Reason::WrongIssuer,
+            C::WrongAudience => Reason::WrongAudience,
+            C::Expired => Reason::Expired,
+            C::NotYetValid => Reason::NotYetValid,
+            // Local verifiers only; this service's view is the store itself.
+            C::Revoked | C::VerifierStale => Reason::Revoked,
+        }
+    }
+
     /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,24 +90,6 @@ pub struct Validated {
     pub kid: String,
 }
 
-fn b64_json(part: &str) -> Result<Map<String, Value>, Reason> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| Reason::Malformed)?;
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(m)) => Ok(m),
-        _ => Err(Reason::Malformed),
-    }
-}
-
-fn str_claim<'a>(m: &'a Map<String, Value>, k: &str) -> Result<&'a str, Reason> {
-    m.get(k).and_then(Value::as_str).ok_or(Reason::Malformed)
-}
-
-fn int_claim(m: &Map<String, Value>, k: &str) -> Result<i64, Reason> {
-    m.get(k).and_then(Value::as_i64).ok_or(Reason::Malformed)
-}
-
 impl Engine {
     /// Checks `token`; `audience` None means the configured default audience (for ID
     /// tokens the audience is the client id and must be given).
@@ -125,130 +126,79 @@ impl Engine {
         kind: Kind,
         audience: Option<&str>,
     ) -> Result<Validated, Reason> {
+        use sec_common::jwt::{self, TokenType};
         if token.len() > self.cfg.max_token_bytes {
             return Err(Reason::Oversized);
         }
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(Reason::Malformed);
-        };
-        let header = b64_json(h)?;
-        let alg = header
-            .get("alg")
-            .and_then(Value::as_str)
-            .ok_or(Reason::Malformed)?;
-        let alg = Alg::parse(alg).ok_or(Reason::UnsupportedAlg)?;
-        let kid = header
-            .get("kid")
-            .and_then(Value::as_str)
-            .ok_or(Reason::UnknownKey)?;
-        let key = match self.ring().keys.get(kid) {
-            Some(k) => k.clone(),
-            None => {
-                self.reload_for_unknown_kid().await;
-                self.ring()
-                    .keys
-                    .get(kid)
-                    .cloned()
-                    .ok_or(Reason::UnknownKey)?
+        let (typ, audience) = match kind {
+            Kind::Access => (TokenType::Access, audience.filter(|a| !a.is_empty())),
+            Kind::Id => (TokenType::Id, audience.filter(|a| !a.is_empty())),
+            // RevokeToken with a whole token: its own type and audience, but the
+            // signature, issuer and times are checked all the same.
+            Kind::Any => {
+                let (h, c) = jwt::decode_unverified(token, self.cfg.max_token_bytes)
+                    .map_err(Reason::from_core)?;
+                let at = h.get("typ").and_then(Value::as_str).is_some_and(|t| {
+                    t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
+                });
+                let aud = match c.get("aud") {
+                    Some(Value::String(a)) => Some(a.clone()),
+                    Some(Value::Array(v)) => v.first().and_then(Value::as_str).map(str::to_owned),
+                    _ => None,
+                };
+                let typ = if at { TokenType::Access } else { TokenType::Id };
+                return self.check_with(token, typ, aud.as_deref()).await;
             }
         };
-        match key.state {
-            KeyState::Retired => return Err(Reason::KeyRetired),
-            KeyState::Revoked => return Err(Reason::KeyRevoked),
-            _ => {}
-        }
-        if key.alg != alg {
-            return Err(Reason::AlgMismatch);
-        }
-        let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| Reason::Malformed)?;
-        let signing_input = &token[..h.len() + 1 + p.len()];
-        if !keys::verify(key.alg, &key.public_key, signing_input.as_bytes(), &sig) {
-            return Err(Reason::BadSignature);
-        }
-        let claims = b64_json(p)?;
-        let typ = header.get("typ").and_then(Value::as_str).unwrap_or("");
-        let is_access =
-            typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt");
-        let is_id = typ == "JWT";
-        let type_ok = match kind {
-            Kind::Access => is_access,
-            Kind::Id => is_id,
-            Kind::Any => is_access || is_id,
+        self.check_with(token, typ, audience).await
+    }
+
+    async fn check_with(
+        &self,
+        token: &str,
+        typ: sec_common::jwt::TokenType,
+        audience: Option<&str>,
+    ) -> Result<Validated, Reason> {
+        use sec_common::jwt::{self, Expectations, InvalidReason};
+        let expect = Expectations {
+            issuer: self.cfg.issuer.clone(),
+            audience: audience.unwrap_or(&self.cfg.default_audience).to_owned(),
+            typ,
+            skew: std::time::Duration::from_secs(self.cfg.skew_seconds),
+            max_token_bytes: self.cfg.max_token_bytes,
         };
-        if !type_ok {
-            return Err(Reason::WrongType);
+        let now = self.clock.now();
+        let mut r = jwt::verify(token, &self.ring().keyset, &expect, now);
+        if matches!(r, Err(InvalidReason::UnknownKey)) && self.reload_for_unknown_kid().await {
+            r = jwt::verify(token, &self.ring().keyset, &expect, now);
         }
-        let iss = str_claim(&claims, "iss")?;
-        let sub = str_claim(&claims, "sub")?.to_owned();
-        let exp = int_claim(&claims, "exp")?;
-        let iat = int_claim(&claims, "iat")?;
-        let jti = str_claim(&claims, "jti")?.to_owned();
-        if iss != self.cfg.issuer {
-            return Err(Reason::WrongIssuer);
-        }
-        let expected_aud = match (kind, audience) {
-            (_, Some(a)) if !a.is_empty() => Some(a),
-            (Kind::Access, _) => Some(self.cfg.default_audience.as_str()),
-            _ => None,
-        };
-        if let Some(expected) = expected_aud {
-            let ok = match claims.get("aud") {
-                Some(Value::String(a)) => a == expected,
-                Some(Value::Array(v)) => v.iter().any(|a| a.as_str() == Some(expected)),
-                _ => false,
-            };
-            if !ok {
-                return Err(Reason::WrongAudience);
-            }
-        }
-        let now = self.clock.now().timestamp();
-        let skew = i64::try_from(self.cfg.skew_seconds).unwrap_or(0);
-        if exp + skew <= now {
-            return Err(Reason::Expired);
-        }
-        if let Some(nbf) = claims.get("nbf") {
-            let nbf = nbf.as_i64().ok_or(Reason::Malformed)?;
-            if nbf - skew > now {
-                return Err(Reason::NotYetValid);
-            }
-        }
-        if iat - skew > now {
-            return Err(Reason::NotYetValid);
-        }
-        let client_id = claims
-            .get("client_id")
-            .or_else(|| claims.get("azp"))
-            .and_then(Value::as_str)
+        let v = r.map_err(Reason::from_core)?;
+        let jti = v.jti().unwrap_or("").to_owned();
+        let client_id = v
+            .client_id()
+            .or_else(|| v.claims.get("azp").and_then(Value::as_str))
             .unwrap_or("")
             .to_owned();
         if self
             .revocations
-            .is_revoked(&jti, &sub, &client_id, iat, kid)
+            .is_revoked(&jti, v.sub(), &client_id, v.iat, &v.kid)
         {
             return Err(Reason::Revoked);
         }
-        let scope = claims
-            .get("scope")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
         Ok(Validated {
-            subject: sub,
+            subject: v.sub().to_owned(),
+            scope: v.scope().unwrap_or("").to_owned(),
             client_id,
-            scope,
             jti,
-            expires_at: DateTime::from_timestamp(exp, 0).ok_or(Reason::Malformed)?,
-            kid: kid.to_owned(),
-            claims,
+            expires_at: DateTime::from_timestamp(v.exp, 0).ok_or(Reason::Malformed)?,
+            kid: v.kid.to_string(),
+            claims: v.claims,
         })
     }
 
     /// An unknown kid may be another replica's brand-new key: reload the ring, at most
     /// once a second.
-    async fn reload_for_unknown_kid(&self) {
+    async fn reload_for_unknown_kid(&self) -> bool {
         let now = self.clock.now();
         {
             let mut last = self
@@ -256,12 +206,16 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if last.is_some_and(|t| t + secs(1) > now) {
-                return;
+                return false;
             }
             *last = Some(now);
         }
-        if let Err(e) = self.reload_ring().await {
-            tracing::warn!(error = %e, "reloading signing keys for an unknown kid failed");
+        match self.reload_ring().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "reloading signing keys for an unknown kid failed");
+                false
+            }
         }
     }
 }
