@@ -4,41 +4,60 @@ use tokio_util::sync::CancellationToken;
 
 /// A token cancelled on the first SIGTERM or SIGINT. A second signal exits at once, for
 /// an operator who does not want to wait out the grace period.
+///
+/// The handlers are installed before this returns (not in the spawned task), so a
+/// SIGTERM that arrives right after start-up drains instead of killing the process.
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
+    let mut signals = Signals::install();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("shutdown signal received, draining");
         t.cancel();
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::warn!("second shutdown signal, exiting now");
         std::process::exit(130);
     });
     token
 }
 
-async fn wait_for_signal() {
+enum Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
+    Unix {
+        term: tokio::signal::unix::Signal,
+        int: tokio::signal::unix::Signal,
+    },
+    CtrlC,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(term), Ok(int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                return Signals::Unix { term, int };
+            }
+        }
+        Signals::CtrlC
+    }
+
+    async fn recv(&mut self) {
+        match self {
+            #[cfg(unix)]
+            Signals::Unix { term, int } => {
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
                 }
             }
-            _ => {
+            Signals::CtrlC => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -79,16 +79,20 @@ pub fn token_store(db: &Db) -> Arc<dyn store::TokenStore> {
     }
 }
 
-/// Retries `f` every second until it succeeds or `stop`: crypto-svc may start after us.
-async fn until_ok<T, F, Fut>(what: &str, stop: &CancellationToken, mut f: F) -> anyhow::Result<T>
+/// Retries `f` every second until it succeeds (`Some`) or `stop` (`None`: a shutdown
+/// during start is a clean exit): crypto-svc may start after us.
+async fn until_ok<T, F, Fut>(what: &str, stop: &CancellationToken, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let mut tries = 0_u32;
     loop {
+        if stop.is_cancelled() {
+            return None;
+        }
         match f().await {
-            Ok(v) => return Ok(v),
+            Ok(v) => return Some(v),
             Err(e) => {
                 tries += 1;
                 if tries % 10 == 1 {
@@ -97,7 +101,7 @@ where
             }
         }
         tokio::select! {
-            _ = stop.cancelled() => anyhow::bail!("{what}: stopped before it succeeded"),
+            _ = stop.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
@@ -121,7 +125,7 @@ pub async fn run(
     let credential = platform.credential(NAME).map(str::to_owned);
     let key = {
         let (channel, credential) = (channel.clone(), credential.clone());
-        until_ok(
+        let key = until_ok(
             "ensuring the sealing key in crypto-svc",
             &shutdown,
             move || {
@@ -141,7 +145,14 @@ pub async fn run(
                 }
             },
         )
-        .await?
+        .await;
+        match key {
+            Some(k) => k,
+            None => {
+                db.close().await;
+                return Ok(());
+            }
+        }
     };
     let sealer = Arc::new(Envelope::new(
         channel,
@@ -162,11 +173,15 @@ pub async fn run(
     )?);
     {
         let engine = engine.clone();
-        until_ok("loading signing keys", &shutdown, move || {
+        let started = until_ok("loading signing keys", &shutdown, move || {
             let engine = engine.clone();
             async move { engine.start().await.map_err(|e| anyhow::anyhow!("{e}")) }
         })
-        .await?;
+        .await;
+        if started.is_none() {
+            db.close().await;
+            return Ok(());
+        }
     }
 
     // Supervised: if a loop ends or panics, `/readyz` names it and it is restarted.
