@@ -3,7 +3,8 @@
 # (sec-load: the whole platform in-process on loopback), then one combined table and
 # target/bench/summary.json.
 #
-# Duration: about 1 minute of measurement (criterion: 3 benches x ~10 s; sec-load:
+# Duration: about 1.5 minutes of measurement (criterion: 3 benches x ~10 s, the token
+# verifier 9 x 5 s; sec-load:
 # 2 scenarios x (1 s warm-up + 5 s) plus start/stop). The first run also compiles the
 # workspace in release mode, which takes several minutes on a 2-core machine.
 #
@@ -48,6 +49,22 @@ for m in micro:
     shown = f"{ns:.1f} ns" if ns < 1e3 else f"{ns / 1e3:.3f} µs" if ns < 1e6 else f"{ns / 1e6:.3f} ms"
     print(f"{m['bench']:<{w}} | {shown:>12}")
 print()
+# The local token verifier beside bare aws-lc-rs verification of the same token (target >= 85%).
+medians = {m["bench"]: m["median_ns"] for m in micro}
+ratios = []
+for name, bare in sorted(medians.items()):
+    if name.startswith("verifier/") and name.endswith("/bare_aws_lc_rs"):
+        group = name[: -len("/bare_aws_lc_rs")]
+        local = medians.get(group + "/local_verify")
+        if local:
+            ratios.append({"alg": group.split("/", 1)[1], "bare_ns": bare, "local_ns": local, "ratio": bare / local})
+if ratios:
+    print(f"{'local verifier':<14} | {'bare (µs)':>9} | {'verify (µs)':>11} | {'rate vs bare':>12}")
+    print(f"{'-' * 14}-|-{'-' * 9}-|-{'-' * 11}-|-{'-' * 12}")
+    for r in ratios:
+        flag = "" if r["ratio"] >= 0.85 else "  (below the 85% target)"
+        print(f"{r['alg']:<14} | {r['bare_ns'] / 1e3:>9.2f} | {r['local_ns'] / 1e3:>11.2f} | {r['ratio'] * 100:>11.1f}%{flag}")
+    print()
 rs = load["results"]
 w = max([len(r["scenario"]) for r in rs] + [len("scenario")])
 print(f"{'scenario':<{w}} | {'throughput (ops/s)':>18} | {'p50 (ms)':>9} | {'p99 (ms)':>9} | {'errors':>6}")
@@ -57,6 +74,7 @@ for r in rs:
 summary = {
     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "criterion": micro,
+    "verifier_vs_bare": ratios,
     "load": load,
 }
 with open(out_path, "w") as f:
