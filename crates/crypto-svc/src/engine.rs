@@ -856,6 +856,59 @@ impl Engine {
         Self::view(record, &[version])
     }
 
+    /// EnsureServiceKey: the caller's own aes256-gcm key `svc.<identity>.<purpose>`,
+    /// usable by it alone; created on the first call, returned as is afterwards. Confined
+    /// to the caller's namespace, so a service cannot reach another's keys this way.
+    pub async fn ensure_service_key(&self, who: &Caller, purpose: &str) -> Result<KeyView, Error> {
+        let Some(identity) = who.service_identity() else {
+            return Err(Error::denied(
+                "EnsureServiceKey is for services (their own namespace); the admin uses CreateKey",
+            ));
+        };
+        if purpose.is_empty()
+            || purpose.len() > 32
+            || !purpose
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(Error::invalid("purpose", "must match [a-z0-9-]{1,32}"));
+        }
+        let name = format!("svc.{identity}.{purpose}");
+        validate_name(&name, "purpose")?;
+        for _ in 0..2 {
+            match self.get_key(&name).await {
+                Ok(view) => {
+                    let p = &view.record.policy;
+                    if view.key_type != KeyType::Aes256Gcm || p.allowed_services != [identity] {
+                        return Err(Error::precondition(
+                            "a key of that name exists with another type or audience",
+                        ));
+                    }
+                    return Ok(view);
+                }
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let policy = KeyPolicy {
+                allowed_services: vec![identity.to_owned()],
+                ..KeyPolicy::default()
+            };
+            match self
+                .create_key(who, &name, KeyType::Aes256Gcm, policy)
+                .await
+            {
+                Ok(view) => return Ok(view),
+                // Two replicas asked at once: the other created it; read it back.
+                Err(e) if e.code == ErrorCode::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::new(
+            ErrorCode::Aborted,
+            "service key changed concurrently; retry",
+        ))
+    }
+
     pub async fn get_key(&self, name: &str) -> Result<KeyView, Error> {
         validate_name(name, "name")?;
         let (record, versions) = self.get_verified(name).await?;

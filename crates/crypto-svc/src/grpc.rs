@@ -142,6 +142,17 @@ impl CryptoService for CryptoApi {
         )))
     }
 
+    async fn ensure_service_key(
+        &self,
+        req: Request<pb::EnsureServiceKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let who = Caller::of(&req)?;
+        let r = req.into_inner();
+        Ok(Response::new(key_to_proto(
+            self.engine.ensure_service_key(&who, &r.purpose).await?,
+        )))
+    }
+
     async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
         Ok(Response::new(key_to_proto(
             self.engine.get_key(&req.into_inner().name).await?,

@@ -55,6 +55,7 @@ pub const ACCESS: AccessTable = AccessTable {
         ("Hmac", Access::Service),
         ("VerifyHmac", Access::Service),
         ("GetPublicKey", Access::Service),
+        ("EnsureServiceKey", Access::Service),
     ],
 };
 

@@ -3221,3 +3221,63 @@ async fn rotation_period_is_bounded_postgres() {
     };
     rotation_period_is_bounded(&f).await;
 }
+
+/// EnsureServiceKey: a service's own key in its own namespace, created once.
+#[tokio::test]
+async fn ensure_service_key_is_idempotent_and_confined_to_the_caller() {
+    let f = fixture().await;
+    let token = Caller::Service("token".into());
+    let k = f
+        .engine
+        .ensure_service_key(&token, "signing-keys")
+        .await
+        .unwrap();
+    assert_eq!(k.record.name, "svc.token.signing-keys");
+    assert_eq!(k.key_type, KeyType::Aes256Gcm);
+    assert_eq!(k.record.policy.allowed_services, vec!["token".to_owned()]);
+    let again = f
+        .engine
+        .ensure_service_key(&token, "signing-keys")
+        .await
+        .unwrap();
+    assert_eq!(again.record.created_at, k.record.created_at);
+    assert_eq!(
+        types(&f)
+            .iter()
+            .filter(|t| *t == "sec.crypto.key.created")
+            .count(),
+        1
+    );
+    // Another service gets its own key, never the first one's.
+    let other = f
+        .engine
+        .ensure_service_key(&Caller::Service("auth".into()), "signing-keys")
+        .await
+        .unwrap();
+    assert_eq!(other.record.name, "svc.auth.signing-keys");
+    for bad in ["", "UPPER", "a.b", "x/y", &"a".repeat(33)] {
+        assert_eq!(
+            code(f.engine.ensure_service_key(&token, bad).await),
+            ErrorCode::InvalidArgument,
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        code(f.engine.ensure_service_key(&ADMIN, "signing-keys").await),
+        ErrorCode::PermissionDenied
+    );
+    // A key of that name made otherwise (by the admin) is not silently adopted.
+    f.engine
+        .create_key(
+            &ADMIN,
+            "svc.token.other",
+            KeyType::Aes256Gcm,
+            KeyPolicy::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        code(f.engine.ensure_service_key(&token, "other").await),
+        ErrorCode::FailedPrecondition
+    );
+}

@@ -3,19 +3,38 @@
 //! The plumbing is real (storage, migrations, health, admin endpoints, events, drain);
 //! the RPCs arrive with this service's own issue.
 
-use sec_common::auth::AccessTable;
+pub mod config;
+pub mod engine;
+pub mod keys;
+pub mod store;
+
+use sec_common::auth::{Access, AccessTable};
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::Migrations;
+use sec_proto::token::v1 as pb;
 use sec_proto::token::v1::token_service_server::{TokenService, TokenServiceServer};
 use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
 
 pub const NAME: &str = "token";
 
 /// Every RPC of the service and who may call it; a method missing here is refused.
 pub const ACCESS: AccessTable = AccessTable {
     service: "sec.token.v1.TokenService",
-    methods: &[],
+    methods: &[
+        ("GetJwks", Access::Anyone),
+        ("IssueTokens", Access::Service),
+        ("RefreshTokens", Access::Service),
+        ("ValidateToken", Access::Service),
+        ("IntrospectRefreshToken", Access::Service),
+        ("ListRevocations", Access::Service),
+        ("RevokeToken", Access::Service),
+        ("ListSigningKeys", Access::Admin),
+        ("RotateSigningKey", Access::Admin),
+        ("RevokeSigningKey", Access::Admin),
+        ("TokenStats", Access::Admin),
+    ],
 };
 
 /// token-svc as every launcher sees it.
@@ -38,7 +57,74 @@ pub static MIGRATIONS: Migrations = Migrations {
 struct TokenApi;
 
 #[tonic::async_trait]
-impl TokenService for TokenApi {}
+impl TokenService for TokenApi {
+    async fn get_jwks(
+        &self,
+        _: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        Err(Status::unimplemented("GetJwks"))
+    }
+    async fn issue_tokens(
+        &self,
+        _: Request<pb::IssueTokensRequest>,
+    ) -> Result<Response<pb::IssueTokensResponse>, Status> {
+        Err(Status::unimplemented("IssueTokens"))
+    }
+    async fn refresh_tokens(
+        &self,
+        _: Request<pb::RefreshTokensRequest>,
+    ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
+        Err(Status::unimplemented("RefreshTokens"))
+    }
+    async fn validate_token(
+        &self,
+        _: Request<pb::ValidateTokenRequest>,
+    ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
+        Err(Status::unimplemented("ValidateToken"))
+    }
+    async fn introspect_refresh_token(
+        &self,
+        _: Request<pb::IntrospectRefreshTokenRequest>,
+    ) -> Result<Response<pb::IntrospectRefreshTokenResponse>, Status> {
+        Err(Status::unimplemented("IntrospectRefreshToken"))
+    }
+    async fn revoke_token(
+        &self,
+        _: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        Err(Status::unimplemented("RevokeToken"))
+    }
+    async fn list_revocations(
+        &self,
+        _: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        Err(Status::unimplemented("ListRevocations"))
+    }
+    async fn list_signing_keys(
+        &self,
+        _: Request<pb::ListSigningKeysRequest>,
+    ) -> Result<Response<pb::ListSigningKeysResponse>, Status> {
+        Err(Status::unimplemented("ListSigningKeys"))
+    }
+    async fn rotate_signing_key(
+        &self,
+        _: Request<pb::RotateSigningKeyRequest>,
+    ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
+        Err(Status::unimplemented("RotateSigningKey"))
+    }
+    async fn revoke_signing_key(
+        &self,
+        _: Request<pb::RevokeSigningKeyRequest>,
+    ) -> Result<Response<pb::SigningKey>, Status> {
+        Err(Status::unimplemented("RevokeSigningKey"))
+    }
+    async fn token_stats(
+        &self,
+        _: Request<pb::TokenStatsRequest>,
+    ) -> Result<Response<pb::TokenStatsResponse>, Status> {
+        Err(Status::unimplemented("TokenStats"))
+    }
+}
 
 /// Runs token-svc until `shutdown`.
 pub async fn run(
