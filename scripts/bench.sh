@@ -3,9 +3,10 @@
 # (sec-load: the whole platform in-process on loopback), then one combined table and
 # target/bench/summary.json.
 #
-# Duration: about 1.5 minutes of measurement (criterion: 3 benches x ~10 s, the token
-# verifier 9 x 5 s; sec-load:
-# 2 scenarios x (1 s warm-up + 5 s) plus start/stop). The first run also compiles the
+# Duration: about 3 minutes of measurement (criterion: 3 benches x ~10 s, and the local
+# token verifier 12 x 5 s; sec-load: every scenario x (1 s warm-up + 5 s) plus start/stop;
+# token_issue and token_validate give token-svc's issue throughput and ValidateToken p99).
+# The first run also compiles the
 # workspace in release mode, which takes several minutes on a 2-core machine.
 #
 # Extra sec-load flags via SEC_LOAD_ARGS, e.g. SEC_LOAD_ARGS="--duration-secs 2 --concurrency 8".

@@ -319,9 +319,16 @@ async fn crypto_over_grpc(backends: Backends) {
         .unwrap()
         .into_inner();
     let names: Vec<_> = listed.keys.iter().map(|k| k.name.as_str()).collect();
+    // token-svc's own sealing key (EnsureServiceKey at its start) is listed too.
     assert_eq!(
         names,
-        ["only-internal", "only-token-svc", "orders", "signer"]
+        [
+            "only-internal",
+            "only-token-svc",
+            "orders",
+            "signer",
+            "svc.token.signing-keys"
+        ]
     );
     assert_eq!(listed.keys[2].latest_version, 2);
     assert_eq!(

@@ -1,23 +1,40 @@
-//! token-svc: signing keys and rotation, JWT issue/validate/revoke, refresh families, JWKS.
+//! token-svc: JWT signing keys with a lifecycle and automatic rotation, RFC 9068 access
+//! tokens and OIDC ID tokens, refresh-token families with reuse detection, validation,
+//! revocation and the public JWKS.
 //!
-//! The plumbing is real (storage, migrations, health, admin endpoints, events, drain);
-//! the RPCs arrive with this service's own issue.
+//! Layout (crypto-svc's): `store/` (trait, PostgreSQL, SQLite, contract suite),
+//! `engine/` (the logic, no gRPC), `grpc.rs` (validation and proto mapping), `config.rs`
+//! (its `[token]` section), `keys.rs` (the signing cryptography), and below: [`SPEC`] and
+//! `run`.
 
 pub mod config;
 pub mod engine;
+pub mod grpc;
 pub mod keys;
 pub mod store;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use sec_common::auth::{Access, AccessTable};
+use sec_common::config::ConfigSection;
+use sec_common::envelope::{CachePolicy, Envelope};
+use sec_common::grpc::BearerToken;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
-use sec_common::storage::Migrations;
-use sec_proto::token::v1 as pb;
-use sec_proto::token::v1::token_service_server::{TokenService, TokenServiceServer};
+use sec_common::storage::{Db, Migrations};
+use sec_common::supervise::Supervisor;
+use sec_proto::crypto::v1::EnsureServiceKeyRequest;
+use sec_proto::crypto::v1::crypto_service_client::CryptoServiceClient;
+use sec_proto::token::v1::token_service_server::TokenServiceServer;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+
+pub use config::TokenConfig;
 
 pub const NAME: &str = "token";
+
+/// The crypto-svc key (`svc.token.<purpose>`) signing keys are sealed under.
+pub const SEALING_KEY_PURPOSE: &str = "signing-keys";
 
 /// Every RPC of the service and who may call it; a method missing here is refused.
 pub const ACCESS: AccessTable = AccessTable {
@@ -43,8 +60,8 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     default_ports: (50052, 9102),
     http_facade: false,
     access: &[ACCESS],
-    calls: &[],
-    config: None,
+    calls: &["crypto"],
+    config: Some(ConfigSection::of::<TokenConfig>()),
     preflight: no_preflight,
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
@@ -54,75 +71,35 @@ pub static MIGRATIONS: Migrations = Migrations {
     sqlite: &sqlx::migrate!("../../migrations/token/sqlite"),
 };
 
-struct TokenApi;
+/// The token store for the configured backend.
+pub fn token_store(db: &Db) -> Arc<dyn store::TokenStore> {
+    match db {
+        Db::Postgres(p) => Arc::new(store::postgres::PgTokenStore::new(p.clone())),
+        Db::Sqlite(p) => Arc::new(store::sqlite::SqliteTokenStore::new(p.clone())),
+    }
+}
 
-#[tonic::async_trait]
-impl TokenService for TokenApi {
-    async fn get_jwks(
-        &self,
-        _: Request<pb::GetJwksRequest>,
-    ) -> Result<Response<pb::GetJwksResponse>, Status> {
-        Err(Status::unimplemented("GetJwks"))
-    }
-    async fn issue_tokens(
-        &self,
-        _: Request<pb::IssueTokensRequest>,
-    ) -> Result<Response<pb::IssueTokensResponse>, Status> {
-        Err(Status::unimplemented("IssueTokens"))
-    }
-    async fn refresh_tokens(
-        &self,
-        _: Request<pb::RefreshTokensRequest>,
-    ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
-        Err(Status::unimplemented("RefreshTokens"))
-    }
-    async fn validate_token(
-        &self,
-        _: Request<pb::ValidateTokenRequest>,
-    ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
-        Err(Status::unimplemented("ValidateToken"))
-    }
-    async fn introspect_refresh_token(
-        &self,
-        _: Request<pb::IntrospectRefreshTokenRequest>,
-    ) -> Result<Response<pb::IntrospectRefreshTokenResponse>, Status> {
-        Err(Status::unimplemented("IntrospectRefreshToken"))
-    }
-    async fn revoke_token(
-        &self,
-        _: Request<pb::RevokeTokenRequest>,
-    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        Err(Status::unimplemented("RevokeToken"))
-    }
-    async fn list_revocations(
-        &self,
-        _: Request<pb::ListRevocationsRequest>,
-    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
-        Err(Status::unimplemented("ListRevocations"))
-    }
-    async fn list_signing_keys(
-        &self,
-        _: Request<pb::ListSigningKeysRequest>,
-    ) -> Result<Response<pb::ListSigningKeysResponse>, Status> {
-        Err(Status::unimplemented("ListSigningKeys"))
-    }
-    async fn rotate_signing_key(
-        &self,
-        _: Request<pb::RotateSigningKeyRequest>,
-    ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
-        Err(Status::unimplemented("RotateSigningKey"))
-    }
-    async fn revoke_signing_key(
-        &self,
-        _: Request<pb::RevokeSigningKeyRequest>,
-    ) -> Result<Response<pb::SigningKey>, Status> {
-        Err(Status::unimplemented("RevokeSigningKey"))
-    }
-    async fn token_stats(
-        &self,
-        _: Request<pb::TokenStatsRequest>,
-    ) -> Result<Response<pb::TokenStatsResponse>, Status> {
-        Err(Status::unimplemented("TokenStats"))
+/// Retries `f` every second until it succeeds or `stop`: crypto-svc may start after us.
+async fn until_ok<T, F, Fut>(what: &str, stop: &CancellationToken, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut tries = 0_u32;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                tries += 1;
+                if tries % 10 == 1 {
+                    tracing::warn!(error = %e, "{what} failed; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => anyhow::bail!("{what}: stopped before it succeeded"),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
@@ -132,17 +109,155 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let cfg = platform.config.section::<TokenConfig>(NAME)?.clone();
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
-    let _kv = host.open_kv().await?;
-    let api = TokenServiceServer::new(TokenApi);
+
+    // Private keys are sealed under our own crypto-svc key, made on first start.
+    let url = platform
+        .addrs("crypto")?
+        .endpoint_url(platform.config.tls.enabled());
+    let channel = sec_common::grpc::channel(&url, &platform.config.tls)?;
+    let credential = platform.credential(NAME).map(str::to_owned);
+    let key = {
+        let (channel, credential) = (channel.clone(), credential.clone());
+        until_ok(
+            "ensuring the sealing key in crypto-svc",
+            &shutdown,
+            move || {
+                let (channel, credential) = (channel.clone(), credential.clone());
+                async move {
+                    let mut client = CryptoServiceClient::with_interceptor(
+                        channel,
+                        BearerToken::new(credential.as_deref())?,
+                    );
+                    let k = client
+                        .ensure_service_key(EnsureServiceKeyRequest {
+                            purpose: SEALING_KEY_PURPOSE.into(),
+                        })
+                        .await?
+                        .into_inner();
+                    Ok(k.name)
+                }
+            },
+        )
+        .await?
+    };
+    let sealer = Arc::new(Envelope::new(
+        channel,
+        credential.as_deref(),
+        &key,
+        CachePolicy::default(),
+    )?);
+
+    let metrics = engine::TokenMetrics::register(&mut host.registry);
+    let emitter = platform.clone();
+    let engine = Arc::new(engine::Engine::new(
+        token_store(&db),
+        sealer,
+        platform.clock.clone(),
+        Arc::new(move |e| emitter.emit(e)),
+        cfg.clone(),
+        metrics,
+    )?);
+    {
+        let engine = engine.clone();
+        until_ok("loading signing keys", &shutdown, move || {
+            let engine = engine.clone();
+            async move { engine.start().await.map_err(|e| anyhow::anyhow!("{e}")) }
+        })
+        .await?;
+    }
+
+    // Supervised: if a loop ends or panics, `/readyz` names it and it is restarted.
+    let mut tasks = Supervisor::new(NAME, &mut host.registry, host.readiness.clone(), &shutdown);
+    spawn_every(
+        &mut tasks,
+        "key_rotation",
+        &engine,
+        &shutdown,
+        cfg.rotation_check_seconds,
+        |e| {
+            Box::pin(async move {
+                match e.maintain_keys().await {
+                    Ok(k) if !k.is_empty() => {
+                        tracing::info!(activated = ?k, "signing key rotation")
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(error = %err, "signing key maintenance failed"),
+                }
+            })
+        },
+    );
+    spawn_every(
+        &mut tasks,
+        "revocation_sync",
+        &engine,
+        &shutdown,
+        cfg.revocation_poll_seconds,
+        |e| {
+            Box::pin(async move {
+                if let Err(err) = e.sync_revocations().await {
+                    tracing::warn!(error = %err, "revocation sync failed");
+                }
+            })
+        },
+    );
+    spawn_every(
+        &mut tasks,
+        "cleanup",
+        &engine,
+        &shutdown,
+        cfg.cleanup_interval_seconds,
+        |e| {
+            Box::pin(async move {
+                if let Err(err) = e.cleanup().await {
+                    tracing::warn!(error = %err, "token cleanup failed");
+                }
+            })
+        },
+    );
+
+    let server = TokenServiceServer::new(grpc::TokenApi {
+        engine: engine.clone(),
+    })
+    .max_decoding_message_size(256 * 1024);
     let serve = Serve {
-        routes: tonic::service::Routes::new(api),
+        routes: tonic::service::Routes::new(server),
         http: None,
     };
     let result = host.serve(serve, listeners, shutdown).await;
+    tasks.stop().await;
     db.close().await;
     result
+}
+
+type Job =
+    fn(Arc<engine::Engine>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A supervised loop running `job` every `seconds`.
+fn spawn_every(
+    tasks: &mut Supervisor,
+    name: &'static str,
+    engine: &Arc<engine::Engine>,
+    shutdown: &CancellationToken,
+    seconds: u64,
+    job: Job,
+) {
+    let (engine, stop) = (engine.clone(), shutdown.clone());
+    let every = Duration::from_secs(seconds.max(1));
+    tasks.spawn(name, move || {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                job(engine.clone()).await;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -933,10 +933,17 @@ impl Engine {
             self.cfg.access_ttl_seconds,
             self.cfg.max_access_ttl_seconds,
         )?;
+        // The successor a grace reissue failed to replace: seen again on the re-read, it
+        // was not replaced by a concurrent reissue but used (or revoked), so this
+        // presentation is reuse.
+        let mut stuck_successor: Option<String> = None;
         for _ in 0..4 {
             let Some(row) = self.find_refresh(&req.refresh_token).await? else {
                 return Err(TokenError::InvalidGrant);
             };
+            if stuck_successor.is_some() && row.successor_id == stuck_successor {
+                return Err(self.reuse(&row).await);
+            }
             let now = self.clock.now();
             if row.is_revoked || row.expires_at <= now || row.client_id != req.client_id {
                 return Err(TokenError::InvalidGrant);
@@ -984,7 +991,8 @@ impl Engine {
                         .await
                         .map_err(db)?
                     {
-                        // The successor was used or replaced concurrently: re-read.
+                        // The successor was used, or replaced concurrently: re-read.
+                        stuck_successor = Some(successor.clone());
                         continue;
                     }
                     (RefreshOutcome::GraceReissued, token)

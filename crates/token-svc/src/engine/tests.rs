@@ -50,7 +50,9 @@ impl Sealer for TestSealer {
 }
 
 struct Env {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    /// PostgreSQL: the pool and the schema to drop at the end.
+    pg: Option<(sqlx::PgPool, String)>,
     store: Arc<dyn TokenStore>,
     sealer: Arc<TestSealer>,
     clock: Arc<ManualClock>,
@@ -71,12 +73,35 @@ async fn env() -> Env {
         .await
         .unwrap();
     Env {
-        _dir: dir,
+        _dir: Some(dir),
+        pg: None,
         store: Arc::new(SqliteTokenStore::new(pool)),
         sealer: TestSealer::new(),
         clock: ManualClock::new(start_time()),
         events: Arc::new(Mutex::new(Vec::new())),
     }
+}
+
+/// The same on PostgreSQL (a fresh schema); `None` when it is not reachable and not
+/// required.
+async fn env_pg() -> Option<Env> {
+    let url = sec_testkit::backend_url(sec_testkit::Backend::Postgres)?;
+    let schema = format!("token_e{}", uuid::Uuid::new_v4().simple());
+    let pool = sec_common::storage::connect_postgres(&url, &schema, 20)
+        .await
+        .unwrap();
+    sqlx::migrate!("../../migrations/token/postgres")
+        .run(&pool)
+        .await
+        .unwrap();
+    Some(Env {
+        _dir: None,
+        pg: Some((pool.clone(), schema)),
+        store: Arc::new(crate::store::postgres::PgTokenStore::new(pool)),
+        sealer: TestSealer::new(),
+        clock: ManualClock::new(start_time()),
+        events: Arc::new(Mutex::new(Vec::new())),
+    })
 }
 
 impl Env {
@@ -520,6 +545,14 @@ async fn refresh_rotates_reissues_in_grace_and_detects_reuse() {
     assert_eq!(r2.scope, "openid");
     assert_eq!(parts(&r2.access.token).1["scope"], "openid");
     let r2 = r2.refresh.unwrap();
+    // Within the grace window but after the successor was used: reuse, not a reissue.
+    let f = e.issue(issue_req()).await.unwrap().refresh.unwrap();
+    let (f1, _) = e.refresh(req(&f.token)).await.unwrap();
+    e.refresh(req(&f1.refresh.unwrap().token)).await.unwrap();
+    assert!(matches!(
+        e.refresh(req(&f.token)).await,
+        Err(TokenError::ReuseDetected)
+    ));
     // Outside the grace window: reuse revokes the family, even its newest token.
     env.clock.advance(Duration::seconds(11));
     assert!(matches!(
@@ -531,9 +564,9 @@ async fn refresh_rotates_reissues_in_grace_and_detects_reuse() {
         Err(TokenError::InvalidGrant)
     ));
     let ev = env.events("sec.token.refresh.reuse_detected");
-    assert_eq!(ev.len(), 1);
-    assert_eq!(ev[0].severity, Severity::High as i32);
-    assert_eq!(ev[0].details["family_id"], r0.family_id);
+    assert_eq!(ev.len(), 2);
+    assert_eq!(ev[1].severity, Severity::High as i32);
+    assert_eq!(ev[1].details["family_id"], r0.family_id);
     let (row, active) = e.introspect_refresh(&r2.token).await.unwrap().unwrap();
     assert!(!active);
     assert_eq!(row.user_id, "alice");
@@ -554,8 +587,23 @@ async fn refresh_rotates_reissues_in_grace_and_detects_reuse() {
 /// 16 parallel uses of one token with no grace window: exactly one success; the
 /// others are reuse, which revokes the family (the winner's successor too).
 #[tokio::test]
-async fn parallel_refresh_of_one_token() {
-    let env = env().await;
+async fn parallel_refresh_of_one_token_sqlite() {
+    parallel_refresh_of_one_token(env().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_refresh_of_one_token_postgres() {
+    if let Some(env) = env_pg().await {
+        let (pool, schema) = env.pg.clone().unwrap();
+        parallel_refresh_of_one_token(env).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
+
+async fn parallel_refresh_of_one_token(env: Env) {
     let e = Arc::new(
         env.engine(TokenConfig {
             refresh_grace_seconds: 0,
