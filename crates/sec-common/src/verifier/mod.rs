@@ -535,11 +535,7 @@ impl LocalVerifier {
                 n = sub.recv() => n,
             };
             match notice {
-                Some(Notice::Event(e)) => self.inner.apply_event(&e),
-                Some(Notice::Lagged(n)) => {
-                    tracing::warn!(lost = n, "token events lost; polling revocations now");
-                    self.inner.poll_now.notify_one();
-                }
+                Some(n) => self.inner.on_notice(n),
                 None => return,
             }
         }
@@ -551,6 +547,17 @@ fn duration_ms(d: Duration) -> i64 {
 }
 
 impl Inner {
+    fn on_notice(&self, notice: Notice) {
+        match notice {
+            Notice::Event(e) => self.apply_event(&e),
+            Notice::Lagged(n) => {
+                // Events were lost: only a poll can tell which revocations we missed.
+                tracing::warn!(lost = n, "token events lost; polling revocations now");
+                self.poll_now.notify_one();
+            }
+        }
+    }
+
     fn staleness_ms(&self, now: DateTime<Utc>) -> i64 {
         let oldest = self
             .jwks_as_of

@@ -119,6 +119,15 @@ struct Env {
     key: Key,
 }
 
+/// Waits for `f` to hold; the deadline only turns a hang into a failure.
+async fn until(mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "condition never held");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn start() -> DateTime<Utc> {
     Utc.timestamp_opt(1_800_000_000, 0).unwrap()
 }
@@ -249,9 +258,7 @@ async fn unknown_kids_trigger_one_rate_limited_refetch() {
     let stop = CancellationToken::new();
     let loop_task = tokio::spawn(env.v.clone().jwks_loop(stop.clone()));
     // The loop's own first refresh.
-    while env.jwks.calls() < 2 {
-        tokio::task::yield_now().await;
-    }
+    until(|| env.jwks.calls() >= 2).await;
 
     let k2 = Key::new("k2");
     env.jwks.publish(&k2);
@@ -286,9 +293,7 @@ async fn unknown_kids_trigger_one_rate_limited_refetch() {
             .contains("sec_test_token_verifier_unknown_kid_refetches_total 1")
     );
     // The granted refetch brings k2 in (the wait is bounded by the test timeout only).
-    while env.v.verify(&t2).is_err() {
-        tokio::task::yield_now().await;
-    }
+    until(|| env.v.verify(&t2).is_ok()).await;
     assert_eq!(
         env.jwks.calls(),
         3,
@@ -506,13 +511,9 @@ async fn the_loops_under_a_supervisor_follow_the_bus() {
     let mut sup = Supervisor::new("test", &mut registry, readiness, &stop);
     env.v.spawn(&mut sup, Some(bus.clone()), &stop);
     let t = env.token("u1", "j1");
-    while env.v.verify(&t).is_err() {
-        tokio::task::yield_now().await;
-    }
+    until(|| env.v.verify(&t).is_ok()).await;
     // Subscribed (its first poll came after subscribing): a published revocation arrives.
-    while env.revs.calls() < 2 {
-        tokio::task::yield_now().await;
-    }
+    until(|| env.revs.calls() >= 2).await;
     let exp = (env.clock.now().timestamp() + 600).to_string();
     bus.publish(revoked_event(
         "jti",
@@ -520,9 +521,36 @@ async fn the_loops_under_a_supervisor_follow_the_bus() {
         "",
     ))
     .unwrap();
-    while env.v.verify(&t).is_ok() {
-        tokio::task::yield_now().await;
-    }
+    until(|| env.v.verify(&t).is_err()).await;
     assert_eq!(env.v.verify(&t).unwrap_err(), InvalidReason::Revoked);
     sup.stop().await;
+}
+
+#[tokio::test]
+async fn a_lag_notice_forces_a_poll() {
+    let env = env();
+    let v = LocalVerifier::new(
+        VerifierConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..VerifierConfig::new(ISS, AUD)
+        },
+        env.clock.clone(),
+        env.jwks.clone(),
+        env.revs.clone(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(v.clone().revocation_loop(stop.clone()));
+    until(|| env.revs.calls() >= 1).await;
+    // A revocation the verifier's events missed.
+    env.revs.log.lock().unwrap().push(Revocation::Jti {
+        jti: "j1".into(),
+        expires_at: env.clock.now() + chrono::Duration::seconds(600),
+    });
+    v.inner.on_notice(Notice::Lagged(3));
+    until(|| env.revs.calls() >= 2).await;
+    v.refresh_jwks().await.unwrap();
+    // The poll finished once the revocation is visible (bounded by the test timeout).
+    until(|| v.verify(&env.token("u1", "j1")).err() == Some(InvalidReason::Revoked)).await;
+    stop.cancel();
+    task.await.unwrap();
 }
