@@ -20,16 +20,16 @@ stamp="$OUT/.bench-start"
 touch "$stamp"
 
 echo "== criterion (sec-common, crypto-svc) =="
-"$CARGO" bench -p sec-common -p crypto-svc --benches
+"$CARGO" bench -p sec-common -p crypto-svc --benches 2>&1 | tee "$OUT/criterion.log"
 
 echo "== sec-load (end to end, loopback) =="
 # shellcheck disable=SC2086 # SEC_LOAD_ARGS is a list of flags
 "$CARGO" run --release -q -p sec-load -- --out "$OUT/load.json" ${SEC_LOAD_ARGS:-}
 
 echo "== summary =="
-python3 - "$stamp" "$OUT/load.json" "$OUT/summary.json" <<'PY'
+python3 - "$stamp" "$OUT/load.json" "$OUT/summary.json" "$OUT/criterion.log" <<'PY'
 import json, os, sys, glob, time
-stamp, load_path, out_path = sys.argv[1:4]
+stamp, load_path, out_path, criterion_log = sys.argv[1:5]
 since = os.path.getmtime(stamp)
 micro = []
 for est in sorted(glob.glob("target/criterion/**/new/estimates.json", recursive=True)):
@@ -65,6 +65,10 @@ if ratios:
     for r in ratios:
         flag = "" if r["ratio"] >= 0.85 else "  (below the 85% target)"
         print(f"{r['alg']:<14} | {r['bare_ns'] / 1e3:>9.2f} | {r['local_ns'] / 1e3:>11.2f} | {r['ratio'] * 100:>11.1f}%{flag}")
+    # The same ratio from alternating blocks (robust to load changing between benches).
+    for line in open(criterion_log, encoding="utf-8", errors="replace"):
+        if "/paired:" in line:
+            print(line.rstrip())
     print()
 rs = load["results"]
 w = max([len(r["scenario"]) for r in rs] + [len("scenario")])

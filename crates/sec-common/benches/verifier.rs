@@ -200,7 +200,48 @@ fn bench_verifier(c: &mut Criterion) {
             })
         });
         g.finish();
+
+        paired(
+            case.name,
+            || {
+                case.bare_key
+                    .verify_sig(black_box(input.as_bytes()), black_box(&sig))
+                    .unwrap()
+            },
+            || {
+                verifier.verify(black_box(&case.token)).unwrap();
+            },
+        );
     }
+}
+
+/// The same ratio measured so that load from other processes hits both sides alike:
+/// alternating blocks of bare and local verifications, keeping each side's fastest block.
+/// Printed beside criterion's medians (which run one side after the other and so drift
+/// when the machine's load changes between them).
+fn paired(name: &str, mut bare: impl FnMut(), mut local: impl FnMut()) {
+    const BLOCK: u32 = 20;
+    const ROUNDS: u32 = 500;
+    let (mut best_bare, mut best_local) = (Duration::MAX, Duration::MAX);
+    for _ in 0..ROUNDS {
+        let t = std::time::Instant::now();
+        for _ in 0..BLOCK {
+            bare();
+        }
+        best_bare = best_bare.min(t.elapsed());
+        let t = std::time::Instant::now();
+        for _ in 0..BLOCK {
+            local();
+        }
+        best_local = best_local.min(t.elapsed());
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(BLOCK);
+    println!(
+        "verifier/{name}/paired: bare {:.2} µs, local_verify {:.2} µs, local rate = {:.1}% of bare",
+        per(best_bare),
+        per(best_local),
+        100.0 * best_bare.as_secs_f64() / best_local.as_secs_f64()
+    );
 }
 
 criterion_group!(benches, bench_verifier);
