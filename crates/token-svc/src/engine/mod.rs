@@ -594,11 +594,11 @@ impl Engine {
         check_len("kid", kid, 64)?;
         check_len("reason", reason, 512)?;
         let now = self.clock.now();
-        let Some(_before) = self.store.revoke_key(kid, now).await.map_err(db)? else {
+        if self.store.revoke_key(kid, now).await.map_err(db)?.is_none() {
             return Err(TokenError::Api(Error::not_found(
                 "no such signing key, or already revoked",
             )));
-        };
+        }
         let row = RevocationRow {
             id: self.clock.new_uuid_v7().to_string(),
             kind: RevocationKind::SigningKey,
@@ -746,8 +746,8 @@ impl Engine {
         Value::Object(c)
     }
 
-    /// Signs the access (and ID) tokens of a grant. Nothing is stored.
-    #[allow(clippy::too_many_arguments)]
+    /// Signs the access (and ID) tokens of a grant. Nothing is stored. `id`: the ID
+    /// token's lifetime, nonce, authorization code and extra claims, when one is wanted.
     fn sign_tokens(
         &self,
         g: &Grant,
