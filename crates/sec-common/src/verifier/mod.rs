@@ -51,6 +51,8 @@ use crate::supervise::Supervisor;
 
 pub use grpc::GrpcTokenSource;
 
+/// Shortest pause between two polls or refreshes of one loop.
+const MIN_WAIT: Duration = Duration::from_millis(100);
 /// Longest jti, subject or client id kept in the revocation state.
 pub const MAX_ID_BYTES: usize = 256;
 /// The event types the verifier follows: every token-svc event (revocations under
@@ -499,11 +501,14 @@ impl LocalVerifier {
 
     async fn revocation_loop(self, stop: CancellationToken) {
         loop {
+            // Floors keep a zero interval in a config from turning into a busy loop.
             let wait = match self.poll_revocations().await {
-                Ok(()) => self.inner.cfg.poll_interval,
+                Ok(()) => self.inner.cfg.poll_interval.max(MIN_WAIT),
                 Err(e) => {
                     tracing::warn!(error = %e, "revocation poll failed; retrying");
-                    Duration::from_secs(1).min(self.inner.cfg.poll_interval)
+                    Duration::from_secs(1)
+                        .min(self.inner.cfg.poll_interval)
+                        .max(MIN_WAIT)
                 }
             };
             self.inner.update_staleness_gauge();
