@@ -3,9 +3,10 @@
 # (sec-load: the whole platform in-process on loopback), then one combined table and
 # target/bench/summary.json.
 #
-# Duration: about 2 minutes of measurement (criterion: 3 benches x ~10 s; sec-load:
-# every scenario x (1 s warm-up + 5 s) plus start/stop; token_issue and token_validate
-# give token-svc's issue throughput and ValidateToken p99). The first run also compiles the
+# Duration: about 3 minutes of measurement (criterion: 3 benches x ~10 s, and the local
+# token verifier 12 x 5 s; sec-load: every scenario x (1 s warm-up + 5 s) plus start/stop;
+# token_issue and token_validate give token-svc's issue throughput and ValidateToken p99).
+# The first run also compiles the
 # workspace in release mode, which takes several minutes on a 2-core machine.
 #
 # Extra sec-load flags via SEC_LOAD_ARGS, e.g. SEC_LOAD_ARGS="--duration-secs 2 --concurrency 8".
@@ -19,16 +20,16 @@ stamp="$OUT/.bench-start"
 touch "$stamp"
 
 echo "== criterion (sec-common, crypto-svc) =="
-"$CARGO" bench -p sec-common -p crypto-svc --benches
+"$CARGO" bench -p sec-common -p crypto-svc --benches 2>&1 | tee "$OUT/criterion.log"
 
 echo "== sec-load (end to end, loopback) =="
 # shellcheck disable=SC2086 # SEC_LOAD_ARGS is a list of flags
 "$CARGO" run --release -q -p sec-load -- --out "$OUT/load.json" ${SEC_LOAD_ARGS:-}
 
 echo "== summary =="
-python3 - "$stamp" "$OUT/load.json" "$OUT/summary.json" <<'PY'
+python3 - "$stamp" "$OUT/load.json" "$OUT/summary.json" "$OUT/criterion.log" <<'PY'
 import json, os, sys, glob, time
-stamp, load_path, out_path = sys.argv[1:4]
+stamp, load_path, out_path, criterion_log = sys.argv[1:5]
 since = os.path.getmtime(stamp)
 micro = []
 for est in sorted(glob.glob("target/criterion/**/new/estimates.json", recursive=True)):
@@ -49,6 +50,26 @@ for m in micro:
     shown = f"{ns:.1f} ns" if ns < 1e3 else f"{ns / 1e3:.3f} µs" if ns < 1e6 else f"{ns / 1e6:.3f} ms"
     print(f"{m['bench']:<{w}} | {shown:>12}")
 print()
+# The local token verifier beside bare aws-lc-rs verification of the same token (target >= 85%).
+medians = {m["bench"]: m["median_ns"] for m in micro}
+ratios = []
+for name, bare in sorted(medians.items()):
+    if name.startswith("verifier/") and name.endswith("/bare_aws_lc_rs"):
+        group = name[: -len("/bare_aws_lc_rs")]
+        local = medians.get(group + "/local_verify")
+        if local:
+            ratios.append({"alg": group.split("/", 1)[1], "bare_ns": bare, "local_ns": local, "ratio": bare / local})
+if ratios:
+    print(f"{'local verifier':<14} | {'bare (µs)':>9} | {'verify (µs)':>11} | {'rate vs bare':>12}")
+    print(f"{'-' * 14}-|-{'-' * 9}-|-{'-' * 11}-|-{'-' * 12}")
+    for r in ratios:
+        flag = "" if r["ratio"] >= 0.85 else "  (below the 85% target)"
+        print(f"{r['alg']:<14} | {r['bare_ns'] / 1e3:>9.2f} | {r['local_ns'] / 1e3:>11.2f} | {r['ratio'] * 100:>11.1f}%{flag}")
+    # The same ratio from alternating blocks (robust to load changing between benches).
+    for line in open(criterion_log, encoding="utf-8", errors="replace"):
+        if "/paired:" in line:
+            print(line.rstrip())
+    print()
 rs = load["results"]
 w = max([len(r["scenario"]) for r in rs] + [len("scenario")])
 print(f"{'scenario':<{w}} | {'throughput (ops/s)':>18} | {'p50 (ms)':>9} | {'p99 (ms)':>9} | {'errors':>6}")
@@ -58,6 +79,7 @@ for r in rs:
 summary = {
     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "criterion": micro,
+    "verifier_vs_bare": ratios,
     "load": load,
 }
 with open(out_path, "w") as f:

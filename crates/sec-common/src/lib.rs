@@ -21,3 +21,4 @@ pub mod storage;
 pub mod supervise;
 pub mod telemetry;
 pub mod tls;
+pub mod verifier;

@@ -44,6 +44,16 @@ pub enum Command {
     Encrypt(CryptArgs),
     /// Decrypt a `sec:v…` ciphertext from stdin (or --in FILE); writes the raw plaintext.
     Decrypt(CryptArgs),
+    /// JWTs of token-svc: inspect, revoke, stats.
+    Token {
+        #[command(subcommand)]
+        command: crate::token::TokenCommand,
+    },
+    /// token-svc's JWT signing keys: list, rotate, revoke.
+    SigningKey {
+        #[command(subcommand)]
+        command: crate::signing_keys::SigningKeyCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,7 +11,9 @@ mod crypt;
 mod keys;
 mod output;
 mod rpc;
+mod signing_keys;
 mod status;
+mod token;
 
 use std::process::ExitCode;
 
@@ -69,5 +71,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Kek { command } => keys::kek(&config, out, command).await,
         Command::Encrypt(args) => crypt::encrypt(&config, out, args).await,
         Command::Decrypt(args) => crypt::decrypt(&config, args).await,
+        Command::Token { command } => token::run(&config, out, command).await,
+        Command::SigningKey { command } => signing_keys::run(&config, out, command).await,
     }
 }

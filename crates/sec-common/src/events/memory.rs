@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
+use super::subscribe::{SubscribeError, Subscribers, Subscription, TypeFilter};
 use super::{Delivery, DeliveryHandle, EventTransport, Outgoing, SecurityEvent, TransportError};
 
 /// How many recent ids are remembered for de-duplication (the broker's dedup window).
@@ -33,6 +34,8 @@ pub struct MemoryTransport {
     state: Mutex<State>,
     available: Notify,
     capacity: usize,
+    /// Live subscribers: offered every event as it is stored.
+    subscribers: Subscribers,
 }
 
 impl std::fmt::Debug for MemoryTransport {
@@ -49,6 +52,7 @@ impl MemoryTransport {
             state: Mutex::new(State::default()),
             available: Notify::new(),
             capacity,
+            subscribers: Subscribers::default(),
         })
     }
 
@@ -78,6 +82,7 @@ impl EventTransport for Arc<MemoryTransport> {
 
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>> {
         let mut s = self.lock();
+        let mut stored = Vec::new();
         let results = batch
             .iter()
             .map(|o| {
@@ -100,11 +105,13 @@ impl EventTransport for Arc<MemoryTransport> {
                     event: o.event.clone(),
                     traceparent: o.traceparent().map(str::to_owned),
                 });
+                stored.push(o.event.clone());
                 Ok(())
             })
             .collect();
         drop(s);
         self.available.notify_one();
+        self.subscribers.offer(&stored);
         results
     }
 
@@ -137,6 +144,16 @@ impl EventTransport for Arc<MemoryTransport> {
 
     async fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        filters: Vec<TypeFilter>,
+        capacity: usize,
+    ) -> Result<Subscription, SubscribeError> {
+        let (subscription, feed) = Subscription::channel(filters, capacity);
+        self.subscribers.add(feed);
+        Ok(subscription)
     }
 }
 

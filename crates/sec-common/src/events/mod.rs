@@ -38,6 +38,9 @@
 pub mod aggregate;
 pub mod memory;
 pub mod nats;
+pub mod subscribe;
+
+pub use subscribe::{Notice, SubscribeError, Subscription, TypeFilter};
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -128,6 +131,16 @@ pub trait EventTransport: Send + Sync + 'static {
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError>;
     /// Whether the broker is reachable now (readiness).
     async fn ready(&self) -> Result<(), String>;
+    /// A live, non-durable subscription to the events matching `filters`, buffered up to
+    /// `capacity` (see [`subscribe`]). Transports without one refuse.
+    async fn subscribe(
+        &self,
+        filters: Vec<TypeFilter>,
+        capacity: usize,
+    ) -> Result<Subscription, SubscribeError> {
+        let _ = (filters, capacity);
+        Err(SubscribeError::Unsupported)
+    }
 }
 
 /// One consumed event. Ack after it is stored; nack (or drop without ack, for NATS after
@@ -346,6 +359,28 @@ impl EventBus {
 
     pub async fn ready(&self) -> Result<(), String> {
         self.inner.transport.ready().await
+    }
+
+    /// Receives, live, the events whose type is one of `filters`: an exact type
+    /// (`sec.token.key.revoked`) or a prefix ending in a dot (`sec.token.signing_key.`). At most
+    /// `capacity` events wait for the subscriber; beyond that it gets [`Notice::Lagged`]
+    /// (see [`subscribe`]). Not durable: follow a state that can also be polled.
+    pub async fn subscribe(
+        &self,
+        filters: &[&str],
+        capacity: usize,
+    ) -> Result<Subscription, SubscribeError> {
+        if filters.is_empty() || filters.len() > subscribe::MAX_FILTERS {
+            return Err(SubscribeError::InvalidFilter(format!(
+                "between 1 and {} filters",
+                subscribe::MAX_FILTERS
+            )));
+        }
+        let filters = filters
+            .iter()
+            .map(|f| TypeFilter::new(&self.inner.subject_prefix, f))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.inner.transport.subscribe(filters, capacity).await
     }
 
     /// Events accepted but not yet stored by the broker (or dead-lettered).

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio::sync::OnceCell;
 
+use super::subscribe::{SubscribeError, Subscription, TypeFilter};
 use super::{Delivery, DeliveryHandle, EventTransport, Outgoing, SecurityEvent, TransportError};
 use crate::config::EventsConfig;
 
@@ -75,6 +76,9 @@ pub struct NatsTransport {
     cfg: EventsConfig,
     stream: OnceCell<()>,
     consumer: OnceCell<PullConsumer>,
+    /// Bumped on every (re)connection and slow-consumer report: live subscriptions missed
+    /// messages meanwhile and tell their subscriber it lagged.
+    gaps: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for NatsTransport {
@@ -89,7 +93,30 @@ impl NatsTransport {
     /// Returns at once even when the server is down: the client keeps reconnecting in the
     /// background and the bus spools events meanwhile.
     pub async fn connect(url: &str, cfg: &EventsConfig, client_name: &str) -> anyhow::Result<Self> {
+        let gaps = tokio::sync::watch::Sender::new(0u64);
+        let on_event = gaps.clone();
+        // The first connection is no gap; a reconnection after a disconnect is.
+        let disconnected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                let gaps = on_event.clone();
+                let disconnected = disconnected.clone();
+                async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let gap = match event {
+                        async_nats::Event::Disconnected => {
+                            disconnected.store(true, SeqCst);
+                            false
+                        }
+                        async_nats::Event::Connected => disconnected.swap(false, SeqCst),
+                        async_nats::Event::SlowConsumer(_) => true,
+                        _ => false,
+                    };
+                    if gap {
+                        gaps.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+            })
             .name(client_name)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(3))
@@ -103,6 +130,7 @@ impl NatsTransport {
             cfg: cfg.clone(),
             stream: OnceCell::new(),
             consumer: OnceCell::new(),
+            gaps,
         })
     }
 
@@ -244,6 +272,56 @@ impl EventTransport for NatsTransport {
             async_nats::connection::State::Connected => Ok(()),
             s => Err(format!("nats {s:?}").to_lowercase()),
         }
+    }
+
+    /// Core subscriptions on the filters' subjects: JetStream-published messages reach
+    /// core subscribers too, with no consumer state on the server.
+    async fn subscribe(
+        &self,
+        filters: Vec<TypeFilter>,
+        capacity: usize,
+    ) -> Result<Subscription, SubscribeError> {
+        let mut subscribers = Vec::with_capacity(filters.len());
+        for f in &filters {
+            subscribers.push(
+                self.client
+                    .subscribe(f.subject().to_owned())
+                    .await
+                    .map_err(|e| SubscribeError::Unavailable(e.to_string()))?,
+            );
+        }
+        let (subscription, feed) = Subscription::channel(filters, capacity);
+        let mut gaps = self.gaps.subscribe();
+        let mut messages = futures::stream::select_all(subscribers);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = feed.closed() => return,
+                    changed = gaps.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        feed.lag(1);
+                    }
+                    m = messages.next() => {
+                        let Some(m) = m else { return };
+                        match SecurityEvent::decode(m.payload.as_ref()) {
+                            // `offer` re-checks the type against the filters: the subject
+                            // alone is not trusted to say what the event is.
+                            Ok(event) => {
+                                if !feed.offer(&event) {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(subject = %m.subject, error = %e, "undecodable message on an event subject, ignored");
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(subscription.with_task(task))
     }
 }
 
@@ -388,5 +466,35 @@ mod tests {
         let lines = std::fs::read_to_string(file).unwrap();
         assert_eq!(lines.lines().count(), 1);
         assert!(lines.contains(&big.id));
+    }
+
+    /// Against the real server: a core subscription gets the JetStream-published events
+    /// of its types, and only those.
+    #[tokio::test]
+    async fn live_subscribers_get_their_types_from_the_stream() {
+        let Some(url) = backend_url(Backend::Nats) else {
+            return;
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = EventsConfig {
+            stream: format!("EVENTS_SUB_{run}"),
+            subject_prefix: format!("eventssub{run}"),
+            audit_consumer: format!("audit-{run}"),
+            ..EventsConfig::default()
+        };
+        let transport = NatsTransport::connect(&url, &cfg, "events-sub-test")
+            .await
+            .unwrap();
+        let bus = EventBus::new(Arc::new(transport), &cfg);
+        let outcome = tokio::spawn(async move {
+            crate::events::subscribe::tests::only_matching_types_arrive(&bus).await
+        })
+        .await;
+        let client = async_nats::connect(&url).await.unwrap();
+        let deleted = jetstream::new(client).delete_stream(&cfg.stream).await;
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        deleted.unwrap();
     }
 }
