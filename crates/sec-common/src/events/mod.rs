@@ -697,13 +697,15 @@ fn append_bounded(path: &Path, line: &[u8], max: u64) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// `sec.crypto.key.rotated` → `<prefix>.crypto.key.rotated`.
+/// `sec.crypto.key.rotated` → `<prefix>.crypto.key.rotated`. Types are
+/// `sec.<service>.<noun>.<verb>`, or `sec.<service>.<verb>` where a service's contract
+/// names one so (`sec.token.revoked`).
 fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishError> {
     let rest = event.r#type.strip_prefix("sec.").ok_or_else(|| {
         PublishError::Invalid(format!("type `{}` must start with `sec.`", event.r#type))
     })?;
     let tokens: Vec<&str> = rest.split('.').collect();
-    if tokens.len() < 3
+    if tokens.len() < 2
         || tokens.iter().any(|t| {
             t.is_empty()
                 || !t
@@ -712,7 +714,7 @@ fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishErr
         })
     {
         return Err(PublishError::Invalid(format!(
-            "type `{}` is not `sec.<service>.<noun>.<verb>`",
+            "type `{}` is not `sec.<service>[.<noun>].<verb>`",
             event.r#type
         )));
     }

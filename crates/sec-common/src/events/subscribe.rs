@@ -71,8 +71,8 @@ impl TypeFilter {
                 && t.chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         };
-        // `sec.<service>.` at least; an exact type has `<service>.<noun>.<verb>` at least.
-        if !tokens.iter().all(valid_token) || (!wildcard && tokens.len() < 3) || filter.len() > 256
+        // `sec.<service>.` at least; an exact type has `<service>.<verb>` at least.
+        if !tokens.iter().all(valid_token) || (!wildcard && tokens.len() < 2) || filter.len() > 256
         {
             return Err(bad());
         }
