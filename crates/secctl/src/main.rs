@@ -11,6 +11,7 @@ mod crypt;
 mod keys;
 mod output;
 mod rpc;
+mod session;
 mod status;
 
 use std::process::ExitCode;
@@ -69,5 +70,6 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Kek { command } => keys::kek(&config, out, command).await,
         Command::Encrypt(args) => crypt::encrypt(&config, out, args).await,
         Command::Decrypt(args) => crypt::decrypt(&config, args).await,
+        Command::Session { command } => session::run(&config, out, command).await,
     }
 }
