@@ -366,7 +366,7 @@ mod tests {
             .await
             .unwrap();
         let pattern = format!("{}session:*", tp.config.storage.redis_key_prefix);
-        let keys: Vec<String> = redis::cmd("KEYS")
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
             .arg(&pattern)
             .query_async(&mut conn)
             .await

@@ -11,6 +11,7 @@ pub mod admin_bogus_token_flood;
 pub mod audit_list_events;
 pub mod crypto_encrypt_decrypt;
 pub mod grpc_health_check;
+pub mod session_get;
 
 /// One kind of request to put under load.
 pub trait Scenario: 'static {
@@ -65,5 +66,6 @@ pub fn all() -> Vec<Entry> {
         entry::<crypto_encrypt_decrypt::CryptoEncryptDecrypt>(),
         entry::<admin_bogus_token_flood::AdminListKeys>(),
         entry::<admin_bogus_token_flood::AdminListKeysUnderBogusFlood>(),
+        entry::<session_get::SessionGet>(),
     ]
 }

@@ -6,6 +6,7 @@
 //! and treats a record whose `expires` is at or before it as absent, whatever Redis'
 //! own TTL says: a stale session is never returned.
 
+pub mod codec;
 pub mod memory;
 pub mod redis;
 
@@ -16,9 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::LimitPolicy;
 
-/// One stored session. Short field names keep the encoded record small (the Redis
-/// memory target is < 600 bytes per session); the Redis scripts read and update some
-/// fields by these names (`u`, `e`, `x`, `i`, `l`, `cr`, `ip`, `ua`).
+/// One stored session. The stored form ([`codec`]) uses the short names below; the
+/// Redis scripts read and update some fields by them (`u`, `e`, `x`, `i`, `l`, `cr`,
+/// `ip`, `ua`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Record {
     #[serde(rename = "u")]
@@ -28,8 +29,8 @@ pub struct Record {
     /// Authentication time, ms.
     #[serde(rename = "at")]
     pub auth_time: i64,
-    /// Space-separated `amr` values (a string, not an array: Lua's cjson cannot tell an
-    /// empty array from an empty object).
+    /// Space-separated `amr` values (a string, not an array: Lua cannot tell an empty
+    /// array from an empty map).
     #[serde(rename = "m", default, skip_serializing_if = "String::is_empty")]
     pub amr: String,
     #[serde(rename = "r", default, skip_serializing_if = "String::is_empty")]
@@ -60,13 +61,13 @@ pub struct Record {
 }
 
 impl Record {
+    /// The stored form (MessagePack, see [`codec`]).
     pub fn encode(&self) -> Vec<u8> {
-        // Serializing a struct of strings, integers and a string map cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        codec::encode(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+        codec::decode(bytes)
     }
 
     pub fn live(&self, now: i64) -> bool {
