@@ -264,6 +264,17 @@ impl redis::aio::ConnectionLike for RedisConn {
     }
 }
 
+impl RedisConn {
+    /// The underlying multiplexed connection: cheap to clone and shared by many tasks, so
+    /// a hot path can keep one instead of taking (and ping-checking) a pooled one per call.
+    pub fn multiplexed(&self) -> redis::aio::MultiplexedConnection {
+        match self {
+            RedisConn::Direct(c) => (**c).clone(),
+            RedisConn::Sentinel(c) => (**c).clone(),
+        }
+    }
+}
+
 /// The pieces of a `redis+sentinel://` URL: sentinel addresses, master name, and the
 /// password and database of the data nodes.
 #[derive(Debug, PartialEq, Eq)]

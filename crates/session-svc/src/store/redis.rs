@@ -14,7 +14,9 @@
 
 use async_trait::async_trait;
 use deadpool_redis::redis;
-use sec_common::storage::{RedisConn, RedisPool};
+use deadpool_redis::redis::aio::MultiplexedConnection;
+use sec_common::storage::RedisPool;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::{CreateOutcome, ImportOutcome, Lookup, Record, SessionStore, StoreError};
@@ -186,6 +188,10 @@ struct Scripts {
 
 pub struct RedisSessionStore {
     pool: RedisPool,
+    /// One multiplexed connection shared by every call (a pooled one per call would cost
+    /// a PING round trip each); dropped on any error, so the next call takes a fresh one
+    /// from the pool (after a failover: from the new primary).
+    shared: Mutex<Option<MultiplexedConnection>>,
     prefix: String,
     scripts: Scripts,
     /// `WAIT <replicas> <timeout>` after each write (0: no WAIT).
@@ -254,6 +260,7 @@ impl RedisSessionStore {
     pub fn new(pool: RedisPool, prefix: String) -> Self {
         Self {
             pool,
+            shared: Mutex::new(None),
             prefix,
             scripts: Scripts {
                 create: Script::new(CREATE),
@@ -298,11 +305,28 @@ impl RedisSessionStore {
         format!("{}u:{user}", self.prefix).into_bytes()
     }
 
-    async fn conn(&self) -> Result<RedisConn, StoreError> {
-        match tokio::time::timeout(self.timeout, self.pool.get()).await {
-            Ok(r) => r.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable("timed out connecting".into())),
+    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(c) = self.shared_slot().as_ref() {
+            return Ok(c.clone());
         }
+        let c = match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(r) => r.map_err(unavailable)?.multiplexed(),
+            Err(_) => return Err(StoreError::Unavailable("timed out connecting".into())),
+        };
+        *self.shared_slot() = Some(c.clone());
+        Ok(c)
+    }
+
+    fn shared_slot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// After a failure, the next call starts from the pool again.
+    fn checked<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if r.is_err() {
+            *self.shared_slot() = None;
+        }
+        r
     }
 
     async fn eval<T: redis::FromRedisValue>(
@@ -344,10 +368,10 @@ impl RedisSessionStore {
             Ok(r)
         };
         let limit = self.timeout + Duration::from_millis(self.wait_timeout_ms * u64::from(write));
-        match tokio::time::timeout(limit, run).await {
+        self.checked(match tokio::time::timeout(limit, run).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable("timed out".into())),
-        }
+        })
     }
 }
 
@@ -366,9 +390,11 @@ impl SessionStore for RedisSessionStore {
                 .map(|_| ())
                 .map_err(unavailable)
         };
-        tokio::time::timeout(self.timeout, run)
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Unavailable("timed out".into())))
+        self.checked(
+            tokio::time::timeout(self.timeout, run)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("timed out".into()))),
+        )
     }
 
     async fn create(
@@ -570,9 +596,11 @@ impl SessionStore for RedisSessionStore {
             }
             Ok((next, page))
         };
-        tokio::time::timeout(self.timeout * 5, run)
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Unavailable("timed out".into())))
+        self.checked(
+            tokio::time::timeout(self.timeout * 5, run)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("timed out".into()))),
+        )
     }
 
     async fn import(
