@@ -3,6 +3,10 @@
 # (sec-load: the whole platform in-process on loopback), then one combined table and
 # target/bench/summary.json.
 #
+# Also session-svc's Redis memory per session (scripts/bench-session-memory.sh, 1M
+# sessions into its own scratch redis-server, a few minutes; SESSION_MEMORY_SESSIONS=N
+# to change) and the `session_get` sec-load scenario.
+#
 # Duration: about 3 minutes of measurement (criterion: 3 benches x ~10 s, and the local
 # token verifier 12 x 5 s; sec-load: every scenario x (1 s warm-up + 5 s) plus start/stop;
 # token_issue and token_validate give token-svc's issue throughput and ValidateToken p99).
@@ -25,6 +29,14 @@ echo "== criterion (sec-common, crypto-svc) =="
 echo "== sec-load (end to end, loopback) =="
 # shellcheck disable=SC2086 # SEC_LOAD_ARGS is a list of flags
 "$CARGO" run --release -q -p sec-load -- --out "$OUT/load.json" ${SEC_LOAD_ARGS:-}
+
+echo "== session-svc: Redis memory per session (scratch redis-server) =="
+if command -v redis-server >/dev/null; then
+  scripts/bench-session-memory.sh "${SESSION_MEMORY_SESSIONS:-1000000}"
+else
+  echo "skipped: redis-server not found"
+  rm -f "$OUT/session-memory.json"
+fi
 
 echo "== summary =="
 python3 - "$stamp" "$OUT/load.json" "$OUT/summary.json" "$OUT/criterion.log" <<'PY'
@@ -76,11 +88,17 @@ print(f"{'scenario':<{w}} | {'throughput (ops/s)':>18} | {'p50 (ms)':>9} | {'p99
 print(f"{'-' * w}-|-{'-' * 18}-|-{'-' * 9}-|-{'-' * 9}-|-{'-' * 6}")
 for r in rs:
     print(f"{r['scenario']:<{w}} | {r['throughput_ops_s']:>18.0f} | {r['p50_ms']:>9.3f} | {r['p99_ms']:>9.3f} | {r['errors']:>6}")
+session_memory = None
+if os.path.exists("target/bench/session-memory.json") and os.path.getmtime("target/bench/session-memory.json") >= since:
+    session_memory = json.load(open("target/bench/session-memory.json"))
+    print(f"\nsession-svc Redis memory: {session_memory['bytes_per_session']:.1f} bytes/session "
+          f"({session_memory['sessions']} sessions, target < 600)")
 summary = {
     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "criterion": micro,
     "verifier_vs_bare": ratios,
     "load": load,
+    "session_memory": session_memory,
 }
 with open(out_path, "w") as f:
     json.dump(summary, f, indent=2)

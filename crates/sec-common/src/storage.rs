@@ -207,13 +207,164 @@ pub enum KvError {
     Unavailable(String),
 }
 
+/// A Redis connection pool: one server (`redis://`, `rediss://`), or the primary that
+/// Redis Sentinel names (`redis+sentinel://[:password@]host:port[,host:port...]/<master>[/<db>]`).
+/// A Sentinel pool asks the sentinels for the current primary whenever it opens a
+/// connection, so after a failover new connections go to the promoted replica (pooled
+/// connections to the old primary fail their recycle ping and are dropped).
+#[derive(Clone)]
+pub enum RedisPool {
+    Direct(deadpool_redis::Pool),
+    Sentinel(deadpool_redis::sentinel::Pool),
+}
+
+impl std::fmt::Debug for RedisPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RedisPool::Direct(_) => "RedisPool::Direct",
+            RedisPool::Sentinel(_) => "RedisPool::Sentinel",
+        })
+    }
+}
+
+/// A connection from a [`RedisPool`]; use it like any `redis` async connection.
+pub enum RedisConn {
+    Direct(deadpool_redis::Connection),
+    Sentinel(deadpool_redis::sentinel::Connection),
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Direct(c) => c.req_packed_command(cmd),
+            RedisConn::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Direct(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Direct(c) => c.get_db(),
+            RedisConn::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisConn {
+    /// The underlying multiplexed connection: cheap to clone and shared by many tasks, so
+    /// a hot path can keep one instead of taking (and ping-checking) a pooled one per call.
+    pub fn multiplexed(&self) -> redis::aio::MultiplexedConnection {
+        match self {
+            RedisConn::Direct(c) => (**c).clone(),
+            RedisConn::Sentinel(c) => (**c).clone(),
+        }
+    }
+}
+
+/// The pieces of a `redis+sentinel://` URL: sentinel addresses, master name, and the
+/// password and database of the data nodes.
+#[derive(Debug, PartialEq, Eq)]
+struct SentinelUrl {
+    sentinels: Vec<String>,
+    master: String,
+    password: Option<String>,
+    db: i64,
+}
+
+fn parse_sentinel_url(url: &str) -> Option<SentinelUrl> {
+    let rest = url.strip_prefix("redis+sentinel://")?;
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((a, r)) => (Some(a), r),
+        None => (None, rest),
+    };
+    let (hosts, path) = rest.split_once('/')?;
+    let mut parts = path.split('/');
+    let master = parts.next().filter(|m| !m.is_empty())?.to_owned();
+    let db = match parts.next() {
+        Some(d) if !d.is_empty() => d.parse().ok()?,
+        _ => 0,
+    };
+    let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+    if hosts.is_empty() || sentinels.iter().any(|h| h == "redis://") {
+        return None;
+    }
+    let password = auth
+        .map(|a| a.split_once(':').map_or(a, |(_, p)| p).to_owned())
+        .filter(|p| !p.is_empty());
+    Some(SentinelUrl {
+        sentinels,
+        master,
+        password,
+        db,
+    })
+}
+
+impl RedisPool {
+    /// A pool for `url` (nothing is connected yet). Errors never contain the URL.
+    pub fn from_url(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("redis+sentinel://") {
+            let s = parse_sentinel_url(url).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "invalid Redis Sentinel URL: expected redis+sentinel://[:password@]host:port[,host:port]/<master>[/<db>]"
+                )
+            })?;
+            let node = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+                tls_mode: None,
+                redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
+                    db: s.db,
+                    password: s.password,
+                    ..Default::default()
+                }),
+            };
+            let pool = deadpool_redis::sentinel::Config::from_urls(
+                s.sentinels,
+                s.master,
+                deadpool_redis::sentinel::SentinelServerType::Master,
+            )
+            .with_node_connection_info(Some(node))
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .map_err(|e| {
+                anyhow::anyhow!("invalid Redis Sentinel configuration: {}", redact(&e, url))
+            })?;
+            return Ok(RedisPool::Sentinel(pool));
+        }
+        let pool = deadpool_redis::Config::from_url(url)
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .map_err(|e| anyhow::anyhow!("invalid storage.redis_url: {}", redact(&e, url)))?;
+        Ok(RedisPool::Direct(pool))
+    }
+
+    /// A connection (the pool checks a reused one with PING first).
+    pub async fn get(&self) -> Result<RedisConn, KvError> {
+        match self {
+            RedisPool::Direct(p) => p.get().await.map(RedisConn::Direct).map_err(redis_err),
+            RedisPool::Sentinel(p) => p.get().await.map(RedisConn::Sentinel).map_err(redis_err),
+        }
+    }
+}
+
+fn redact(e: &dyn std::fmt::Display, url: &str) -> String {
+    e.to_string().replace(url, "[redacted]")
+}
+
 /// Sessions, counters and denylists: Redis in production, in-process otherwise.
 #[derive(Clone)]
 pub enum Kv {
-    Redis {
-        pool: deadpool_redis::Pool,
-        prefix: String,
-    },
+    Redis { pool: RedisPool, prefix: String },
     Memory(Arc<MemoryKv>),
 }
 
@@ -227,14 +378,7 @@ impl std::fmt::Debug for Kv {
 pub async fn connect_kv(cfg: &Config, service: &str, clock: SharedClock) -> anyhow::Result<Kv> {
     match &cfg.storage.redis_url {
         Some(url) => {
-            let pool = deadpool_redis::Config::from_url(url.expose())
-                .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "invalid storage.redis_url: {}",
-                        e.to_string().replace(url.expose(), "[redacted]")
-                    )
-                })?;
+            let pool = RedisPool::from_url(url.expose())?;
             let kv = Kv::Redis {
                 pool,
                 prefix: format!("{}{service}:", cfg.storage.redis_key_prefix),
@@ -258,8 +402,8 @@ impl Kv {
         }
     }
 
-    async fn conn(pool: &deadpool_redis::Pool) -> Result<deadpool_redis::Connection, KvError> {
-        pool.get().await.map_err(redis_err)
+    async fn conn(pool: &RedisPool) -> Result<RedisConn, KvError> {
+        pool.get().await
     }
 
     pub async fn ping(&self) -> Result<(), KvError> {
@@ -490,6 +634,41 @@ mod tests {
             .unwrap();
         assert_eq!(kv.backend(), "redis");
         kv_contract(kv, "r").await;
+    }
+
+    #[test]
+    fn sentinel_urls_parse() {
+        assert_eq!(
+            parse_sentinel_url("redis+sentinel://:pw@h1:26379,h2:26380/mymaster/2"),
+            Some(SentinelUrl {
+                sentinels: vec!["redis://h1:26379".into(), "redis://h2:26380".into()],
+                master: "mymaster".into(),
+                password: Some("pw".into()),
+                db: 2,
+            })
+        );
+        assert_eq!(
+            parse_sentinel_url("redis+sentinel://h1:26379/m"),
+            Some(SentinelUrl {
+                sentinels: vec!["redis://h1:26379".into()],
+                master: "m".into(),
+                password: None,
+                db: 0,
+            })
+        );
+        for bad in [
+            "redis+sentinel://h1:26379",
+            "redis+sentinel://h1:26379/",
+            "redis+sentinel:///m",
+            "redis+sentinel://h1,,h2/m",
+            "redis+sentinel://h1/m/notanumber",
+        ] {
+            assert_eq!(parse_sentinel_url(bad), None, "{bad}");
+        }
+        let err = RedisPool::from_url("redis+sentinel://:hunter2@h1/")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[tokio::test]

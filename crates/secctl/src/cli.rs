@@ -54,6 +54,39 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::signing_keys::SigningKeyCommand,
     },
+    /// Sessions in session-svc: list, revoke, log out everywhere, stats, backup/restore.
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// A user's live sessions (handles, never ids).
+    List {
+        #[arg(long)]
+        user: String,
+    },
+    /// Revoke one session by its handle.
+    Revoke { handle: String },
+    /// Revoke every session of a user ("log out everywhere").
+    RevokeUser { user: String },
+    /// Live sessions in total and per client, and this replica's counters.
+    Stats,
+    /// Write every live session to FILE, encrypted through crypto-svc.
+    Backup {
+        file: PathBuf,
+        /// crypto-svc key (AES-256-GCM) to seal under; created if missing.
+        #[arg(long, default_value = crate::session::DEFAULT_KEY)]
+        key: String,
+    },
+    /// Load a backup; sessions expired since are skipped.
+    Restore {
+        file: PathBuf,
+        #[arg(long, default_value = crate::session::DEFAULT_KEY)]
+        key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

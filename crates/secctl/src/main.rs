@@ -12,6 +12,7 @@ mod keys;
 mod output;
 mod rpc;
 mod signing_keys;
+mod session;
 mod status;
 mod token;
 
@@ -73,5 +74,6 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Decrypt(args) => crypt::decrypt(&config, args).await,
         Command::Token { command } => token::run(&config, out, command).await,
         Command::SigningKey { command } => signing_keys::run(&config, out, command).await,
+        Command::Session { command } => session::run(&config, out, command).await,
     }
 }

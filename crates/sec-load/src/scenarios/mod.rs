@@ -12,6 +12,7 @@ pub mod audit_list_events;
 pub mod crypto_encrypt_decrypt;
 pub mod grpc_health_check;
 pub mod token;
+pub mod session_get;
 
 /// One kind of request to put under load.
 pub trait Scenario: 'static {
@@ -68,5 +69,6 @@ pub fn all() -> Vec<Entry> {
         entry::<admin_bogus_token_flood::AdminListKeysUnderBogusFlood>(),
         entry::<token::TokenIssue>(),
         entry::<token::TokenValidate>(),
+        entry::<session_get::SessionGet>(),
     ]
 }
