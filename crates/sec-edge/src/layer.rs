@@ -119,6 +119,9 @@ pub fn ratelimit_fields(d: &Decision) -> Option<(String, String)> {
 }
 
 fn add_fields(resp: &mut Response, d: &Decision) {
+    if d.bypassed {
+        return; // no limit applied
+    }
     if let Some((policy, current)) = ratelimit_fields(d)
         && let (Ok(p), Ok(c)) = (
             HeaderValue::from_str(&policy),

@@ -452,22 +452,20 @@ impl Limiter {
                         .collect(),
                     Ok(redis::RedisCheck::Local(idx, wait)) => {
                         self.metrics.local_tier.inc();
+                        // Only the refusing rule was evaluated: the others are not
+                        // reported (nor counted) for this request.
                         items
-                            .iter()
-                            .enumerate()
-                            .map(|(i, it)| {
-                                let o = if i == idx {
-                                    StoreOutcome {
-                                        allowed: false,
-                                        remaining: 0,
-                                        reset: wait,
-                                        retry_after: wait,
-                                    }
-                                } else {
-                                    StoreOutcome::default()
+                            .get(idx)
+                            .map(|it| {
+                                let o = StoreOutcome {
+                                    allowed: false,
+                                    remaining: 0,
+                                    reset: wait,
+                                    retry_after: wait,
                                 };
                                 outcome_of(it, o, false)
                             })
+                            .into_iter()
                             .collect()
                     }
                     Err(e) => items
