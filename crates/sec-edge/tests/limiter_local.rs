@@ -321,3 +321,47 @@ async fn rule_updates_are_validated_whole_and_keep_unchanged_state() {
         "unchanged rule kept its state"
     );
 }
+
+#[tokio::test]
+async fn idle_keys_are_swept_so_memory_follows_live_keys() {
+    let (l, clock) = limiter(ONE, LimiterOptions::default());
+    let Some(store) = l.local_store() else {
+        panic!("in-process limiter");
+    };
+    for i in 0..5_000_u32 {
+        let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        assert!(
+            check(
+                &l,
+                &CheckRequest {
+                    ip,
+                    ..req("0.0.0.0")
+                }
+            )
+            .await
+            .allowed
+        );
+    }
+    assert_eq!(store.key_count("login"), 5_000, "all live");
+    // Their TATs (500 ms ahead) pass; new keys arrive until the next sweep.
+    clock.advance(chrono::Duration::seconds(10));
+    for i in 0..4_000_u32 {
+        let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+        assert!(
+            check(
+                &l,
+                &CheckRequest {
+                    ip,
+                    ..req("0.0.0.0")
+                }
+            )
+            .await
+            .allowed
+        );
+    }
+    let n = store.key_count("login");
+    assert_eq!(
+        n, 4_000,
+        "only the live keys are held; the 5,000 idle ones were swept"
+    );
+}

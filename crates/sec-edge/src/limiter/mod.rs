@@ -362,6 +362,14 @@ impl Limiter {
         }
     }
 
+    /// The in-process store, when this limiter uses one (stats, tests).
+    pub fn local_store(&self) -> Option<&LocalStore> {
+        match &self.store {
+            Store::InProcess(l) => Some(l),
+            Store::Redis(_) => None,
+        }
+    }
+
     pub fn metrics(&self) -> &EdgeMetrics {
         &self.metrics
     }
