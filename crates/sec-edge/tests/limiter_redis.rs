@@ -314,3 +314,60 @@ async fn unreachable_store_applies_each_rules_policy_counts_it_and_fires_the_hoo
         sec_edge::rules::StoreErrorPolicy::FailClosed
     )));
 }
+
+#[tokio::test]
+async fn the_platform_config_picks_the_store_and_redis_requires_a_failure_policy() {
+    let rules_cfg: sec_edge::RulesConfig = toml::from_str(ONE).unwrap();
+    let clock: SharedClock = ManualClock::new(start());
+    // Embedded default: in process.
+    let cfg = sec_common::config::Config::default();
+    let l = Limiter::from_platform(
+        &cfg,
+        &rules_cfg,
+        &LimiterOptions::default(),
+        clock.clone(),
+        EdgeMetrics::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(l.store_kind(), StoreKind::InProcess);
+    let Some(url) = backend_url(Backend::Redis) else {
+        return;
+    };
+    let mut cfg = sec_common::config::Config::default();
+    cfg.storage.redis_url = Some(sec_common::config::Secret::new(url.clone()));
+    cfg.storage.redis_key_prefix = unique_prefix("platform");
+    let l = Limiter::from_platform(
+        &cfg,
+        &rules_cfg,
+        &LimiterOptions::default(),
+        clock.clone(),
+        EdgeMetrics::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(l.store_kind(), StoreKind::Redis);
+    assert!(l.check(&req("192.0.2.1")).await.allowed);
+    let ks = keys(&url, &cfg.storage.redis_key_prefix).await;
+    assert_eq!(ks.len(), 1);
+    assert!(
+        ks[0].starts_with(&format!("{}edge:rl:login:", cfg.storage.redis_key_prefix)),
+        "{ks:?}"
+    );
+    // Without on_store_error the set is refused for Redis, naming the field.
+    let no_policy: sec_edge::RulesConfig =
+        toml::from_str(&ONE.replace("on_store_error = \"fail_closed\"", "")).unwrap();
+    let e = Limiter::from_platform(
+        &cfg,
+        &no_policy,
+        &LimiterOptions::default(),
+        clock,
+        EdgeMetrics::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().starts_with("rules[0].on_store_error: "),
+        "{e}"
+    );
+}
