@@ -97,7 +97,12 @@ fn secs_ceil(d: Duration) -> u64 {
 pub fn ratelimit_fields(d: &Decision) -> Option<(String, String)> {
     let mut policy = String::new();
     let mut current = String::new();
-    for r in d.rules.iter().filter(|r| !r.shadow) {
+    // Shadow rules never limit, and a rule that failed open has no state to report.
+    for r in d
+        .rules
+        .iter()
+        .filter(|r| !(r.shadow || (r.store_error && r.allowed)))
+    {
         if !policy.is_empty() {
             policy.push_str(", ");
             current.push_str(", ");

@@ -528,3 +528,62 @@ impl Limiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_are_registered_with_rule_labels_and_never_caller_values() {
+        let mut registry = Registry::default();
+        let metrics = EdgeMetrics::register(&mut registry);
+        let rules = RuleSet::from_toml(
+            r#"
+            [[rules]]
+            id = "tenant"
+            match = { route_prefix = "/" }
+            key = ["header:x-tenant"]
+            limit = { rate = 1, per = "day", burst = 1 }
+            "#,
+            StoreKind::InProcess,
+        )
+        .unwrap();
+        let l = Limiter::in_process(
+            rules,
+            &LimiterOptions::default(),
+            sec_common::clock::system(),
+            metrics,
+        )
+        .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-tenant", "evil\"label".parse().unwrap());
+        let req = CheckRequest {
+            route: "/x",
+            method: "GET",
+            endpoint: None,
+            client_id: None,
+            user: None,
+            ip: "192.0.2.1".parse().unwrap(),
+            headers: Some(&h),
+            trusted_client: false,
+        };
+        assert!(l.check(&req).await.allowed);
+        assert!(!l.check(&req).await.allowed);
+        l.metrics().ip_blocked("deny_list");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                r#"sec_edge_ratelimit_decisions_total{rule="tenant",outcome="allowed"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"sec_edge_ratelimit_decisions_total{rule="tenant",outcome="limited"} 1"#
+            )
+        );
+        assert!(text.contains(r#"sec_edge_ip_blocked_total{reason="deny_list"} 1"#));
+        assert!(!text.contains("evil"), "header values never become labels");
+    }
+}
