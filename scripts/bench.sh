@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench`: criterion micro-benches of sec-common and crypto-svc, then the end-to-end load run
+# `make bench`: criterion micro-benches of sec-common, crypto-svc and sec-edge, then the end-to-end load run
 # (sec-load: the whole platform in-process on loopback), then one combined table and
 # target/bench/summary.json.
 #
@@ -23,8 +23,8 @@ mkdir -p "$OUT"
 stamp="$OUT/.bench-start"
 touch "$stamp"
 
-echo "== criterion (sec-common, crypto-svc) =="
-"$CARGO" bench -p sec-common -p crypto-svc --benches 2>&1 | tee "$OUT/criterion.log"
+echo "== criterion (sec-common, crypto-svc, sec-edge) =="
+"$CARGO" bench -p sec-common -p crypto-svc -p sec-edge --benches 2>&1 | tee "$OUT/criterion.log"
 
 echo "== sec-load (end to end, loopback) =="
 # shellcheck disable=SC2086 # SEC_LOAD_ARGS is a list of flags
