@@ -11,8 +11,8 @@ mod crypt;
 mod keys;
 mod output;
 mod rpc;
-mod signing_keys;
 mod session;
+mod signing_keys;
 mod status;
 mod token;
 

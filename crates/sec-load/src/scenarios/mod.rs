@@ -11,8 +11,8 @@ pub mod admin_bogus_token_flood;
 pub mod audit_list_events;
 pub mod crypto_encrypt_decrypt;
 pub mod grpc_health_check;
-pub mod token;
 pub mod session_get;
+pub mod token;
 
 /// One kind of request to put under load.
 pub trait Scenario: 'static {
