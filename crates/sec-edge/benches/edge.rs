@@ -111,9 +111,7 @@ fn check(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let pool = deadpool_redis::Config::from_url(&url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let pool = sec_common::storage::RedisPool::from_url(&url).unwrap();
     let reachable = rt.block_on(async {
         match pool.get().await {
             Ok(mut c) => deadpool_redis::redis::cmd("PING")

@@ -21,10 +21,8 @@ fn start() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-fn pool(url: &str) -> deadpool_redis::Pool {
-    deadpool_redis::Config::from_url(url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap()
+fn pool(url: &str) -> sec_common::storage::RedisPool {
+    sec_common::storage::RedisPool::from_url(url).unwrap()
 }
 
 fn unique_prefix(test: &str) -> String {

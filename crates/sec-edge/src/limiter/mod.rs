@@ -295,7 +295,7 @@ impl Limiter {
     /// A limiter on Redis. `rules` must have been validated for [`StoreKind::Redis`].
     pub fn redis(
         rules: RuleSet,
-        pool: deadpool_redis::Pool,
+        pool: sec_common::storage::RedisPool,
         key_prefix: String,
         opts: &LimiterOptions,
         clock: SharedClock,

@@ -63,7 +63,7 @@ return res
 const LOCAL_TIER_MAX: usize = 100_000;
 
 pub struct RedisStore {
-    pool: deadpool_redis::Pool,
+    pool: sec_common::storage::RedisPool,
     /// `<redis_key_prefix>edge:` (or a test's unique prefix).
     prefix: String,
     script: redis::Script,
@@ -95,7 +95,7 @@ impl RedisStore {
     /// `prefix` must end the caller's namespace (e.g. `sec:edge:`); keys are
     /// `<prefix>rl:<rule id>:<hex hash of the key parts>`.
     pub fn new(
-        pool: deadpool_redis::Pool,
+        pool: sec_common::storage::RedisPool,
         prefix: String,
         timeout: Duration,
         local_tier_min: Duration,
