@@ -409,7 +409,7 @@ async fn interop_pyjwt_and_jose() {
         assert!(ok, "PyJWT: {out}");
         assert_eq!(out.matches(" ok").count(), 4, "{out}");
     } else {
-        eprintln!("SKIPPED: PyJWT interop (python3 not installed)");
+        interop_skipped("PyJWT interop (python3 not installed)");
     }
     if have("node") && have("npm") {
         let dir = target.join("node-jose");
@@ -430,6 +430,16 @@ async fn interop_pyjwt_and_jose() {
         assert!(ok, "jose: {out}");
         assert_eq!(out.matches(" ok").count(), 4, "{out}");
     } else {
-        eprintln!("SKIPPED: npm jose interop (node/npm not installed)");
+        interop_skipped("npm jose interop (node/npm not installed)");
     }
+}
+
+/// A missing third-party tool skips loudly, or fails under `SEC_TEST_INTEROP=required`
+/// (as CI sets it), like the interop suite in `tests/interop/run.sh`.
+fn interop_skipped(what: &str) {
+    assert!(
+        std::env::var("SEC_TEST_INTEROP").as_deref() != Ok("required"),
+        "{what}, and SEC_TEST_INTEROP=required"
+    );
+    sec_testkit::skipped(what);
 }
