@@ -376,18 +376,28 @@ impl std::fmt::Debug for Kv {
 
 /// Connects the store `service` uses; keys are prefixed `<redis_key_prefix><service>:`.
 pub async fn connect_kv(cfg: &Config, service: &str, clock: SharedClock) -> anyhow::Result<Kv> {
-    match &cfg.storage.redis_url {
-        Some(url) => {
-            let pool = RedisPool::from_url(url.expose())?;
-            let kv = Kv::Redis {
-                pool,
-                prefix: format!("{}{service}:", cfg.storage.redis_key_prefix),
-            };
+    match redis_for(cfg, service)? {
+        Some((pool, prefix)) => {
+            let kv = Kv::Redis { pool, prefix };
             kv.ping().await.context("connecting to Redis")?;
             Ok(kv)
         }
         None => Ok(Kv::Memory(Arc::new(MemoryKv::new(clock)))),
     }
+}
+
+/// The configured Redis (`storage.redis_url`, plain or Sentinel) as a pool, nothing
+/// connected yet, with `service`'s key prefix `<redis_key_prefix><service>:`; `None` on
+/// the embedded default. For a service whose own store talks Redis directly.
+pub fn redis_for(cfg: &Config, service: &str) -> anyhow::Result<Option<(RedisPool, String)>> {
+    let Some(url) = &cfg.storage.redis_url else {
+        return Ok(None);
+    };
+    let pool = RedisPool::from_url(url.expose())?;
+    Ok(Some((
+        pool,
+        format!("{}{service}:", cfg.storage.redis_key_prefix),
+    )))
 }
 
 fn redis_err(e: impl std::fmt::Display) -> KvError {

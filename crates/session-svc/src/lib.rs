@@ -19,7 +19,7 @@ use sec_common::auth::{Access, AccessTable};
 use sec_common::config::{Config, ConfigSection};
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
-use sec_common::storage::{Migrations, RedisPool};
+use sec_common::storage::Migrations;
 use sec_common::supervise::Supervisor;
 use sec_proto::session::v1::session_service_server::SessionServiceServer;
 use tokio_util::sync::CancellationToken;
@@ -68,16 +68,12 @@ pub fn session_store(
     config: &Config,
     cfg: &SessionConfig,
 ) -> anyhow::Result<Arc<dyn store::SessionStore>> {
-    match &config.storage.redis_url {
-        Some(url) => {
-            let pool = RedisPool::from_url(url.expose())?;
-            let prefix = format!("{}{NAME}:", config.storage.redis_key_prefix);
-            Ok(Arc::new(
-                store::redis::RedisSessionStore::new(pool, prefix)
-                    .with_wait(cfg.redis_wait_replicas, cfg.redis_wait_timeout_ms)
-                    .with_timeout(Duration::from_millis(cfg.redis_timeout_ms)),
-            ))
-        }
+    match sec_common::storage::redis_for(config, NAME)? {
+        Some((pool, prefix)) => Ok(Arc::new(
+            store::redis::RedisSessionStore::new(pool, prefix)
+                .with_wait(cfg.redis_wait_replicas, cfg.redis_wait_timeout_ms)
+                .with_timeout(Duration::from_millis(cfg.redis_timeout_ms)),
+        )),
         None => Ok(Arc::new(store::memory::MemorySessionStore::new())),
     }
 }
