@@ -18,6 +18,8 @@ use sec_common::auth::{Authenticator, Caller, bearer};
 use sec_common::error::{Error, ErrorCode};
 use sec_common::grpc::{BearerToken, channel};
 use sec_common::service::Platform;
+
+use crate::engine::AuthServer;
 use sec_proto::common::v1::PageRequest;
 use sec_proto::crypto::v1::crypto_service_client::CryptoServiceClient;
 use sec_proto::crypto::v1::{Key, ListKeysRequest};
@@ -35,8 +37,18 @@ struct Facade {
     crypto: Channel,
 }
 
-/// The facade's routes. Fails only on an invalid crypto-svc endpoint or TLS setting.
-pub fn router(platform: &Platform) -> anyhow::Result<Router> {
+/// The facade's routes: the admin JSON here, the protocol endpoints of [`crate::oauth`]
+/// and the pages of [`crate::pages`]. Fails only on an invalid crypto-svc endpoint or TLS
+/// setting.
+pub fn router(platform: &Platform, server: Arc<AuthServer>) -> anyhow::Result<Router> {
+    let protocol = crate::oauth::routes()
+        .merge(crate::pages::routes())
+        .with_state(server);
+    Ok(admin_router(platform)?.merge(protocol))
+}
+
+/// `/healthz` and `/security/keys`.
+fn admin_router(platform: &Platform) -> anyhow::Result<Router> {
     let cfg = &platform.config;
     let crypto = channel(
         &cfg.service_addrs("crypto")?.endpoint_url(cfg.tls.enabled()),
@@ -325,7 +337,7 @@ mod tests {
         let platform = Platform::connect(config, auth, sec_common::clock::system(), "t")
             .await
             .unwrap();
-        (router(&platform).unwrap(), token)
+        (admin_router(&platform).unwrap(), token)
     }
 
     async fn get(app: &Router, auth: Option<&str>) -> (u16, HeaderMap, serde_json::Value) {

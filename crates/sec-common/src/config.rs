@@ -354,6 +354,9 @@ impl PartialEq for Sections {
 pub struct ConfigSection {
     defaults: fn() -> toml::Value,
     parse: ParseSection,
+    /// The top-level key; `None`: the service's name. auth-svc's is `oauth`, since
+    /// `[auth]` is the platform's.
+    key: Option<&'static str>,
 }
 
 type ParseSection = fn(&str, toml::Value) -> Result<Box<dyn Section>, ConfigError>;
@@ -369,7 +372,22 @@ impl ConfigSection {
         Self {
             defaults: section_defaults::<T>,
             parse: parse_section::<T>,
+            key: None,
         }
+    }
+
+    /// A section under its own top-level key instead of the service's name.
+    pub const fn named<T: ServiceConfig>(key: &'static str) -> Self {
+        Self {
+            defaults: section_defaults::<T>,
+            parse: parse_section::<T>,
+            key: Some(key),
+        }
+    }
+
+    /// The top-level key of this section for service `service`.
+    pub fn key(&self, service: &'static str) -> &'static str {
+        self.key.unwrap_or(service)
     }
 }
 
@@ -428,13 +446,14 @@ impl Config {
         for s in services {
             if let Some(sec) = &s.section {
                 // `[auth]` is the platform's; a service section may not shadow one.
-                if template.contains_key(s.name) {
+                let key = sec.key(s.name);
+                if template.contains_key(key) {
                     return Err(ConfigError::Invalid {
-                        key: s.name.to_owned(),
+                        key: key.to_owned(),
                         message: "a service section may not reuse a platform section's name".into(),
                     });
                 }
-                template.insert(s.name.to_owned(), (sec.defaults)());
+                template.insert(key.to_owned(), (sec.defaults)());
             }
         }
         // Layers are merged key by key, so `[services.crypto] grpc_addr = ...` keeps the
@@ -482,8 +501,9 @@ impl Config {
         for s in services {
             // Only a service that owns a section takes its key out of the tree.
             let Some(sec) = &s.section else { continue };
-            if let Some(value) = tree.remove(s.name) {
-                sections.0.insert(s.name, (sec.parse)(s.name, value)?);
+            let key = sec.key(s.name);
+            if let Some(value) = tree.remove(key) {
+                sections.0.insert(key, (sec.parse)(key, value)?);
             }
         }
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))

@@ -173,6 +173,34 @@ impl Supervisor {
     }
 }
 
+/// Retries `f` every second until it succeeds (`Some`) or `stop` (`None`: a shutdown
+/// during start is a clean exit): a peer (crypto-svc, token-svc) may start after us.
+pub async fn until_ok<T, F, Fut>(what: &str, stop: &CancellationToken, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut tries = 0_u32;
+    loop {
+        if stop.is_cancelled() {
+            return None;
+        }
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tries += 1;
+                if tries % 10 == 1 {
+                    tracing::warn!(error = %e, "{what} failed; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU32;

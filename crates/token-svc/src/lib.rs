@@ -23,7 +23,7 @@ use sec_common::grpc::BearerToken;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::{Db, Migrations};
-use sec_common::supervise::Supervisor;
+use sec_common::supervise::{Supervisor, until_ok};
 use sec_proto::crypto::v1::EnsureServiceKeyRequest;
 use sec_proto::crypto::v1::crypto_service_client::CryptoServiceClient;
 use sec_proto::token::v1::token_service_server::TokenServiceServer;
@@ -76,34 +76,6 @@ pub fn token_store(db: &Db) -> Arc<dyn store::TokenStore> {
     match db {
         Db::Postgres(p) => Arc::new(store::postgres::PgTokenStore::new(p.clone())),
         Db::Sqlite(p) => Arc::new(store::sqlite::SqliteTokenStore::new(p.clone())),
-    }
-}
-
-/// Retries `f` every second until it succeeds (`Some`) or `stop` (`None`: a shutdown
-/// during start is a clean exit): crypto-svc may start after us.
-async fn until_ok<T, F, Fut>(what: &str, stop: &CancellationToken, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let mut tries = 0_u32;
-    loop {
-        if stop.is_cancelled() {
-            return None;
-        }
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                tries += 1;
-                if tries % 10 == 1 {
-                    tracing::warn!(error = %e, "{what} failed; retrying");
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
     }
 }
 

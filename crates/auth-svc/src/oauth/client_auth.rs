@@ -1,0 +1,1 @@
+//! Client authentication at the token, revocation and introspection endpoints.

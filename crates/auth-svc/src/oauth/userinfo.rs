@@ -1,0 +1,9 @@
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::engine::AuthServer;
+
+pub fn routes() -> Router<Arc<AuthServer>> {
+    Router::new()
+}
