@@ -156,6 +156,19 @@ impl TestPlatform {
             admin.insert(*name, l.admin.local_addr()?);
         }
         let http = config.facade.http_addr;
+        // The issuer is the facade's URL: discovery, RFC 9207 `iss` and the tokens' `iss`
+        // must all name the port the facade really listens on.
+        let issuer = format!("http://{http}");
+        let mut oauth = config
+            .section::<auth_svc::OAuthConfig>(auth_svc::SECTION)?
+            .clone();
+        oauth.issuer = issuer.clone();
+        config.set_section(auth_svc::SECTION, oauth)?;
+        let mut tokens = config
+            .section::<token_svc::TokenConfig>(token_svc::NAME)?
+            .clone();
+        tokens.issuer = issuer;
+        config.set_section(token_svc::NAME, tokens)?;
         let service_token = generate_token()?;
         let credentials = ServiceCredentials::generate(secd::SERVICES.iter().map(|s| s.name))?;
         let auth = Authenticator::from_config(&config)?

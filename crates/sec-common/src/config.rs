@@ -948,6 +948,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("platform section"), "{err}");
+
+        // Under its own key (auth-svc's `[oauth]`) both coexist, each with its own values.
+        const NAMED: &[ServiceConfigSpec] = &[ServiceConfigSpec {
+            name: "auth",
+            default_ports: (1, 2),
+            calls: &[],
+            section: Some(ConfigSection::named::<CryptoLike>("oauth")),
+        }];
+        let c = Config::load(
+            None,
+            &env(&[
+                ("SEC_AUTH__TRUSTED_PEERS", "[\"spiffe://y\"]"),
+                ("SEC_OAUTH__MAX_PAYLOAD_BYTES", "7"),
+            ]),
+            NAMED,
+        )
+        .unwrap();
+        assert_eq!(c.auth.trusted_peers, ["spiffe://y"]);
+        assert_eq!(
+            c.section::<CryptoLike>("oauth").unwrap().max_payload_bytes,
+            7
+        );
+        assert!(c.to_redacted_toml().contains("[oauth]"));
+        let err = Config::load(None, &env(&[("SEC_OAUTH__MAX_PAYLOAD_BYTES", "0")]), NAMED)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("oauth.max_payload_bytes"), "{err}");
     }
 
     #[test]
