@@ -501,11 +501,11 @@ async fn refresh(
     require_grant(&client.client, GrantType::RefreshToken)?;
     let refresh_token = params.require("refresh_token")?;
     let narrowed = match params.get("scope") {
-        Some(raw) => Some(
-            scope_list(raw)
-                .ok_or_else(|| OAuthError::invalid_scope("malformed scope"))?
-                .join(" "),
-        ),
+        Some(raw) => {
+            let list =
+                scope_list(raw).ok_or_else(|| OAuthError::invalid_scope("malformed scope"))?;
+            (!list.is_empty()).then(|| list.join(" "))
+        }
         None => None,
     };
     // What the family is (scope, user): needed for the ID token and the user check. An
@@ -522,6 +522,15 @@ async fn refresh(
     let mut id_token = false;
     let mut id_claims_json = String::new();
     if family.active && family.client_id == client.id() {
+        if let Some(n) = &narrowed {
+            let granted: Vec<&str> = family.scope.split(' ').collect();
+            if n.split(' ').any(|s| !granted.contains(&s)) {
+                // RFC 6749 §6: the scope may only narrow; the token stays usable.
+                return Err(OAuthError::invalid_scope(
+                    "the requested scope exceeds the one originally granted",
+                ));
+            }
+        }
         let scope = narrowed.clone().unwrap_or_else(|| family.scope.clone());
         let scopes = scope_list(&scope).unwrap_or_default();
         let user = match server.find_user(&family.subject).await {
