@@ -501,7 +501,7 @@ async fn client_credentials(ctx: &Ctx) {
     ctx.token(&ctx.svc, &[("grant_type", "client_credentials"), ("scope", "openid")])
         .await
         .assert_error(400, "invalid_scope");
-    ctx.token(&ctx.post, &[("grant_type", "client_credentials"), ("scope", "api.write")])
+    ctx.token(&ctx.svc, &[("grant_type", "client_credentials"), ("scope", "api.read profile")])
         .await
         .assert_error(400, "invalid_scope");
     ctx.token(&ctx.svc, &[("grant_type", "urn:example:magic")])

@@ -211,6 +211,13 @@ fn response(server: &AuthServer, t: IssueTokensResponse) -> Result<TokenResponse
     })
 }
 
+/// The user claims for token-svc's ID token: `sub` is the grant's subject, set by
+/// token-svc (which refuses reserved claims here).
+fn id_claims(mut claims: serde_json::Map<String, serde_json::Value>) -> String {
+    claims.remove("sub");
+    serde_json::Value::Object(claims).to_string()
+}
+
 fn granted_event(server: &AuthServer, grant: &'static str, client_id: &str, subject: &str, scope: &str) {
     let mut e = server.event("sec.auth.token.granted");
     e.subject = subject.to_owned();
@@ -395,7 +402,7 @@ async fn authorization_code(
         nonce: g.nonce.clone().unwrap_or_default(),
         authorization_code: code.to_owned(),
         id_claims_json: if openid {
-            serde_json::Value::Object(claims).to_string()
+            id_claims(claims)
         } else {
             String::new()
         },
@@ -541,8 +548,7 @@ async fn refresh(
             Some(u) if u.status == UserStatus::Active => {
                 if scopes.iter().any(|s| s == "openid") {
                     id_token = true;
-                    id_claims_json =
-                        serde_json::Value::Object(server.user_claims(&u, &scopes)).to_string();
+                    id_claims_json = id_claims(server.user_claims(&u, &scopes));
                 }
             }
             _ => {
@@ -771,7 +777,7 @@ async fn password(
         access_ttl_seconds: settings.access_ttl_seconds,
         id_token: openid,
         id_claims_json: if openid {
-            serde_json::Value::Object(server.user_claims(&user, &scopes)).to_string()
+            id_claims(server.user_claims(&user, &scopes))
         } else {
             String::new()
         },
