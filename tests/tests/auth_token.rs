@@ -24,6 +24,7 @@ use sec_tests::{Backends, TestPlatform};
 use serde_json::{Value, json};
 use token_svc::TokenConfig;
 
+const PASSWORD: &str = "correct horse battery staple 42";
 const REDIRECT: &str = "https://app.example/cb";
 /// RFC 7636 Appendix B.
 const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
@@ -249,7 +250,7 @@ async fn start(backends: Backends) -> Option<Ctx> {
         "rs",
         "client_secret_basic",
         &["client_credentials"],
-        &["api.read"],
+        &["openid", "email", "api.read"],
         true,
         "",
     )
@@ -285,7 +286,7 @@ async fn start(backends: Backends) -> Option<Ctx> {
                 claims_json: json!({"name": "Alice Liddell"}).to_string(),
                 ..apb::User::default()
             }),
-            password: String::new(),
+            password: PASSWORD.into(),
         })
         .await
         .unwrap()
@@ -818,12 +819,124 @@ async fn userinfo(ctx: &Ctx) {
     r.assert_error(401, "invalid_token");
 }
 
+async fn security_auth(ctx: &Ctx) {
+    let call = |body: Value| async move {
+        http(
+            ctx.tp.http,
+            "POST",
+            "/security/auth",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+        .await
+    };
+    let password = |client: &(String, String), pw: &str| {
+        json!({"grant_type": "password", "client_id": client.0, "client_secret": client.1,
+               "username": "ALICE", "password": pw, "scope": "openid email"})
+    };
+    let r = call(password(&ctx.rs, PASSWORD)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let t = r.json();
+    assert_eq!(t["token_type"], "Bearer");
+    assert_eq!(t["scope"], "openid email");
+    let (_, id) = jwt::decode_unverified(t["id_token"].as_str().unwrap(), 8192).unwrap();
+    assert_eq!(id["sub"].as_str(), Some(ctx.alice.as_str()));
+    assert_eq!(id["email"], "alice@example.com");
+
+    call(password(&ctx.rs, "wrong password"))
+        .await
+        .assert_error(400, "invalid_grant");
+    // Only trusted clients; the client's secret is checked first.
+    call(password(&ctx.svc, PASSWORD))
+        .await
+        .assert_error(400, "unauthorized_client");
+    call(password(&(ctx.rs.0.clone(), "wrong".into()), PASSWORD))
+        .await
+        .assert_error(401, "invalid_client");
+    let mut beyond = password(&ctx.rs, PASSWORD);
+    beyond["scope"] = json!("api.write");
+    call(beyond).await.assert_error(400, "invalid_scope");
+
+    let r = call(json!({"grant_type": "client_credentials", "client_id": ctx.svc.0,
+                        "client_secret": ctx.svc.1}))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["scope"], "api.read api.write");
+
+    call(json!({"grant_type": "implicit", "client_id": ctx.svc.0, "client_secret": ctx.svc.1}))
+        .await
+        .assert_error(400, "unsupported_grant_type");
+    call(json!({"grant_type": "client_credentials", "client_id": ctx.svc.0,
+                "client_secret": ctx.svc.1, "extra": 1}))
+    .await
+    .assert_error(400, "invalid_request");
+    let r = ctx
+        .post(
+            "/security/auth",
+            None,
+            &form(&[("grant_type", "client_credentials")]),
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+}
+
+/// Last: a disabled user gets no new tokens by any grant, and UserInfo refuses them.
+async fn disabled_user(ctx: &Ctx) {
+    let code = ctx.code(&ctx.web.0, "openid offline_access", Some(CHALLENGE)).await;
+    let t = ctx.exchange(&ctx.web, &code, Some(VERIFIER)).await.json();
+    let refresh = t["refresh_token"].as_str().unwrap().to_owned();
+    let pending = ctx.code(&ctx.web.0, "openid", Some(CHALLENGE)).await;
+
+    let mut admin =
+        AuthServiceClient::with_interceptor(ctx.tp.channel("auth"), ctx.tp.admin_bearer().unwrap());
+    let user = admin
+        .get_user(apb::GetUserRequest {
+            key: Some(apb::get_user_request::Key::UserId(ctx.alice.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let version = user.version;
+    admin
+        .update_user(apb::UpdateUserRequest {
+            user: Some(apb::User {
+                status: apb::UserStatus::Disabled as i32,
+                ..user
+            }),
+            expected_version: version,
+        })
+        .await
+        .unwrap();
+
+    ctx.exchange(&ctx.web, &pending, Some(VERIFIER))
+        .await
+        .assert_error(400, "invalid_grant");
+    ctx.refresh(&ctx.web, &refresh)
+        .await
+        .assert_error(400, "invalid_grant");
+    let r = http(
+        ctx.tp.http,
+        "POST",
+        "/security/auth",
+        &[("Content-Type", "application/json")],
+        json!({"grant_type": "password", "client_id": ctx.rs.0, "client_secret": ctx.rs.1,
+               "username": "alice", "password": PASSWORD})
+        .to_string()
+        .as_bytes(),
+    )
+    .await;
+    r.assert_error(400, "invalid_grant");
+}
+
 async fn all(ctx: &Ctx) {
     client_credentials(ctx).await;
     code_exchange_and_replay(ctx).await;
     refresh_rotation(ctx).await;
     revocation_and_introspection(ctx).await;
     userinfo(ctx).await;
+    security_auth(ctx).await;
+    disabled_user(ctx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
