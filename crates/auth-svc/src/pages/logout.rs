@@ -133,15 +133,8 @@ fn unverified_audience(token: &str) -> Option<String> {
 
 /// Verifies the hint at token-svc. `Ok(None)`: not a valid ID token (expired, forged,
 /// another issuer...).
-async fn verify_hint(
-    server: &AuthServer,
-    token: &str,
-    client_id: Option<&str>,
-) -> Result<Option<Hint>, Response> {
-    let Some(audience) = client_id
-        .map(str::to_owned)
-        .or_else(|| unverified_audience(token))
-    else {
+async fn verify_hint(server: &AuthServer, token: &str) -> Result<Option<Hint>, Response> {
+    let Some(audience) = unverified_audience(token) else {
         return Ok(None);
     };
     let r = server
@@ -175,7 +168,7 @@ async fn verify_hint(
 
 async fn start(server: &AuthServer, parts: &Parts, p: &Params) -> Response {
     let hint = match p.get("id_token_hint") {
-        Some(t) => match verify_hint(server, t, p.get("client_id")).await {
+        Some(t) => match verify_hint(server, t).await {
             Ok(h) => h,
             Err(r) => return r,
         },
