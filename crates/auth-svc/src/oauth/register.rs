@@ -291,7 +291,10 @@ fn rfc_field(settings_field: &str) -> &'static str {
     match settings_field {
         f if f.starts_with("post_logout_redirect_uris") => "post_logout_redirect_uris",
         f if f.starts_with("redirect_uris") => "redirect_uris",
-        f if f.starts_with("auth_method") || f.starts_with("public") => {
+        f if f.starts_with("token_endpoint_auth_method")
+            || f.starts_with("auth_method")
+            || f.starts_with("public") =>
+        {
             "token_endpoint_auth_method"
         }
         f if f.starts_with("grant_types") => "grant_types",
@@ -822,6 +825,10 @@ mod tests {
         let e = from_client_error("x", &Error::invalid("post_logout_redirect_uris", "bad"));
         assert_eq!(e.error, "invalid_client_metadata");
         assert!(e.description.contains("post_logout_redirect_uris"));
+        let e = from_client_error("x", &Error::invalid("token_endpoint_auth_method", "bad"));
+        assert!(e.description.starts_with("`token_endpoint_auth_method`"));
+        let e = from_client_error("x", &Error::invalid("jwks_json", "bad"));
+        assert!(e.description.starts_with("`jwks`"));
         let e = from_client_error("x", &Error::invalid("scopes", "unknown scope"));
         assert!(e.description.starts_with("`scope`"));
         let e = from_client_error("x", &Error::new(ErrorCode::Internal, "sqlite: disk"));
