@@ -93,12 +93,20 @@ impl Modify for SecuritySchemes {
         // -- facade.rs --
         crate::facade::healthz,
         crate::facade::list_keys,
-        // -- MERGE: the lead adds the other branches' annotated handlers here --
-        // (auth-token)  super::token::..., super::revoke::..., super::introspect::...,
-        //               super::userinfo::... (GET and POST), POST /security/auth
-        // (auth-pages)  crate::pages::authorize::..., crate::pages::logout::...,
-        //               the login and consent POST handlers
-        // -- end MERGE --
+        // -- oauth (token, revocation, introspection, userinfo) --
+        super::token::token,
+        super::token::security_auth,
+        super::revoke::revoke,
+        super::introspect::introspect,
+        super::userinfo::userinfo_get,
+        super::userinfo::userinfo_post,
+        // -- pages --
+        crate::pages::authorize::authorize_get,
+        crate::pages::authorize::authorize_post,
+        crate::pages::login::login_post,
+        crate::pages::consent::consent_post,
+        crate::pages::logout::logout_get,
+        crate::pages::logout::logout_post,
     )
 )]
 pub struct ApiDoc;
