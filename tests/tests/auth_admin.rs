@@ -7,8 +7,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
+use std::time::Duration;
+
 use sec_common::error::error_info;
 use sec_common::grpc::BearerToken;
+use sec_proto::audit::v1::ListEventsRequest;
 use sec_proto::auth::v1 as pb;
 use sec_proto::auth::v1::auth_service_client::AuthServiceClient;
 use sec_proto::common::v1::PageRequest;
@@ -62,10 +65,85 @@ async fn auth_admin_production() {
 
 async fn scenario(tp: &TestPlatform) {
     refusals_for_non_admins(tp).await;
-    clients(tp).await;
+    let secrets = clients(tp).await;
     parallel_updates_have_one_winner(tp).await;
     users(tp).await;
     disabling_ends_sessions(tp).await;
+    events_reach_the_audit_trail(tp, &secrets).await;
+}
+
+/// Every change is an event with the admin as actor; deleting a client and disabling a
+/// user say their revocations in token-svc and session-svc worked; no secret or password
+/// is in any of them.
+async fn events_reach_the_audit_trail(tp: &TestPlatform, secrets: &[String]) {
+    let want = [
+        "sec.auth.client.created",
+        "sec.auth.client.updated",
+        "sec.auth.client.deleted",
+        "sec.auth.client.secret_rotated",
+        "sec.auth.user.created",
+        "sec.auth.user.password_changed",
+        "sec.auth.user.disabled",
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let events = tp
+            .audit()
+            .list_events(ListEventsRequest {
+                event_type: "sec.auth.*".into(),
+                page: Some(PageRequest {
+                    page_size: 1000,
+                    page_token: String::new(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if want.iter().all(|w| events.iter().any(|e| e.r#type == *w)) {
+            break events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events missing: {:?}",
+            events.iter().map(|e| &e.r#type).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for e in &events {
+        let dump = format!("{e:?}");
+        for s in secrets {
+            assert!(!dump.contains(s.as_str()), "a secret in an event: {dump}");
+        }
+        for pw in [
+            "analytical engine",
+            "difference engine",
+            "compiler compiler",
+        ] {
+            assert!(!dump.contains(pw), "a password in an event: {dump}");
+        }
+        if want.contains(&e.r#type.as_str()) {
+            assert_eq!(e.actor.as_ref().unwrap().id, "admin", "{dump}");
+        }
+    }
+    let one = |t: &str, subject: &str| {
+        events
+            .iter()
+            .find(|e| e.r#type == t && e.subject == subject)
+            .unwrap_or_else(|| panic!("no {t} for {subject}"))
+            .clone()
+    };
+    assert_eq!(
+        one("sec.auth.client.deleted", "page-c").details["tokens_revoked"],
+        "true"
+    );
+    let disabled = events
+        .iter()
+        .find(|e| e.r#type == "sec.auth.user.disabled")
+        .unwrap();
+    assert_eq!(disabled.details["sessions_revoked"], "true");
+    assert_eq!(disabled.details["tokens_revoked"], "true");
 }
 
 async fn refusals_for_non_admins(tp: &TestPlatform) {
@@ -109,7 +187,8 @@ async fn refusals_for_non_admins(tp: &TestPlatform) {
     assert_eq!(e.code(), Code::NotFound);
 }
 
-async fn clients(tp: &TestPlatform) {
+/// Returns the secrets it saw, for the event check.
+async fn clients(tp: &TestPlatform) -> Vec<String> {
     let mut api = admin(tp);
     // Create: the secret comes back once; a get never shows it.
     let created = api
@@ -305,6 +384,7 @@ async fn clients(tp: &TestPlatform) {
             .iter()
             .any(|s| s.name == "openid" && s.builtin && !s.description.is_empty())
     );
+    vec![created.client_secret, rotated.client_secret]
 }
 
 /// Eight administrators update the same client from the same read: exactly one wins,

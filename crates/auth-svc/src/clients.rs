@@ -530,7 +530,7 @@ mod tests {
             let j = format!(r#"{{"keys":[{{"kty":"RSA","n":"x","e":"AQAB","{private}":"s"}}]}}"#);
             assert!(check_jwks(&j).is_err(), "{private}");
         }
-        let eleven = vec![pubkey; 11].join(",");
+        let eleven = [pubkey; 11].join(",");
         assert!(check_jwks(&format!(r#"{{"keys":[{eleven}]}}"#)).is_err());
         let big = format!(
             r#"{{"keys":[{pubkey}],"pad":"{}"}}"#,
