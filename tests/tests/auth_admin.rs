@@ -640,24 +640,52 @@ async fn disabling_ends_sessions(tp: &TestPlatform) {
     };
     assert_eq!(live(sessions.clone(), u.user_id.clone()).await, 2);
 
+    // A new password keeps the sessions only when asked to.
+    let mut version = u.version;
+    for (keep, left) in [(true, 2), (false, 0)] {
+        version = api
+            .set_password(pb::SetPasswordRequest {
+                user_id: u.user_id.clone(),
+                password: "compiler compiler".into(),
+                keep_sessions: keep,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap()
+            .version;
+        assert_eq!(live(sessions.clone(), u.user_id.clone()).await, left);
+    }
+    sessions
+        .create(spb::CreateRequest {
+            user_id: u.user_id.clone(),
+            client_id: "web".into(),
+            amr: vec!["pwd".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(live(sessions.clone(), u.user_id.clone()).await, 1);
+
     let mut disabled = u.clone();
     disabled.status = pb::UserStatus::Disabled as i32;
     let d = api
         .update_user(pb::UpdateUserRequest {
             user: Some(disabled.clone()),
-            expected_version: u.version,
+            expected_version: version,
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(d.status, pb::UserStatus::Disabled as i32);
-    assert_eq!(d.version, u.version + 1);
+    assert_eq!(d.version, version + 1);
     assert_eq!(live(sessions.clone(), u.user_id.clone()).await, 0);
     // The same update again is stale.
     let e = api
         .update_user(pb::UpdateUserRequest {
             user: Some(disabled),
-            expected_version: u.version,
+            expected_version: version,
         })
         .await
         .unwrap_err();
