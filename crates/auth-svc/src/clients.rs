@@ -356,7 +356,6 @@ impl AuthServer {
         if current.version != expected_version {
             return Err(store_error(StoreError::VersionMismatch, "client"));
         }
-        let changed = changed_fields(&current.settings, &settings);
         let mut row = current.clone();
         if !settings.auth_method.has_secret() {
             row.secret_hash = None;
@@ -367,6 +366,7 @@ impl AuthServer {
             dynamically_registered,
             ..settings
         };
+        let changed = changed_fields(&current.settings, &row.settings);
         row.version = expected_version + 1;
         row.updated_us = self.now_us();
         self.store
