@@ -356,7 +356,6 @@ impl AuthServer {
         if current.version != expected_version {
             return Err(store_error(StoreError::VersionMismatch, "client"));
         }
-        let changed = changed_fields(&current.settings, &settings);
         let mut row = current.clone();
         if !settings.auth_method.has_secret() {
             row.secret_hash = None;
@@ -367,6 +366,7 @@ impl AuthServer {
             dynamically_registered,
             ..settings
         };
+        let changed = changed_fields(&current.settings, &row.settings);
         row.version = expected_version + 1;
         row.updated_us = self.now_us();
         self.store
@@ -530,7 +530,7 @@ mod tests {
             let j = format!(r#"{{"keys":[{{"kty":"RSA","n":"x","e":"AQAB","{private}":"s"}}]}}"#);
             assert!(check_jwks(&j).is_err(), "{private}");
         }
-        let eleven = vec![pubkey; 11].join(",");
+        let eleven = [pubkey; 11].join(",");
         assert!(check_jwks(&format!(r#"{{"keys":[{eleven}]}}"#)).is_err());
         let big = format!(
             r#"{{"keys":[{pubkey}],"pad":"{}"}}"#,

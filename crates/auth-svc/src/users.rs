@@ -643,14 +643,14 @@ impl AuthServer {
             );
             out.insert("updated_at".into(), Value::from(u.updated_us / 1_000_000));
         }
-        if scopes.iter().any(|s| s == "email") {
-            if let Some(email) = &u.email {
-                out.insert("email".into(), Value::String(email.clone()));
-                out.insert(
-                    "email_verified".into(),
-                    Value::Bool(u.profile.email_verified),
-                );
-            }
+        if scopes.iter().any(|s| s == "email")
+            && let Some(email) = &u.email
+        {
+            out.insert("email".into(), Value::String(email.clone()));
+            out.insert(
+                "email_verified".into(),
+                Value::Bool(u.profile.email_verified),
+            );
         }
         out
     }

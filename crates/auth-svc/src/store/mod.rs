@@ -379,14 +379,12 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-/// Unix µs now, for `service_secrets.created_us` (a record of when, never compared).
-pub(crate) fn wall_now_us() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
-/// Writes `impl AuthStore` for a store type holding `pool` whose rows are `$row`.
+/// Writes `impl AuthStore` for a store type holding `pool` whose rows are `$row`;
+/// `$now_us` is the backend's SQL for "now in unix µs", used only for
+/// `service_secrets.created_us` (a record of when, never compared, and the trait passes
+/// no time there).
 macro_rules! impl_store {
-    ($store:ty, $row:ty) => {
+    ($store:ty, $row:ty, $now_us:expr) => {
         const CLIENT_COLS: &str = "client_id, version, settings, secret_hash, \
              registration_token_hash, created_us, updated_us, secret_rotated_us";
         const USER_COLS: &str = "user_id, username, email, status, password_phc, profile, \
@@ -808,13 +806,14 @@ macro_rules! impl_store {
                 name: &str,
                 sealed: &[u8],
             ) -> Result<Vec<u8>, StoreError> {
-                sqlx::query(
-                    "INSERT INTO service_secrets (name, sealed, created_us) VALUES ($1, $2, $3)
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO service_secrets (name, sealed, created_us)
+                     VALUES ($1, $2, {})
                      ON CONFLICT (name) DO NOTHING",
-                )
+                    $now_us
+                )))
                 .bind(name)
                 .bind(sealed)
-                .bind(wall_now_us())
                 .execute(&self.pool)
                 .await?;
                 Ok(

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use super::{
     AuthStore, ClientRow, CodeRow, CodeUse, ConsentRow, StoreError, UserRow, UserStatus, conflict,
-    fold_case, from_json, impl_store, like_prefix, scopes_text, to_json, wall_now_us,
+    fold_case, from_json, impl_store, like_prefix, scopes_text, to_json,
 };
 
 #[derive(Debug, Clone)]
@@ -20,7 +20,11 @@ impl PgAuthStore {
     }
 }
 
-impl_store!(PgAuthStore, sqlx::postgres::PgRow);
+impl_store!(
+    PgAuthStore,
+    sqlx::postgres::PgRow,
+    "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT"
+);
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use sqlx::SqlitePool;
 
 use super::{
     AuthStore, ClientRow, CodeRow, CodeUse, ConsentRow, StoreError, UserRow, UserStatus, conflict,
-    fold_case, from_json, impl_store, like_prefix, scopes_text, to_json, wall_now_us,
+    fold_case, from_json, impl_store, like_prefix, scopes_text, to_json,
 };
 
 #[derive(Debug, Clone)]
@@ -20,7 +20,11 @@ impl SqliteAuthStore {
     }
 }
 
-impl_store!(SqliteAuthStore, sqlx::sqlite::SqliteRow);
+impl_store!(
+    SqliteAuthStore,
+    sqlx::sqlite::SqliteRow,
+    "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
+);
 
 #[cfg(test)]
 mod tests {
