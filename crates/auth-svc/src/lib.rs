@@ -120,10 +120,7 @@ pub async fn run(
 
     let tls = &platform.config.tls;
     let peer = |name: &str| -> anyhow::Result<tonic::transport::Channel> {
-        Ok(channel(
-            &platform.addrs(name)?.endpoint_url(tls.enabled()),
-            tls,
-        )?)
+        channel(&platform.addrs(name)?.endpoint_url(tls.enabled()), tls)
     };
     let credential = platform.credential(NAME).map(str::to_owned);
     let crypto = peer("crypto")?;

@@ -22,6 +22,8 @@ impl Params {
     /// Parses a query string or form body. `max_value` bounds each decoded value.
     pub fn parse(raw: &[u8], max_value: usize) -> Result<Self, OAuthError> {
         let mut map = BTreeMap::new();
+        // Every name seen, with or without a value: `a=&a=1` repeats `a` too.
+        let mut seen = std::collections::BTreeSet::new();
         let mut count = 0_usize;
         for (name, value) in form_urlencoded::parse(raw) {
             count += 1;
@@ -37,15 +39,12 @@ impl Params {
                     safe_name(&name)
                 )));
             }
-            if value.is_empty() {
-                // Treated as omitted, but still counted against duplicates below.
-                if map.contains_key(name.as_ref()) {
-                    return Err(duplicate(&name));
-                }
-                continue;
-            }
-            if map.insert(name.to_string(), value.into_owned()).is_some() {
+            if !seen.insert(name.to_string()) {
                 return Err(duplicate(&name));
+            }
+            // Treated as omitted (RFC 6749 §3.1).
+            if !value.is_empty() {
+                map.insert(name.to_string(), value.into_owned());
             }
         }
         Ok(Self(map))
