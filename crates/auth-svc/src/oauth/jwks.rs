@@ -130,7 +130,10 @@ pub fn publish(
         public
     });
     let mut algs: Vec<String> = Vec::new();
-    for a in keys.iter().filter_map(|k| k.get("alg").and_then(Value::as_str)) {
+    for a in keys
+        .iter()
+        .filter_map(|k| k.get("alg").and_then(Value::as_str))
+    {
         if !algs.iter().any(|x| x == a) {
             algs.push(a.to_owned());
         }
@@ -265,6 +268,66 @@ mod tests {
             assert!(publish(bad, 60, Utc::now()).is_err(), "{bad}");
         }
         assert!(publish(&"x".repeat(MAX_JWKS_BYTES + 1), 60, Utc::now()).is_err());
+    }
+
+    /// The unit test server's token-svc is a port nothing listens on, and its clock stands
+    /// still, so the age of a cached copy is set by its `fetched_at`.
+    #[tokio::test]
+    async fn token_svc_down_serves_a_recent_copy_else_503() {
+        let t = crate::users::test_server::new().await;
+        let cache = JwksCache::new();
+        let e = cache.get(&t.server).await.unwrap_err();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.error, "temporarily_unavailable");
+        assert!(!e.description.contains("127.0.0.1"), "{}", e.description);
+
+        let now = t.server.clock.now();
+        for (age, served) in [
+            (2, true),
+            (30, true),
+            (59, true),
+            (60, false),
+            (3_600, false),
+        ] {
+            let copy = publish(SET, 60, now - chrono::Duration::seconds(age)).unwrap();
+            *cache.state.lock().await = Some(Arc::new(copy));
+            assert_eq!(cache.get(&t.server).await.is_ok(), served, "age {age}");
+        }
+
+        // Through the handler: 503 JSON, no-store, and discovery still answers.
+        let app = super::super::routes().with_state(t.server.clone());
+        let resp = tower::ServiceExt::oneshot(
+            app.clone(),
+            axum::http::Request::get("/jwks")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let j: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(j["error"], "temporarily_unavailable");
+        let resp = tower::ServiceExt::oneshot(
+            app,
+            axum::http::Request::get("/.well-known/openid-configuration")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let j: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            j["id_token_signing_alg_values_supported"],
+            serde_json::json!(super::super::discovery::FALLBACK_SIGNING_ALGS)
+        );
     }
 
     #[test]
