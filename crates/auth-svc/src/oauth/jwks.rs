@@ -70,10 +70,11 @@ impl JwksCache {
     pub async fn get(&self, server: &AuthServer) -> Result<Arc<Published>, OAuthError> {
         let mut state = self.state.lock().await;
         let now = server.clock.now();
-        if let Some(p) = state.as_ref() {
-            if (now - p.fetched_at).num_seconds() < FRESH_SECONDS && now >= p.fetched_at {
-                return Ok(p.clone());
-            }
+        if let Some(p) = state.as_ref()
+            && (now - p.fetched_at).num_seconds() < FRESH_SECONDS
+            && now >= p.fetched_at
+        {
+            return Ok(p.clone());
         }
         let mut tokens = server.tokens.clone();
         let fetched = tokio::time::timeout(FETCH_TIMEOUT, tokens.get_jwks(GetJwksRequest {}))
@@ -237,9 +238,13 @@ mod tests {
         {"kty":"OKP","crv":"Ed25519","x":"c","kid":"k2","alg":"EdDSA","use":"sig"},
         {"kty":"EC","crv":"P-256","x":"a","y":"b","kid":"k3","alg":"ES256","use":"sig"}]}"#;
 
+    fn at() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
     #[test]
     fn published_set_has_a_stable_etag_and_its_algorithms() {
-        let now = Utc::now();
+        let now = at();
         let p = publish(SET, 300, now).unwrap();
         assert_eq!(p.algs, vec!["ES256".to_owned(), "EdDSA".to_owned()]);
         assert_eq!(p.etag.len(), 66);
@@ -255,7 +260,7 @@ mod tests {
             {"kty":"EC","crv":"P-256","x":"a","y":"b","d":"SECRET","kid":"bad","alg":"ES256"},
             {"kty":"oct","k":"SECRET","kid":"sym"},
             {"kty":"OKP","crv":"Ed25519","x":"c","kid":"ok","alg":"EdDSA"}]}"#;
-        let p = publish(set, 60, Utc::now()).unwrap();
+        let p = publish(set, 60, at()).unwrap();
         let body = String::from_utf8(p.body.to_vec()).unwrap();
         assert!(!body.contains("SECRET"), "{body}");
         assert!(body.contains("\"ok\""));
@@ -265,9 +270,9 @@ mod tests {
     #[test]
     fn malformed_sets_are_refused() {
         for bad in ["", "[]", r#"{"keys":{}}"#, "{not json"] {
-            assert!(publish(bad, 60, Utc::now()).is_err(), "{bad}");
+            assert!(publish(bad, 60, at()).is_err(), "{bad}");
         }
-        assert!(publish(&"x".repeat(MAX_JWKS_BYTES + 1), 60, Utc::now()).is_err());
+        assert!(publish(&"x".repeat(MAX_JWKS_BYTES + 1), 60, at()).is_err());
     }
 
     /// The unit test server's token-svc is a port nothing listens on, and its clock stands

@@ -443,13 +443,13 @@ async fn registrant(server: &AuthServer, headers: &HeaderMap) -> Result<Actor, O
         }
         return Err(OAuthError::missing_token());
     };
-    if let Some(h) = &server.cfg.registration_token_hash {
-        if is_initial_access_token(h.expose(), token) {
-            return Ok(Actor {
-                kind: ActorKind::Client as i32,
-                id: "initial-access-token".into(),
-            });
-        }
+    if let Some(h) = &server.cfg.registration_token_hash
+        && is_initial_access_token(h.expose(), token)
+    {
+        return Ok(Actor {
+            kind: ActorKind::Client as i32,
+            id: "initial-access-token".into(),
+        });
     }
     match server.admin.authenticate_token(token).await {
         Ok(Caller::Admin) => Ok(Caller::Admin.actor()),
@@ -663,12 +663,12 @@ pub async fn update(
                 "`client_id` is required and must be this client's id",
             ));
         }
-        if let Some(secret) = &m.client_secret {
-            if !server.check_client_secret(&row, secret) {
-                return Err(OAuthError::invalid_client_metadata(
-                    "`client_secret` is not this client's current secret",
-                ));
-            }
+        if let Some(secret) = &m.client_secret
+            && !server.check_client_secret(&row, secret)
+        {
+            return Err(OAuthError::invalid_client_metadata(
+                "`client_secret` is not this client's current secret",
+            ));
         }
         let mut settings = to_settings(&server.cfg, &m)?;
         let old = &row.settings;
