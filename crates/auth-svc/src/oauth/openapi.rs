@@ -93,9 +93,14 @@ impl Modify for SecuritySchemes {
         // -- facade.rs --
         crate::facade::healthz,
         crate::facade::list_keys,
-        // -- MERGE: the lead adds the other branches' annotated handlers here --
-        // (auth-token)  super::token::..., super::revoke::..., super::introspect::...,
-        //               super::userinfo::... (GET and POST), POST /security/auth
+        // -- auth-token (merged) --
+        super::token::token,
+        super::token::security_auth,
+        super::revoke::revoke,
+        super::introspect::introspect,
+        super::userinfo::userinfo_get,
+        super::userinfo::userinfo_post,
+        // -- MERGE: the lead adds auth-pages' annotated handlers here --
         // (auth-pages)  crate::pages::authorize::..., crate::pages::logout::...,
         //               the login and consent POST handlers
         // -- end MERGE --
