@@ -94,7 +94,12 @@ async fn http(
         loop {
             let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
             let size = usize::from_str_radix(
-                std::str::from_utf8(&rest[..eol]).unwrap().split(';').next().unwrap().trim(),
+                std::str::from_utf8(&rest[..eol])
+                    .unwrap()
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .trim(),
                 16,
             )
             .unwrap();
@@ -129,9 +134,8 @@ async fn start_with_initial_token() -> TestPlatform {
         .section::<auth_svc::OAuthConfig>(auth_svc::SECTION)
         .unwrap()
         .clone();
-    oauth.registration_token_hash = Some(sec_common::config::Secret::new(hash_token(
-        INITIAL_TOKEN,
-    )));
+    oauth.registration_token_hash =
+        Some(sec_common::config::Secret::new(hash_token(INITIAL_TOKEN)));
     seed.config.set_section(auth_svc::SECTION, oauth).unwrap();
     TestPlatform::start_with(seed, None).await
 }
@@ -139,8 +143,9 @@ async fn start_with_initial_token() -> TestPlatform {
 fn token_client(
     tp: &TestPlatform,
     bearer: BearerToken,
-) -> TokenServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>>
-{
+) -> TokenServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+> {
     TokenServiceClient::with_interceptor(tp.channel("token"), bearer)
 }
 
@@ -154,7 +159,11 @@ async fn discovery_names_every_endpoint_under_the_issuer() {
     let oidc = get(tp.http, "/.well-known/openid-configuration").await;
     assert_eq!(oidc.status, 200);
     assert_eq!(oidc.header("cache-control"), Some("public, max-age=300"));
-    assert!(oidc.header("content-type").unwrap().starts_with("application/json"));
+    assert!(
+        oidc.header("content-type")
+            .unwrap()
+            .starts_with("application/json")
+    );
     let d = oidc.json();
     // RFC 8414 serves the same metadata.
     let rfc8414 = get(tp.http, "/.well-known/oauth-authorization-server").await;
@@ -182,7 +191,11 @@ async fn discovery_names_every_endpoint_under_the_issuer() {
     assert_eq!(d["request_parameter_supported"], false);
     assert_eq!(d["request_uri_parameter_supported"], false);
     assert_eq!(d["claims_parameter_supported"], false);
-    for m in ["client_secret_basic", "client_secret_post", "private_key_jwt"] {
+    for m in [
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+    ] {
         for key in [
             "token_endpoint_auth_methods_supported",
             "revocation_endpoint_auth_methods_supported",
@@ -197,7 +210,9 @@ async fn discovery_names_every_endpoint_under_the_issuer() {
     }
     // The signing algorithms are those of the keys /jwks publishes.
     let jwks = get(tp.http, "/jwks").await.json();
-    let algs = d["id_token_signing_alg_values_supported"].as_array().unwrap();
+    let algs = d["id_token_signing_alg_values_supported"]
+        .as_array()
+        .unwrap();
     for k in jwks["keys"].as_array().unwrap() {
         assert!(algs.contains(&k["alg"]), "{} not in {algs:?}", k["alg"]);
     }
@@ -274,7 +289,11 @@ async fn jwks_is_cacheable_revalidates_with_etag_and_verifies_tokens() {
     let etag = r.header("etag").unwrap().to_owned();
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &r.body);
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(etag, format!("\"{hex}\""), "the ETag is the SHA-256 of the body");
+    assert_eq!(
+        etag,
+        format!("\"{hex}\""),
+        "the ETag is the SHA-256 of the body"
+    );
     let jwks = r.json();
     let published: Value = serde_json::from_str(&upstream.jwks_json).unwrap();
     assert_eq!(jwks, published, "the JWK Set is token-svc's");
@@ -283,14 +302,29 @@ async fn jwks_is_cacheable_revalidates_with_etag_and_verifies_tokens() {
     }
 
     // Revalidation: the same ETag (strong or weak, alone or in a list) → 304, no body.
-    for inm in [etag.clone(), format!("W/{etag}"), format!("\"other\", {etag}")] {
+    for inm in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"other\", {etag}"),
+    ] {
         let r = http(tp.http, "GET", "/jwks", &[("If-None-Match", &inm)], b"").await;
         assert_eq!(r.status, 304, "{inm}");
         assert!(r.body.is_empty());
         assert_eq!(r.header("etag"), Some(etag.as_str()));
-        assert!(r.header("cache-control").unwrap().starts_with("public, max-age="));
+        assert!(
+            r.header("cache-control")
+                .unwrap()
+                .starts_with("public, max-age=")
+        );
     }
-    let r = http(tp.http, "GET", "/jwks", &[("If-None-Match", "\"stale\"")], b"").await;
+    let r = http(
+        tp.http,
+        "GET",
+        "/jwks",
+        &[("If-None-Match", "\"stale\"")],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), jwks);
 
@@ -335,11 +369,23 @@ async fn register(tp: &TestPlatform, bearer: Option<&str>, body: &Value) -> Resp
     if let Some(a) = &auth {
         headers.push(("Authorization", a.as_str()));
     }
-    http(tp.http, "POST", "/register", &headers, body.to_string().as_bytes()).await
+    http(
+        tp.http,
+        "POST",
+        "/register",
+        &headers,
+        body.to_string().as_bytes(),
+    )
+    .await
 }
 
 fn assert_bearer_401(r: &Resp, what: &str) {
-    assert_eq!(r.status, 401, "{what}: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        401,
+        "{what}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     assert!(
         r.header("www-authenticate").unwrap().starts_with("Bearer"),
         "{what}"
@@ -379,7 +425,10 @@ async fn registration_is_closed_by_default() {
         tp.http,
         "POST",
         "/register",
-        &[("Content-Type", "application/json"), ("Authorization", "Basic YTpi")],
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Basic YTpi"),
+        ],
         body.to_string().as_bytes(),
     )
     .await;
@@ -404,7 +453,10 @@ async fn registration_life_cycle_with_the_registration_access_token() {
     let info = r.json();
     let client_id = info["client_id"].as_str().unwrap().to_owned();
     let secret = info["client_secret"].as_str().unwrap().to_owned();
-    let reg_token = info["registration_access_token"].as_str().unwrap().to_owned();
+    let reg_token = info["registration_access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(secret.len() >= 43, "≥ 256 bits");
     assert_eq!(info["client_secret_expires_at"], 0);
     assert!(info["client_id_issued_at"].as_i64().unwrap() > 1_700_000_000);
@@ -418,7 +470,8 @@ async fn registration_life_cycle_with_the_registration_access_token() {
     assert!(info.get("software_id").is_none());
 
     // The admin API sees an ordinary, dynamically registered, untrusted client.
-    let mut admin = AuthServiceClient::with_interceptor(tp.channel("auth"), tp.admin_bearer().unwrap());
+    let mut admin =
+        AuthServiceClient::with_interceptor(tp.channel("auth"), tp.admin_bearer().unwrap());
     let c = admin
         .get_client(apb::GetClientRequest {
             client_id: client_id.clone(),
@@ -458,12 +511,20 @@ async fn registration_life_cycle_with_the_registration_access_token() {
     let got = read.json();
     assert_eq!(got["client_id"], client_id.as_str());
     assert_eq!(got["registration_access_token"], reg_token.as_str());
-    assert!(got.get("client_secret").is_none(), "the secret is shown once");
+    assert!(
+        got.get("client_secret").is_none(),
+        "the secret is shown once"
+    );
     assert_eq!(got["redirect_uris"], info["redirect_uris"]);
 
     // Wrong token, another client's token, unknown client: the same 401.
-    let other = register(&tp, Some(INITIAL_TOKEN), &web_client()).await.json();
-    let other_token = format!("Bearer {}", other["registration_access_token"].as_str().unwrap());
+    let other = register(&tp, Some(INITIAL_TOKEN), &web_client())
+        .await
+        .json();
+    let other_token = format!(
+        "Bearer {}",
+        other["registration_access_token"].as_str().unwrap()
+    );
     let unknown = "/register/no-such-client".to_owned();
     let admin_bearer = format!("Bearer {}", tp.token);
     let mut bodies = Vec::new();
@@ -484,12 +545,22 @@ async fn registration_life_cycle_with_the_registration_access_token() {
     assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
 
     // RFC 7592 update: replaces the metadata; client_id must match.
-    let json_auth = [("Content-Type", "application/json"), ("Authorization", bearer.as_str())];
+    let json_auth = [
+        ("Content-Type", "application/json"),
+        ("Authorization", bearer.as_str()),
+    ];
     let mut update = web_client();
     update["client_id"] = json!(client_id);
     update["client_name"] = json!("Renamed app");
     update["redirect_uris"] = json!(["https://app.example/cb", "https://app.example/cb2"]);
-    let r = http(tp.http, "PUT", &path, &json_auth, update.to_string().as_bytes()).await;
+    let r = http(
+        tp.http,
+        "PUT",
+        &path,
+        &json_auth,
+        update.to_string().as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let updated = r.json();
     assert_eq!(updated["client_name"], "Renamed app");
@@ -507,21 +578,35 @@ async fn registration_life_cycle_with_the_registration_access_token() {
         (json!({"client_id": "someone-else"}), "client_id"),
         (json!({"client_id": null}), "client_id"),
         (json!({"client_secret": "cs_wrong"}), "client_secret"),
-        (json!({"token_endpoint_auth_method": "none"}), "token_endpoint_auth_method"),
-        (json!({"redirect_uris": ["https://evil.example/cb#frag"]}), "redirect_uris"),
+        (
+            json!({"token_endpoint_auth_method": "none"}),
+            "token_endpoint_auth_method",
+        ),
+        (
+            json!({"redirect_uris": ["https://evil.example/cb#frag"]}),
+            "redirect_uris",
+        ),
     ] {
         let mut b = update.clone();
         for (k, v) in mutate.as_object().unwrap() {
             b[k] = v.clone();
         }
         let r = http(tp.http, "PUT", &path, &json_auth, b.to_string().as_bytes()).await;
-        assert_eq!(r.status, 400, "{what}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let e = r.json();
         assert!(
             e["error"] == "invalid_client_metadata" || e["error"] == "invalid_redirect_uri",
             "{e}"
         );
-        assert!(e["error_description"].as_str().unwrap().contains(what), "{e}");
+        assert!(
+            e["error_description"].as_str().unwrap().contains(what),
+            "{e}"
+        );
     }
 
     // Parallel updates: compare-and-set, no update is lost silently.
@@ -589,20 +674,61 @@ async fn registration_refuses_bad_metadata_naming_the_field() {
     let tp = start_with_initial_token().await;
     let base = web_client();
     for (field, value, error) in [
-        ("redirect_uris", json!(["https://app.example/cb#fragment"]), "invalid_redirect_uri"),
-        ("redirect_uris", json!(["/relative/cb"]), "invalid_redirect_uri"),
-        ("redirect_uris", json!(["javascript:alert(1)"]), "invalid_redirect_uri"),
-        ("redirect_uris", json!("https://app.example/cb"), "invalid_client_metadata"),
-        ("grant_types", json!(["implicit"]), "invalid_client_metadata"),
-        ("response_types", json!(["token"]), "invalid_client_metadata"),
-        ("token_endpoint_auth_method", json!("tls_client_auth"), "invalid_client_metadata"),
-        ("scope", json!("openid not-a-registered-scope"), "invalid_client_metadata"),
-        ("jwks_uri", json!("http://169.254.169.254/keys"), "invalid_client_metadata"),
+        (
+            "redirect_uris",
+            json!(["https://app.example/cb#fragment"]),
+            "invalid_redirect_uri",
+        ),
+        (
+            "redirect_uris",
+            json!(["/relative/cb"]),
+            "invalid_redirect_uri",
+        ),
+        (
+            "redirect_uris",
+            json!(["javascript:alert(1)"]),
+            "invalid_redirect_uri",
+        ),
+        (
+            "redirect_uris",
+            json!("https://app.example/cb"),
+            "invalid_client_metadata",
+        ),
+        (
+            "grant_types",
+            json!(["implicit"]),
+            "invalid_client_metadata",
+        ),
+        (
+            "response_types",
+            json!(["token"]),
+            "invalid_client_metadata",
+        ),
+        (
+            "token_endpoint_auth_method",
+            json!("tls_client_auth"),
+            "invalid_client_metadata",
+        ),
+        (
+            "scope",
+            json!("openid not-a-registered-scope"),
+            "invalid_client_metadata",
+        ),
+        (
+            "jwks_uri",
+            json!("http://169.254.169.254/keys"),
+            "invalid_client_metadata",
+        ),
     ] {
         let mut b = base.clone();
         b[field] = value.clone();
         let r = register(&tp, Some(INITIAL_TOKEN), &b).await;
-        assert_eq!(r.status, 400, "{field}={value}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            400,
+            "{field}={value}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_eq!(r.header("cache-control"), Some("no-store"));
         let e = r.json();
         assert_eq!(e["error"], error, "{field}={value}: {e}");
@@ -617,16 +743,25 @@ async fn registration_refuses_bad_metadata_naming_the_field() {
         tp.http,
         "POST",
         "/register",
-        &[("Content-Type", "application/x-www-form-urlencoded"), ("Authorization", &auth)],
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Authorization", &auth),
+        ],
         b"redirect_uris=https://a/cb",
     )
     .await;
-    assert_eq!((r.status, r.json()["error"].clone()), (400, json!("invalid_client_metadata")));
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, json!("invalid_client_metadata"))
+    );
     let r = http(
         tp.http,
         "POST",
         "/register",
-        &[("Content-Type", "application/json"), ("Authorization", &auth)],
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+        ],
         b"[1,2]",
     )
     .await;
@@ -682,7 +817,11 @@ async fn openapi_document_covers_every_route_the_router_serves() {
     let r = get(tp.http, "/openapi.json").await;
     assert_eq!(r.status, 200);
     let doc = r.json();
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1."), "{}", doc["openapi"]);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1."),
+        "{}",
+        doc["openapi"]
+    );
     assert_eq!(doc["servers"][0]["url"], issuer(&tp).as_str());
     let paths = doc["paths"].as_object().unwrap();
 
@@ -757,13 +896,20 @@ async fn schemathesis_finds_no_server_errors() {
     };
     let tp = TestPlatform::start(Backends::Embedded).await.unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/schemathesis/run.sh");
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().to_owned();
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
     let base = issuer(&tp);
+    // With the admin token, registration and /security/keys are exercised past their
+    // guards (the generated clients are created for real).
+    let authorization = format!("Bearer {}", tp.token);
     let out = tokio::task::spawn_blocking(move || {
         Command::new("bash")
             .arg(script)
             .arg(base)
             .env("SEC_TARGET_DIR", target)
+            .env("SCHEMATHESIS_AUTHORIZATION", authorization)
             .output()
             .unwrap()
     })
@@ -778,7 +924,10 @@ async fn schemathesis_finds_no_server_errors() {
     );
     println!("schemathesis:\n{text}");
     if out.status.code() == Some(3) {
-        assert!(mode != "required", "schemathesis could not be installed: {text}");
+        assert!(
+            mode != "required",
+            "schemathesis could not be installed: {text}"
+        );
         sec_testkit::skipped("schemathesis (could not be installed)");
         return;
     }

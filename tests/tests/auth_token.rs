@@ -360,7 +360,12 @@ impl Ctx {
         code
     }
 
-    async fn exchange(&self, client: &(String, String), code: &str, verifier: Option<&str>) -> Reply {
+    async fn exchange(
+        &self,
+        client: &(String, String),
+        code: &str,
+        verifier: Option<&str>,
+    ) -> Reply {
         let mut p = vec![
             ("grant_type", "authorization_code"),
             ("code", code),
@@ -375,7 +380,10 @@ impl Ctx {
     async fn refresh(&self, client: &(String, String), refresh_token: &str) -> Reply {
         self.token(
             client,
-            &[("grant_type", "refresh_token"), ("refresh_token", refresh_token)],
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ],
         )
         .await
     }
@@ -437,7 +445,9 @@ async fn client_credentials(ctx: &Ctx) {
     assert_eq!(t["scope"], "api.read api.write");
     assert!(t["expires_in"].as_i64().unwrap() > 0);
     assert!(t.get("refresh_token").is_none() && t.get("id_token").is_none());
-    let seen = ctx.introspect(&ctx.svc, t["access_token"].as_str().unwrap()).await;
+    let seen = ctx
+        .introspect(&ctx.svc, t["access_token"].as_str().unwrap())
+        .await;
     assert_eq!(seen["active"], true);
     assert_eq!(seen["client_id"].as_str(), Some(ctx.svc.0.as_str()));
     assert_eq!(seen["sub"].as_str(), Some(ctx.svc.0.as_str()));
@@ -445,7 +455,10 @@ async fn client_credentials(ctx: &Ctx) {
 
     // Narrowed scope; client_secret_post.
     let r = ctx
-        .token(&ctx.svc, &[("grant_type", "client_credentials"), ("scope", "api.read")])
+        .token(
+            &ctx.svc,
+            &[("grant_type", "client_credentials"), ("scope", "api.read")],
+        )
         .await;
     assert_eq!(r.json()["scope"], "api.read");
     let r = ctx
@@ -464,10 +477,20 @@ async fn client_credentials(ctx: &Ctx) {
     // Unknown client and wrong secret: the same 401 with a Basic challenge.
     let unknown = ctx.token(&("nobody".into(), "x".into()), &cc).await;
     unknown.assert_error(401, "invalid_client");
-    assert!(unknown.header("www-authenticate").unwrap().starts_with("Basic"));
+    assert!(
+        unknown
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Basic")
+    );
     let wrong = ctx.token(&(ctx.svc.0.clone(), "wrong".into()), &cc).await;
     wrong.assert_error(401, "invalid_client");
-    assert!(wrong.header("www-authenticate").unwrap().starts_with("Basic"));
+    assert!(
+        wrong
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Basic")
+    );
     assert_eq!(
         unknown.json()["error_description"],
         wrong.json()["error_description"]
@@ -490,7 +513,10 @@ async fn client_credentials(ctx: &Ctx) {
         .post(
             "/token",
             Some(&basic(&ctx.svc.0, &ctx.svc.1)),
-            &form(&[("grant_type", "client_credentials"), ("client_secret", &ctx.svc.1)]),
+            &form(&[
+                ("grant_type", "client_credentials"),
+                ("client_secret", &ctx.svc.1),
+            ]),
         )
         .await;
     r.assert_error(400, "invalid_request");
@@ -499,12 +525,21 @@ async fn client_credentials(ctx: &Ctx) {
     ctx.token(&ctx.web, &cc)
         .await
         .assert_error(400, "unauthorized_client");
-    ctx.token(&ctx.svc, &[("grant_type", "client_credentials"), ("scope", "openid")])
-        .await
-        .assert_error(400, "invalid_scope");
-    ctx.token(&ctx.svc, &[("grant_type", "client_credentials"), ("scope", "api.read profile")])
-        .await
-        .assert_error(400, "invalid_scope");
+    ctx.token(
+        &ctx.svc,
+        &[("grant_type", "client_credentials"), ("scope", "openid")],
+    )
+    .await
+    .assert_error(400, "invalid_scope");
+    ctx.token(
+        &ctx.svc,
+        &[
+            ("grant_type", "client_credentials"),
+            ("scope", "api.read profile"),
+        ],
+    )
+    .await
+    .assert_error(400, "invalid_scope");
     ctx.token(&ctx.svc, &[("grant_type", "urn:example:magic")])
         .await
         .assert_error(400, "unsupported_grant_type");
@@ -533,7 +568,10 @@ async fn client_credentials(ctx: &Ctx) {
         ctx.tp.http,
         "POST",
         "/token",
-        &[("Content-Type", "application/json"), ("Authorization", &auth)],
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+        ],
         br#"{"grant_type":"client_credentials"}"#,
     )
     .await;
@@ -567,7 +605,11 @@ async fn client_credentials(ctx: &Ctx) {
         .assert_error(401, "invalid_client");
     // The issuer itself is an accepted audience.
     let r = ctx
-        .post("/token", None, &pk_form(&ctx.assertion(&ctx.issuer, "jti-3")))
+        .post(
+            "/token",
+            None,
+            &pk_form(&ctx.assertion(&ctx.issuer, "jti-3")),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
@@ -595,7 +637,10 @@ async fn code_exchange_and_replay(ctx: &Ctx) {
     ctx.exchange(&ctx.web, &code, Some(VERIFIER))
         .await
         .assert_error(400, "invalid_grant");
-    assert_eq!(ctx.introspect(&ctx.web, &access).await, json!({"active": false}));
+    assert_eq!(
+        ctx.introspect(&ctx.web, &access).await,
+        json!({"active": false})
+    );
     ctx.refresh(&ctx.web, &refresh)
         .await
         .assert_error(400, "invalid_grant");
@@ -650,7 +695,9 @@ async fn code_exchange_and_replay(ctx: &Ctx) {
 }
 
 async fn refresh_rotation(ctx: &Ctx) {
-    let code = ctx.code(&ctx.web.0, "openid email offline_access", Some(CHALLENGE)).await;
+    let code = ctx
+        .code(&ctx.web.0, "openid email offline_access", Some(CHALLENGE))
+        .await;
     let t = ctx.exchange(&ctx.web, &code, Some(VERIFIER)).await.json();
     let r1 = t["refresh_token"].as_str().unwrap().to_owned();
 
@@ -681,7 +728,11 @@ async fn refresh_rotation(ctx: &Ctx) {
     let r = ctx
         .token(
             &ctx.web,
-            &[("grant_type", "refresh_token"), ("refresh_token", &r2), ("scope", "email")],
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", &r2),
+                ("scope", "email"),
+            ],
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -697,18 +748,26 @@ async fn refresh_rotation(ctx: &Ctx) {
     ctx.refresh(&ctx.web, &r3)
         .await
         .assert_error(400, "invalid_grant");
-    assert_eq!(ctx.introspect(&ctx.web, &r3).await, json!({"active": false}));
+    assert_eq!(
+        ctx.introspect(&ctx.web, &r3).await,
+        json!({"active": false})
+    );
 }
 
 async fn revocation_and_introspection(ctx: &Ctx) {
-    let code = ctx.code(&ctx.web.0, "openid offline_access", Some(CHALLENGE)).await;
+    let code = ctx
+        .code(&ctx.web.0, "openid offline_access", Some(CHALLENGE))
+        .await;
     let t = ctx.exchange(&ctx.web, &code, Some(VERIFIER)).await.json();
     let access = t["access_token"].as_str().unwrap().to_owned();
     let refresh = t["refresh_token"].as_str().unwrap().to_owned();
 
     // Another client sees neither as active; the trusted resource server and the admin do.
     for token in [&access, &refresh] {
-        assert_eq!(ctx.introspect(&ctx.other, token).await, json!({"active": false}));
+        assert_eq!(
+            ctx.introspect(&ctx.other, token).await,
+            json!({"active": false})
+        );
         assert_eq!(ctx.introspect(&ctx.rs, token).await["active"], true);
     }
     let r = ctx
@@ -720,7 +779,11 @@ async fn revocation_and_introspection(ctx: &Ctx) {
         .await;
     assert_eq!(r.json()["client_id"].as_str(), Some(ctx.web.0.as_str()));
     let r = ctx
-        .post("/introspect", Some("Bearer not-the-admin"), &form(&[("token", &refresh)]))
+        .post(
+            "/introspect",
+            Some("Bearer not-the-admin"),
+            &form(&[("token", &refresh)]),
+        )
         .await;
     assert_eq!(r.status, 401);
     ctx.post("/introspect", Some(&basic(&ctx.web.0, &ctx.web.1)), "")
@@ -737,15 +800,28 @@ async fn revocation_and_introspection(ctx: &Ctx) {
     assert_eq!(ctx.revoke(&ctx.web, "no-such-token").await.status, 200);
     assert_eq!(ctx.revoke(&ctx.web, "a.b.c").await.status, 200);
     // Unauthenticated: 401.
-    ctx.post("/revoke", Some(&basic(&ctx.web.0, "wrong")), &form(&[("token", &access)]))
-        .await
-        .assert_error(401, "invalid_client");
+    ctx.post(
+        "/revoke",
+        Some(&basic(&ctx.web.0, "wrong")),
+        &form(&[("token", &access)]),
+    )
+    .await
+    .assert_error(401, "invalid_client");
 
     // The owner revokes the JWT access token: introspection says inactive at once.
     let r = ctx.revoke(&ctx.web, &access).await;
-    assert_eq!((r.status, r.header("cache-control")), (200, Some("no-store")));
-    assert_eq!(ctx.introspect(&ctx.web, &access).await, json!({"active": false}));
-    assert_eq!(ctx.introspect(&ctx.rs, &access).await, json!({"active": false}));
+    assert_eq!(
+        (r.status, r.header("cache-control")),
+        (200, Some("no-store"))
+    );
+    assert_eq!(
+        ctx.introspect(&ctx.web, &access).await,
+        json!({"active": false})
+    );
+    assert_eq!(
+        ctx.introspect(&ctx.rs, &access).await,
+        json!({"active": false})
+    );
     // The refresh token (hint ignored when wrong): family revoked.
     let r = ctx
         .post(
@@ -755,7 +831,10 @@ async fn revocation_and_introspection(ctx: &Ctx) {
         )
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(ctx.introspect(&ctx.web, &refresh).await, json!({"active": false}));
+    assert_eq!(
+        ctx.introspect(&ctx.web, &refresh).await,
+        json!({"active": false})
+    );
     ctx.refresh(&ctx.web, &refresh)
         .await
         .assert_error(400, "invalid_grant");
@@ -767,7 +846,14 @@ async fn userinfo(ctx: &Ctx) {
     let access = t["access_token"].as_str().unwrap().to_owned();
     let bearer = format!("Bearer {access}");
 
-    let r = http(ctx.tp.http, "GET", "/userinfo", &[("Authorization", &bearer)], b"").await;
+    let r = http(
+        ctx.tp.http,
+        "GET",
+        "/userinfo",
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let claims = r.json();
     assert_eq!(claims["sub"].as_str(), Some(ctx.alice.as_str()));
@@ -775,10 +861,16 @@ async fn userinfo(ctx: &Ctx) {
     assert!(claims.get("name").is_none(), "profile was not granted");
 
     // The token in the form body; both places at once.
-    let r = ctx.post("/userinfo", None, &form(&[("access_token", &access)])).await;
+    let r = ctx
+        .post("/userinfo", None, &form(&[("access_token", &access)]))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let r = ctx
-        .post("/userinfo", Some(&bearer), &form(&[("access_token", &access)]))
+        .post(
+            "/userinfo",
+            Some(&bearer),
+            &form(&[("access_token", &access)]),
+        )
         .await;
     r.assert_error(400, "invalid_request");
 
@@ -795,7 +887,11 @@ async fn userinfo(ctx: &Ctx) {
     )
     .await;
     r.assert_error(401, "invalid_token");
-    assert!(r.header("www-authenticate").unwrap().contains("invalid_token"));
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("invalid_token")
+    );
     let cc = ctx
         .token(&ctx.svc, &[("grant_type", "client_credentials")])
         .await
@@ -815,7 +911,14 @@ async fn userinfo(ctx: &Ctx) {
 
     // A revoked token gets nothing.
     assert_eq!(ctx.revoke(&ctx.web, &access).await.status, 200);
-    let r = http(ctx.tp.http, "GET", "/userinfo", &[("Authorization", &bearer)], b"").await;
+    let r = http(
+        ctx.tp.http,
+        "GET",
+        "/userinfo",
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .await;
     r.assert_error(401, "invalid_token");
 }
 
@@ -858,8 +961,10 @@ async fn security_auth(ctx: &Ctx) {
     beyond["scope"] = json!("api.write");
     call(beyond).await.assert_error(400, "invalid_scope");
 
-    let r = call(json!({"grant_type": "client_credentials", "client_id": ctx.svc.0,
-                        "client_secret": ctx.svc.1}))
+    let r = call(
+        json!({"grant_type": "client_credentials", "client_id": ctx.svc.0,
+                        "client_secret": ctx.svc.1}),
+    )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["scope"], "api.read api.write");
@@ -867,8 +972,10 @@ async fn security_auth(ctx: &Ctx) {
     call(json!({"grant_type": "implicit", "client_id": ctx.svc.0, "client_secret": ctx.svc.1}))
         .await
         .assert_error(400, "unsupported_grant_type");
-    call(json!({"grant_type": "client_credentials", "client_id": ctx.svc.0,
-                "client_secret": ctx.svc.1, "extra": 1}))
+    call(
+        json!({"grant_type": "client_credentials", "client_id": ctx.svc.0,
+                "client_secret": ctx.svc.1, "extra": 1}),
+    )
     .await
     .assert_error(400, "invalid_request");
     let r = ctx
@@ -883,7 +990,9 @@ async fn security_auth(ctx: &Ctx) {
 
 /// Last: a disabled user gets no new tokens by any grant, and UserInfo refuses them.
 async fn disabled_user(ctx: &Ctx) {
-    let code = ctx.code(&ctx.web.0, "openid offline_access", Some(CHALLENGE)).await;
+    let code = ctx
+        .code(&ctx.web.0, "openid offline_access", Some(CHALLENGE))
+        .await;
     let t = ctx.exchange(&ctx.web, &code, Some(VERIFIER)).await.json();
     let refresh = t["refresh_token"].as_str().unwrap().to_owned();
     let pending = ctx.code(&ctx.web.0, "openid", Some(CHALLENGE)).await;

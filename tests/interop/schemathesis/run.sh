@@ -13,6 +13,10 @@
 # of SCHEMATHESIS_TIME_LIMIT seconds (default 300) after which the run is killed and
 # fails. (Not schemathesis' --max-time: that makes fuzzing repeat until it is spent.)
 #
+# SCHEMATHESIS_AUTHORIZATION, when set, is sent as the Authorization header of every
+# request (e.g. `Bearer <admin token>`, so registration and /security/keys are exercised
+# past their guards). It is passed in the environment, not on the command line.
+#
 # Exit: 0 no server error; 3 schemathesis could not be installed; else failures found
 # (or the run did not finish).
 set -uo pipefail
@@ -20,6 +24,7 @@ set -uo pipefail
 base=${1:?usage: run.sh BASE_URL}
 base=${base%/}
 target=${SEC_TARGET_DIR:-${CARGO_TARGET_DIR:-target}}
+mkdir -p "$target" && target=$(cd "$target" && pwd) || exit 3
 venv="$target/schemathesis-venv"
 max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-30}
 time_limit=${SCHEMATHESIS_TIME_LIMIT:-300}
@@ -33,6 +38,15 @@ if [ ! -x "$venv/bin/st" ]; then
   }
 fi
 
+# schemathesis keeps its example database in the working directory: keep it in target/.
+workdir="$target/schemathesis-work"
+mkdir -p "$workdir" && cd "$workdir" || exit 3
+
+auth=()
+if [ -n "${SCHEMATHESIS_AUTHORIZATION:-}" ]; then
+  auth=(-H "Authorization: $SCHEMATHESIS_AUTHORIZATION")
+fi
+
 timeout --kill-after=10 "$time_limit" "$venv/bin/st" run "$base/openapi.json" \
   --url "$base" \
   --checks not_a_server_error \
@@ -43,7 +57,8 @@ timeout --kill-after=10 "$time_limit" "$venv/bin/st" run "$base/openapi.json" \
   --no-shrink \
   --seed 17 \
   --suppress-health-check all \
-  --wait-for-schema 30
+  --wait-for-schema 30 \
+  "${auth[@]}"
 status=$?
 if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
   echo "schemathesis did not finish within $time_limit s" >&2

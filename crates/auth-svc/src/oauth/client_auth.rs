@@ -64,10 +64,21 @@ impl AuthenticatedClient {
 /// The credentials a request carries, before any lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Presented {
-    Basic { id: String, secret: String },
-    Post { id: String, secret: String },
-    Jwt { id: Option<String>, assertion: String },
-    None { id: String },
+    Basic {
+        id: String,
+        secret: String,
+    },
+    Post {
+        id: String,
+        secret: String,
+    },
+    Jwt {
+        id: Option<String>,
+        assertion: String,
+    },
+    None {
+        id: String,
+    },
 }
 
 impl Presented {
@@ -140,7 +151,12 @@ pub async fn authenticate_client(
             }
             return Err(fail(server, None, Failure::UnknownClient, basic));
         }
-        Err(e) => return Err(OAuthError::temporarily_unavailable("looking up a client", &e)),
+        Err(e) => {
+            return Err(OAuthError::temporarily_unavailable(
+                "looking up a client",
+                &e,
+            ));
+        }
     };
     if client.settings.auth_method != presented.method() {
         return Err(fail(server, Some(&client), Failure::WrongMethod, basic));
@@ -244,7 +260,10 @@ pub fn presented(
             let v = v
                 .to_str()
                 .map_err(|_| OAuthError::invalid_client(FAILED, true))?;
-            Some(decode_basic(v, max_value).ok_or_else(|| OAuthError::invalid_client(FAILED, true))?)
+            Some(
+                decode_basic(v, max_value)
+                    .ok_or_else(|| OAuthError::invalid_client(FAILED, true))?,
+            )
         }
         None => None,
     };
@@ -270,9 +289,8 @@ pub fn presented(
         return Ok(Presented::Basic { id, secret });
     }
     if let Some(secret) = secret {
-        let id = client_id.ok_or_else(|| {
-            OAuthError::invalid_request("`client_secret` needs `client_id`")
-        })?;
+        let id = client_id
+            .ok_or_else(|| OAuthError::invalid_request("`client_secret` needs `client_id`"))?;
         return Ok(Presented::Post {
             id: id.to_owned(),
             secret: secret.to_owned(),
@@ -498,7 +516,10 @@ mod tests {
         );
         assert_eq!(bad_type.unwrap_err().error, "invalid_client");
         let nothing = presented(&headers(None), &p("grant_type=x"), 100).unwrap_err();
-        assert_eq!((nothing.error, nothing.status.as_u16()), ("invalid_client", 401));
+        assert_eq!(
+            (nothing.error, nothing.status.as_u16()),
+            ("invalid_client", 401)
+        );
         let bearer = presented(&headers(Some("Bearer x")), &p(""), 100).unwrap_err();
         assert!(bearer.challenge.unwrap().starts_with("Basic"));
 
@@ -569,9 +590,7 @@ mod tests {
         let s = signer("k1");
         let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let t = now.timestamp();
-        let claims = |aud: &str, sub: &str, exp: i64| {
-            json!({"iss": "app", "sub": sub, "aud": aud, "exp": exp, "iat": t, "jti": "j-1"})
-        };
+        let claims = |aud: &str, sub: &str, exp: i64| json!({"iss": "app", "sub": sub, "aud": aud, "exp": exp, "iat": t, "jti": "j-1"});
         let check = |a: &str| check_assertion(a, "app", &s.jwks, TOKEN_URL, ISSUER, now);
 
         let good = sign(&s, "k1", claims(TOKEN_URL, "app", t + 60));
@@ -621,14 +640,20 @@ mod tests {
 
     #[tokio::test]
     async fn assertion_ids_are_single_use() {
-        let clock = sec_common::clock::ManualClock::new(DateTime::from_timestamp(1_800_000_000, 0).unwrap());
+        let clock = sec_common::clock::ManualClock::new(
+            DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        );
         let kv = Kv::Memory(Arc::new(sec_common::storage::MemoryKv::new(clock.clone())));
         let key = replay_key("app", "j-1");
         assert_ne!(key, replay_key("ap", "pj-1"));
         let ttl = Duration::from_secs(60);
         assert!(first_use(&kv, &key, ttl).await.unwrap());
         assert!(!first_use(&kv, &key, ttl).await.unwrap());
-        assert!(first_use(&kv, &replay_key("other", "j-1"), ttl).await.unwrap());
+        assert!(
+            first_use(&kv, &replay_key("other", "j-1"), ttl)
+                .await
+                .unwrap()
+        );
         clock.advance(chrono::Duration::seconds(61));
         assert!(first_use(&kv, &key, ttl).await.unwrap());
     }

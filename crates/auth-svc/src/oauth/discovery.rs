@@ -74,9 +74,7 @@ pub fn routes() -> Router<Arc<AuthServer>> {
         )
         .route(
             "/.well-known/oauth-authorization-server",
-            get(move |s: State<Arc<AuthServer>>| {
-                oauth_authorization_server(s, for_oauth.clone())
-            }),
+            get(move |s: State<Arc<AuthServer>>| oauth_authorization_server(s, for_oauth.clone())),
         )
 }
 
@@ -142,7 +140,11 @@ pub fn document(cfg: &OAuthConfig, signing_algs: &[String]) -> Value {
     } else {
         signing_algs.iter().map(String::as_str).collect()
     };
-    let scopes: Vec<String> = cfg.scope_registry().into_iter().map(|(n, _, _)| n).collect();
+    let scopes: Vec<String> = cfg
+        .scope_registry()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
     // `none`: public clients (PKCE) authenticate with their client_id only.
     let token_auth = [
         "client_secret_basic",
@@ -150,7 +152,11 @@ pub fn document(cfg: &OAuthConfig, signing_algs: &[String]) -> Value {
         "private_key_jwt",
         "none",
     ];
-    let confidential_auth = ["client_secret_basic", "client_secret_post", "private_key_jwt"];
+    let confidential_auth = [
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+    ];
     json!({
         "issuer": cfg.issuer,
         "authorization_endpoint": cfg.url("/authorize"),
@@ -224,11 +230,18 @@ mod tests {
     #[test]
     fn scopes_and_algorithms_come_from_the_registry_and_the_keys() {
         let mut cfg = OAuthConfig::default();
-        cfg.scopes.insert("orders:read".into(), "Read orders".into());
+        cfg.scopes
+            .insert("orders:read".into(), "Read orders".into());
         let d = document(&cfg, &["EdDSA".to_owned()]);
         assert_eq!(
             d["scopes_supported"],
-            json!(["openid", "profile", "email", "offline_access", "orders:read"])
+            json!([
+                "openid",
+                "profile",
+                "email",
+                "offline_access",
+                "orders:read"
+            ])
         );
         assert_eq!(d["id_token_signing_alg_values_supported"], json!(["EdDSA"]));
     }

@@ -111,8 +111,10 @@ async fn viewer(
     if let Some(token) = admin_token {
         return match server.admin.authenticate_token(token).await {
             Ok(Caller::Admin) => Ok(Viewer::All),
-            _ => Err(OAuthError::invalid_client("client authentication failed", false)
-                .with_challenge(r#"Bearer error="invalid_token""#)),
+            _ => Err(
+                OAuthError::invalid_client("client authentication failed", false)
+                    .with_challenge(r#"Bearer error="invalid_token""#),
+            ),
         };
     }
     let client = authenticate_client(server, headers, params).await?;

@@ -70,10 +70,11 @@ impl JwksCache {
     pub async fn get(&self, server: &AuthServer) -> Result<Arc<Published>, OAuthError> {
         let mut state = self.state.lock().await;
         let now = server.clock.now();
-        if let Some(p) = state.as_ref() {
-            if (now - p.fetched_at).num_seconds() < FRESH_SECONDS && now >= p.fetched_at {
-                return Ok(p.clone());
-            }
+        if let Some(p) = state.as_ref()
+            && (now - p.fetched_at).num_seconds() < FRESH_SECONDS
+            && now >= p.fetched_at
+        {
+            return Ok(p.clone());
         }
         let mut tokens = server.tokens.clone();
         let fetched = tokio::time::timeout(FETCH_TIMEOUT, tokens.get_jwks(GetJwksRequest {}))
@@ -130,7 +131,10 @@ pub fn publish(
         public
     });
     let mut algs: Vec<String> = Vec::new();
-    for a in keys.iter().filter_map(|k| k.get("alg").and_then(Value::as_str)) {
+    for a in keys
+        .iter()
+        .filter_map(|k| k.get("alg").and_then(Value::as_str))
+    {
         if !algs.iter().any(|x| x == a) {
             algs.push(a.to_owned());
         }
@@ -234,9 +238,13 @@ mod tests {
         {"kty":"OKP","crv":"Ed25519","x":"c","kid":"k2","alg":"EdDSA","use":"sig"},
         {"kty":"EC","crv":"P-256","x":"a","y":"b","kid":"k3","alg":"ES256","use":"sig"}]}"#;
 
+    fn at() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
     #[test]
     fn published_set_has_a_stable_etag_and_its_algorithms() {
-        let now = Utc::now();
+        let now = at();
         let p = publish(SET, 300, now).unwrap();
         assert_eq!(p.algs, vec!["ES256".to_owned(), "EdDSA".to_owned()]);
         assert_eq!(p.etag.len(), 66);
@@ -252,7 +260,7 @@ mod tests {
             {"kty":"EC","crv":"P-256","x":"a","y":"b","d":"SECRET","kid":"bad","alg":"ES256"},
             {"kty":"oct","k":"SECRET","kid":"sym"},
             {"kty":"OKP","crv":"Ed25519","x":"c","kid":"ok","alg":"EdDSA"}]}"#;
-        let p = publish(set, 60, Utc::now()).unwrap();
+        let p = publish(set, 60, at()).unwrap();
         let body = String::from_utf8(p.body.to_vec()).unwrap();
         assert!(!body.contains("SECRET"), "{body}");
         assert!(body.contains("\"ok\""));
@@ -262,9 +270,69 @@ mod tests {
     #[test]
     fn malformed_sets_are_refused() {
         for bad in ["", "[]", r#"{"keys":{}}"#, "{not json"] {
-            assert!(publish(bad, 60, Utc::now()).is_err(), "{bad}");
+            assert!(publish(bad, 60, at()).is_err(), "{bad}");
         }
-        assert!(publish(&"x".repeat(MAX_JWKS_BYTES + 1), 60, Utc::now()).is_err());
+        assert!(publish(&"x".repeat(MAX_JWKS_BYTES + 1), 60, at()).is_err());
+    }
+
+    /// The unit test server's token-svc is a port nothing listens on, and its clock stands
+    /// still, so the age of a cached copy is set by its `fetched_at`.
+    #[tokio::test]
+    async fn token_svc_down_serves_a_recent_copy_else_503() {
+        let t = crate::users::test_server::new().await;
+        let cache = JwksCache::new();
+        let e = cache.get(&t.server).await.unwrap_err();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.error, "temporarily_unavailable");
+        assert!(!e.description.contains("127.0.0.1"), "{}", e.description);
+
+        let now = t.server.clock.now();
+        for (age, served) in [
+            (2, true),
+            (30, true),
+            (59, true),
+            (60, false),
+            (3_600, false),
+        ] {
+            let copy = publish(SET, 60, now - chrono::Duration::seconds(age)).unwrap();
+            *cache.state.lock().await = Some(Arc::new(copy));
+            assert_eq!(cache.get(&t.server).await.is_ok(), served, "age {age}");
+        }
+
+        // Through the handler: 503 JSON, no-store, and discovery still answers.
+        let app = super::super::routes().with_state(t.server.clone());
+        let resp = tower::ServiceExt::oneshot(
+            app.clone(),
+            axum::http::Request::get("/jwks")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let j: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(j["error"], "temporarily_unavailable");
+        let resp = tower::ServiceExt::oneshot(
+            app,
+            axum::http::Request::get("/.well-known/openid-configuration")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let j: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            j["id_token_signing_alg_values_supported"],
+            serde_json::json!(super::super::discovery::FALLBACK_SIGNING_ALGS)
+        );
     }
 
     #[test]

@@ -167,7 +167,10 @@ pub fn index(doc: &Value) -> Vec<Endpoint> {
 /// OpenAPI security requirements: absent or `[]` → none; a list with the empty
 /// requirement `{}` → optional; else required.
 fn auth_of(security: Option<&Value>) -> &'static str {
-    let reqs = security.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    let reqs = security
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     if reqs.is_empty() {
         "none"
     } else if reqs
@@ -240,7 +243,11 @@ mod tests {
     #[test]
     fn the_document_is_openapi_3_1_with_the_meta_routes() {
         let d = document();
-        assert!(d["openapi"].as_str().unwrap().starts_with("3.1."), "{}", d["openapi"]);
+        assert!(
+            d["openapi"].as_str().unwrap().starts_with("3.1."),
+            "{}",
+            d["openapi"]
+        );
         for (path, method) in [
             ("/.well-known/openid-configuration", "get"),
             ("/.well-known/oauth-authorization-server", "get"),
@@ -256,7 +263,10 @@ mod tests {
         ] {
             assert!(d["paths"][path][method].is_object(), "{method} {path}");
         }
-        assert_eq!(d["components"]["securitySchemes"][BEARER]["scheme"], "bearer");
+        assert_eq!(
+            d["components"]["securitySchemes"][BEARER]["scheme"],
+            "bearer"
+        );
     }
 
     #[test]
@@ -268,7 +278,10 @@ mod tests {
         assert!(!jwks.description.is_empty());
         assert_eq!(find("GET", "/security/keys").unwrap().auth, "required");
         assert_eq!(find("POST", "/register").unwrap().auth, "optional");
-        assert_eq!(find("DELETE", "/register/{client_id}").unwrap().auth, "required");
+        assert_eq!(
+            find("DELETE", "/register/{client_id}").unwrap().auth,
+            "required"
+        );
         // One line per operation of the document, nothing else.
         let ops: usize = document()["paths"]
             .as_object()

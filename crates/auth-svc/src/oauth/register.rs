@@ -55,6 +55,14 @@ const REGISTRATION_TOKEN_PREFIX: &str = "reg_";
 /// Client metadata a registration request may carry (RFC 7591 §2). Other fields are
 /// ignored.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "client_name": "Example app",
+    "redirect_uris": ["https://app.example/callback"],
+    "grant_types": ["authorization_code", "refresh_token"],
+    "response_types": ["code"],
+    "token_endpoint_auth_method": "client_secret_basic",
+    "scope": "openid profile"
+}))]
 pub struct ClientMetadata {
     /// Exact redirect URIs; required with the `authorization_code` grant.
     pub redirect_uris: Option<Vec<String>>,
@@ -105,12 +113,10 @@ pub struct ClientInformation {
 }
 
 pub fn routes() -> Router<Arc<AuthServer>> {
-    Router::new()
-        .route("/register", post(register))
-        .route(
-            "/register/{client_id}",
-            axum::routing::get(read).put(update).delete(delete),
-        )
+    Router::new().route("/register", post(register)).route(
+        "/register/{client_id}",
+        axum::routing::get(read).put(update).delete(delete),
+    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -248,9 +254,10 @@ pub fn to_settings(cfg: &OAuthConfig, m: &ClientMetadata) -> Result<ClientSettin
     let jwks_json = match &m.jwks {
         None => None,
         Some(j) => {
-            let keys = j.get("keys").and_then(Value::as_array).ok_or_else(|| {
-                bad("`jwks` must be a JWK Set: an object with a `keys` array")
-            })?;
+            let keys = j
+                .get("keys")
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad("`jwks` must be a JWK Set: an object with a `keys` array"))?;
             if keys.is_empty() || keys.len() > MAX_JWKS_KEYS {
                 return Err(bad(format!(
                     "`jwks` must have between 1 and {MAX_JWKS_KEYS} keys"
@@ -412,8 +419,10 @@ fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, OAuthError> {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(OAuthError::invalid_request("more than one Authorization header")
-            .with_challenge(r#"Bearer error="invalid_request""#));
+        return Err(
+            OAuthError::invalid_request("more than one Authorization header")
+                .with_challenge(r#"Bearer error="invalid_request""#),
+        );
     }
     v.to_str()
         .ok()
@@ -434,22 +443,22 @@ async fn registrant(server: &AuthServer, headers: &HeaderMap) -> Result<Actor, O
         }
         return Err(OAuthError::missing_token());
     };
-    if let Some(h) = &server.cfg.registration_token_hash {
-        if is_initial_access_token(h.expose(), token) {
-            return Ok(Actor {
-                kind: ActorKind::Client as i32,
-                id: "initial-access-token".into(),
-            });
-        }
+    if let Some(h) = &server.cfg.registration_token_hash
+        && is_initial_access_token(h.expose(), token)
+    {
+        return Ok(Actor {
+            kind: ActorKind::Client as i32,
+            id: "initial-access-token".into(),
+        });
     }
     match server.admin.authenticate_token(token).await {
         Ok(Caller::Admin) => Ok(Caller::Admin.actor()),
         Ok(_) => Err(OAuthError::invalid_token(
             "not an initial access token for registration",
         )),
-        Err(e) if e.code == ErrorCode::Unauthenticated => Err(OAuthError::invalid_token(
-            "invalid initial access token",
-        )),
+        Err(e) if e.code == ErrorCode::Unauthenticated => {
+            Err(OAuthError::invalid_token("invalid initial access token"))
+        }
         Err(e) => Err(OAuthError::temporarily_unavailable(
             "checking a registration token",
             &e,
@@ -474,7 +483,10 @@ async fn managed_client(
             .await
             .map_err(|e| from_client_error("reading a registered client", &e))?
     };
-    let ok = match row.as_ref().and_then(|r| r.registration_token_hash.as_deref()) {
+    let ok = match row
+        .as_ref()
+        .and_then(|r| r.registration_token_hash.as_deref())
+    {
         Some(stored) => server.secrets.verify(token, stored),
         None => {
             // Same work as a real check, so timing does not reveal the client exists.
@@ -489,7 +501,11 @@ async fn managed_client(
 }
 
 /// Reads a JSON body of at most `max_body_bytes`.
-async fn json_body(cfg: &OAuthConfig, headers: &HeaderMap, body: Body) -> Result<ClientMetadata, OAuthError> {
+async fn json_body(
+    cfg: &OAuthConfig,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<ClientMetadata, OAuthError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -512,7 +528,11 @@ async fn json_body(cfg: &OAuthConfig, headers: &HeaderMap, body: Body) -> Result
     parse_metadata(&bytes)
 }
 
-fn outcome(server: &AuthServer, endpoint: &'static str, r: Result<Response, OAuthError>) -> Response {
+fn outcome(
+    server: &AuthServer,
+    endpoint: &'static str,
+    r: Result<Response, OAuthError>,
+) -> Response {
     match r {
         Ok(resp) => {
             server.metrics.request(endpoint, "ok");
@@ -643,12 +663,12 @@ pub async fn update(
                 "`client_id` is required and must be this client's id",
             ));
         }
-        if let Some(secret) = &m.client_secret {
-            if !server.check_client_secret(&row, secret) {
-                return Err(OAuthError::invalid_client_metadata(
-                    "`client_secret` is not this client's current secret",
-                ));
-            }
+        if let Some(secret) = &m.client_secret
+            && !server.check_client_secret(&row, secret)
+        {
+            return Err(OAuthError::invalid_client_metadata(
+                "`client_secret` is not this client's current secret",
+            ));
         }
         let mut settings = to_settings(&server.cfg, &m)?;
         let old = &row.settings;
@@ -718,7 +738,9 @@ pub async fn delete(
             .delete_client(&row.client_id, client_actor(&row.client_id))
             .await
             .map_err(|e| match e.code {
-                ErrorCode::NotFound => OAuthError::invalid_token("invalid registration access token"),
+                ErrorCode::NotFound => {
+                    OAuthError::invalid_token("invalid registration access token")
+                }
                 _ => from_client_error("deleting a registered client", &e),
             })?;
         Ok(no_content())
@@ -791,13 +813,19 @@ mod tests {
                 json!({"grant_types": ["client_credentials"], "response_types": ["code"]}),
                 "response_types",
             ),
-            (json!({"token_endpoint_auth_method": "tls_client_auth"}), "token_endpoint_auth_method"),
+            (
+                json!({"token_endpoint_auth_method": "tls_client_auth"}),
+                "token_endpoint_auth_method",
+            ),
             (json!({"scope": "openid admin:all"}), "scope"),
             (json!({"scope": "bad\"scope"}), "scope"),
             (json!({"jwks_uri": "https://internal/keys"}), "jwks_uri"),
             (json!({"jwks": {"keys": []}}), "jwks"),
             (json!({"jwks": "{}"}), "jwks"),
-            (json!({"client_name": "x".repeat(MAX_STRING + 1)}), "client_name"),
+            (
+                json!({"client_name": "x".repeat(MAX_STRING + 1)}),
+                "client_name",
+            ),
             (
                 json!({"redirect_uris": (0..=MAX_LIST).map(|i| format!("https://a/{i}")).collect::<Vec<_>>()}),
                 "redirect_uris",
@@ -806,7 +834,11 @@ mod tests {
             let e = settings(body.clone()).unwrap_err();
             assert_eq!(e.error, "invalid_client_metadata", "{body}");
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
-            assert!(e.description.contains(&format!("`{field}`")), "{body}: {}", e.description);
+            assert!(
+                e.description.contains(&format!("`{field}`")),
+                "{body}: {}",
+                e.description
+            );
         }
         for raw in ["", "[]", "null", "\"x\"", "{bad"] {
             let e = parse_metadata(raw.as_bytes()).unwrap_err();
@@ -818,10 +850,17 @@ mod tests {
     fn validation_errors_map_to_rfc_7591_codes() {
         let e = from_client_error(
             "x",
-            &Error::invalid("redirect_uris[0]", "must be an absolute URI without a fragment"),
+            &Error::invalid(
+                "redirect_uris[0]",
+                "must be an absolute URI without a fragment",
+            ),
         );
         assert_eq!(e.error, "invalid_redirect_uri");
-        assert!(e.description.starts_with("`redirect_uris`"), "{}", e.description);
+        assert!(
+            e.description.starts_with("`redirect_uris`"),
+            "{}",
+            e.description
+        );
         let e = from_client_error("x", &Error::invalid("post_logout_redirect_uris", "bad"));
         assert_eq!(e.error, "invalid_client_metadata");
         assert!(e.description.contains("post_logout_redirect_uris"));
@@ -832,7 +871,10 @@ mod tests {
         let e = from_client_error("x", &Error::invalid("scopes", "unknown scope"));
         assert!(e.description.starts_with("`scope`"));
         let e = from_client_error("x", &Error::new(ErrorCode::Internal, "sqlite: disk"));
-        assert_eq!((e.error, e.description.as_str()), ("server_error", "internal error"));
+        assert_eq!(
+            (e.error, e.description.as_str()),
+            ("server_error", "internal error")
+        );
     }
 
     #[test]
@@ -840,11 +882,125 @@ mod tests {
         let token = "sec_initial";
         let h = hash_token(token);
         assert!(is_initial_access_token(&h, token));
-        assert!(is_initial_access_token(&h.to_ascii_uppercase().replace("SHA256:", "sha256:"), token));
-        assert!(is_initial_access_token(h.trim_start_matches("sha256:"), token));
+        assert!(is_initial_access_token(
+            &h.to_ascii_uppercase().replace("SHA256:", "sha256:"),
+            token
+        ));
+        assert!(is_initial_access_token(
+            h.trim_start_matches("sha256:"),
+            token
+        ));
         assert!(!is_initial_access_token(&h, "sec_other"));
         assert!(!is_initial_access_token("", ""));
         assert!(!is_initial_access_token("sha256:", token));
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        bearer: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(b) = bearer {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {b}"));
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        let resp = tower::ServiceExt::oneshot(app.clone(), req.body(body).unwrap())
+            .await
+            .unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, headers, json)
+    }
+
+    /// Registration through the router on a SQLite store: the events name the
+    /// registration as actor, open registration works only when configured.
+    #[tokio::test]
+    async fn registration_events_name_the_registrant() {
+        let mut t = crate::users::test_server::new().await;
+        let initial = "sec_initial";
+        {
+            let s = Arc::get_mut(&mut t.server).unwrap();
+            s.cfg.registration_token_hash =
+                Some(sec_common::config::Secret::new(hash_token(initial)));
+        }
+        let app = routes().with_state(t.server.clone());
+        let body = json!({"redirect_uris": ["https://app.example/cb"], "client_name": "A"});
+        let (status, headers, _) = call(&app, "POST", "/register", None, Some(body.clone())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+
+        let (status, _, info) =
+            call(&app, "POST", "/register", Some(initial), Some(body.clone())).await;
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        let client_id = info["client_id"].as_str().unwrap().to_owned();
+        let created = t.events_of("sec.auth.client.created");
+        assert_eq!(created.len(), 1);
+        let actor = created[0].actor.clone().unwrap();
+        assert_eq!(
+            (actor.kind, actor.id.as_str()),
+            (ActorKind::Client as i32, "initial-access-token")
+        );
+        let text = format!("{:?}", created[0]);
+        assert!(!text.contains(info["client_secret"].as_str().unwrap()));
+        assert!(!text.contains(info["registration_access_token"].as_str().unwrap()));
+
+        let reg = info["registration_access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let path = format!("/register/{client_id}");
+        let mut update = body.clone();
+        update["client_id"] = json!(client_id);
+        update["client_name"] = json!("B");
+        let (status, _, got) = call(&app, "PUT", &path, Some(&reg), Some(update)).await;
+        assert_eq!(status, StatusCode::OK, "{got}");
+        assert_eq!(got["client_name"], "B");
+        let updated = t.events_of("sec.auth.client.updated");
+        assert_eq!(updated.len(), 1);
+        let actor = updated[0].actor.clone().unwrap();
+        assert_eq!(
+            (actor.kind, actor.id.as_str()),
+            (ActorKind::Client as i32, client_id.as_str())
+        );
+        // The stored settings are the registrant's, dynamically registered, untrusted.
+        let row = t.server.get_client(&client_id).await.unwrap();
+        assert!(row.settings.dynamically_registered && !row.settings.trusted);
+        assert_eq!(row.version, 2);
+    }
+
+    #[tokio::test]
+    async fn open_registration_needs_no_token_but_refuses_a_bad_one() {
+        let mut t = crate::users::test_server::new().await;
+        Arc::get_mut(&mut t.server).unwrap().cfg.open_registration = true;
+        let app = routes().with_state(t.server.clone());
+        let body = json!({"grant_types": ["client_credentials"], "response_types": []});
+        let (status, _, info) = call(&app, "POST", "/register", None, Some(body.clone())).await;
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        assert_eq!(info["response_types"], json!([]));
+        let actor = t.events_of("sec.auth.client.created")[0]
+            .actor
+            .clone()
+            .unwrap();
+        assert_eq!(actor.kind, ActorKind::Anonymous as i32);
+        let (status, _, e) = call(&app, "POST", "/register", Some("sec_bogus"), Some(body)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(e["error"], "invalid_token");
     }
 
     #[test]
@@ -868,11 +1024,17 @@ mod tests {
         };
         let i = information(&cfg, &row, Some("cs".into()), "reg_x");
         let j = serde_json::to_value(&i).unwrap();
-        assert_eq!(j["registration_client_uri"], "https://id.example/register/c%201");
+        assert_eq!(
+            j["registration_client_uri"],
+            "https://id.example/register/c%201"
+        );
         assert_eq!(j["client_id_issued_at"], 1_700_000_000);
         assert_eq!(j["client_secret_expires_at"], 0);
         assert_eq!(j["response_types"], json!(["code"]));
-        assert_eq!(j["grant_types"], json!(["authorization_code", "refresh_token"]));
+        assert_eq!(
+            j["grant_types"],
+            json!(["authorization_code", "refresh_token"])
+        );
         assert_eq!(j["token_endpoint_auth_method"], "client_secret_basic");
         assert!(j.get("jwks").is_none());
         let read = serde_json::to_value(information(&cfg, &row, None, "reg_x")).unwrap();

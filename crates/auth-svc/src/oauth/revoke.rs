@@ -126,7 +126,16 @@ mod tests {
     fn jwt_shape() {
         assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
         assert!(looks_like_jwt("a-_.b.c"));
-        for not in ["", "a.b", "a.b.c.d", "a..c", "a.b.", "a b.c.d", "a.b+c.d", "rt_abcdef"] {
+        for not in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "a..c",
+            "a.b.",
+            "a b.c.d",
+            "a.b+c.d",
+            "rt_abcdef",
+        ] {
             assert!(!looks_like_jwt(not), "{not}");
         }
     }

@@ -16,13 +16,13 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Json;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sec_common::events::Severity;
@@ -218,7 +218,13 @@ fn id_claims(mut claims: serde_json::Map<String, serde_json::Value>) -> String {
     serde_json::Value::Object(claims).to_string()
 }
 
-fn granted_event(server: &AuthServer, grant: &'static str, client_id: &str, subject: &str, scope: &str) {
+fn granted_event(
+    server: &AuthServer,
+    grant: &'static str,
+    client_id: &str,
+    subject: &str,
+    scope: &str,
+) {
     let mut e = server.event("sec.auth.token.granted");
     e.subject = subject.to_owned();
     e.details.insert("grant_type".into(), grant.into());
@@ -287,7 +293,8 @@ pub fn credentials_scope(
             .cloned()
             .collect()),
         Some(raw) => {
-            let list = scope_list(raw).ok_or_else(|| OAuthError::invalid_scope("malformed scope"))?;
+            let list =
+                scope_list(raw).ok_or_else(|| OAuthError::invalid_scope("malformed scope"))?;
             for s in &list {
                 if USER_ONLY.contains(&s.as_str()) {
                     return Err(OAuthError::invalid_scope(format!(
@@ -311,8 +318,7 @@ pub fn credentials_scope(
 /// RFC 7636 §4.1: `code_verifier` = 43..=128 of `[A-Za-z0-9-._~]`.
 pub fn valid_verifier(v: &str) -> bool {
     (43..=128).contains(&v.len())
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
@@ -643,7 +649,9 @@ pub async fn security_auth(
             .and_then(|v| v.split(';').next())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
         if !json {
-            return Err(OAuthError::invalid_request("the body must be application/json"));
+            return Err(OAuthError::invalid_request(
+                "the body must be application/json",
+            ));
         }
         let bytes = read_body(&server, body).await?;
         let req: SecurityAuthRequest = serde_json::from_slice(&bytes)
@@ -694,9 +702,17 @@ async fn json_client(server: &AuthServer, id: &str, secret: &str) -> Result<Clie
         Ok(Some(c)) => c,
         Ok(None) => {
             let _ = server.secrets.hash(secret);
-            return Err(OAuthError::invalid_client("client authentication failed", false));
+            return Err(OAuthError::invalid_client(
+                "client authentication failed",
+                false,
+            ));
         }
-        Err(e) => return Err(OAuthError::temporarily_unavailable("looking up a client", &e)),
+        Err(e) => {
+            return Err(OAuthError::temporarily_unavailable(
+                "looking up a client",
+                &e,
+            ));
+        }
     };
     if !client.settings.auth_method.has_secret() || !server.check_client_secret(&client, secret) {
         let mut e = server.failure_event("sec.auth.client.auth_failed");
@@ -712,7 +728,10 @@ async fn json_client(server: &AuthServer, id: &str, secret: &str) -> Result<Clie
         );
         server.publish(e);
         server.metrics.request("client_auth", "bad_secret");
-        return Err(OAuthError::invalid_client("client authentication failed", false));
+        return Err(OAuthError::invalid_client(
+            "client authentication failed",
+            false,
+        ));
     }
     Ok(client)
 }
@@ -731,12 +750,15 @@ async fn password(
     }
     let (Some(username), Some(password)) = (req.username.as_deref(), req.password.as_deref())
     else {
-        return Err(OAuthError::invalid_request("username and password are required"));
+        return Err(OAuthError::invalid_request(
+            "username and password are required",
+        ));
     };
     let scopes = match req.scope.as_deref() {
         None => client.settings.scopes.clone(),
         Some(raw) => {
-            let list = scope_list(raw).ok_or_else(|| OAuthError::invalid_scope("malformed scope"))?;
+            let list =
+                scope_list(raw).ok_or_else(|| OAuthError::invalid_scope("malformed scope"))?;
             if list.iter().any(|s| !client.settings.scopes.contains(s)) {
                 return Err(OAuthError::invalid_scope(
                     "the requested scope exceeds the client's",
@@ -758,7 +780,10 @@ async fn password(
             return Err(OAuthError::invalid_grant("invalid username or password"));
         }
         Err(LoginFailure::Unavailable(e)) => {
-            return Err(OAuthError::temporarily_unavailable("checking a password", &e));
+            return Err(OAuthError::temporarily_unavailable(
+                "checking a password",
+                &e,
+            ));
         }
     };
     let openid = scopes.iter().any(|s| s == "openid");

@@ -181,7 +181,10 @@ async fn claims(server: &AuthServer, token: &str) -> Result<serde_json::Value, O
         Err(e) => return Err(OAuthError::temporarily_unavailable("looking up a user", &e)),
     };
     let mut claims = server.user_claims(&user, &scopes);
-    claims.insert("sub".into(), serde_json::Value::String(user.user_id.clone()));
+    claims.insert(
+        "sub".into(),
+        serde_json::Value::String(user.user_id.clone()),
+    );
     Ok(serde_json::Value::Object(claims))
 }
 

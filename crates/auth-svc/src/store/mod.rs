@@ -134,7 +134,7 @@ pub struct ClientRow {
     pub settings: ClientSettings,
     /// HMAC-SHA-256 of the client secret under the server key (`sec_common::secret`).
     pub secret_hash: Option<Vec<u8>>,
-    /// SHA-256 of the RFC 7592 registration access token, for dynamically registered
+    /// Keyed hash (`AuthServer::secrets`) of the RFC 7592 registration access token, for dynamically registered
     /// clients.
     pub registration_token_hash: Option<Vec<u8>>,
     /// Starts at 1; every update adds 1.
