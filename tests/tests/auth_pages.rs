@@ -321,6 +321,7 @@ async fn code_flow_through_login_and_consent_then_remembered() {
     assert_code_redirect(&allowed, &issuer);
     allowed.assert_page_headers();
 
+
     // The pending request was consumed: the same form again is refused.
     let again = b
         .post("/consent", &[("request", &req), ("csrf", &csrf), ("decision", "allow")])
@@ -390,6 +391,11 @@ async fn unregistered_redirect_uris_never_redirect() {
         assert_eq!(r.status, 400, "{path}");
         assert!(r.header("location").is_none(), "{path}");
     }
+    // An oversized form body: 413, not read further.
+    let big = "x".repeat(64 * 1024);
+    let r = b.post("/authorize", &[("client_id", &s.client_id), ("pad", &big)]).await;
+    assert_eq!(r.status, 413);
+    assert!(r.header("location").is_none());
     // After the redirect URI is known, errors go to it, with state and iss.
     let r = b
         .get(&authorize_path(&s.client_id, &[("code_challenge_method", "plain")]))
@@ -547,6 +553,26 @@ async fn logout_with_and_without_a_registered_redirect() {
         assert!(r.header("location").is_none());
         assert!(b.has_session());
     }
+    // A tampered hint is no hint: it cannot vouch for a redirect, and logs nobody out.
+    let (signed, sig) = hint.rsplit_once('.').unwrap();
+    let mid = sig.len() / 2;
+    let flipped = if &sig[mid..=mid] == "A" { "B" } else { "A" };
+    let tampered = format!("{signed}.{}{flipped}{}", &sig[..mid], &sig[mid + 1..]);
+    let r = b
+        .get(&format!(
+            "/logout?{}",
+            encode(&[("id_token_hint", &tampered), ("post_logout_redirect_uri", LOGGED_OUT)])
+        ))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.header("location").is_none());
+    let r = b
+        .get(&format!("/logout?{}", encode(&[("id_token_hint", &tampered)])))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("name=\"logout\""), "a confirmation page");
+    assert!(b.has_session());
+
     // Mismatched client_id: an error page.
     let r = b
         .get(&format!(
