@@ -225,7 +225,10 @@ mod tests {
             ("x".to_owned(), "<b>bold</b>".to_owned()),
         ];
         let b = render("A \"quoted\" app", "req1", "tok", &scopes, true);
-        assert!(b.contains("<li>Sign you in <small>(openid)</small></li>"), "{b}");
+        assert!(
+            b.contains("<li>Sign you in <small>(openid)</small></li>"),
+            "{b}"
+        );
         assert!(b.contains("&lt;b&gt;bold&lt;/b&gt;") && !b.contains("<b>bold"));
         assert!(b.contains("A &quot;quoted&quot; app"));
         assert!(b.contains("value=\"allow\"") && b.contains("value=\"deny\""));

@@ -675,9 +675,15 @@ mod tests {
         assert!(!csp.contains("'unsafe-inline'; form-action 'self'"));
         let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
         let body = String::from_utf8(body.to_vec()).unwrap();
-        assert!(body.contains("action=\"https://c.example:8443/cb?x=1\""), "{body}");
+        assert!(
+            body.contains("action=\"https://c.example:8443/cb?x=1\""),
+            "{body}"
+        );
         assert!(body.contains("name=\"code\" value=\"abc\""));
-        assert!(!body.contains("<script>x</script>"), "state escaped: {body}");
+        assert!(
+            !body.contains("<script>x</script>"),
+            "state escaped: {body}"
+        );
         assert!(body.contains("<noscript>"));
         assert!(body.contains(&format!("<script>{FORM_POST_SCRIPT}</script>")));
         // The hash is of exactly that script.

@@ -250,7 +250,12 @@ async fn session_user(
         .await;
     match r {
         Ok(r) => Ok(r.into_inner().session.map(|s| s.user_id)),
-        Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) =>
+        {
             Err(flow::unavailable("reading the browser session", &s))
         }
         Err(_) => Ok(None),
@@ -363,7 +368,10 @@ async fn finish(server: &AuthServer, browser: &Browser, p: &PendingLogout) -> Re
             })
             .await;
         if let Err(s) = revoked {
-            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) {
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) {
                 return flow::unavailable("ending the browser session", &s);
             }
         }
@@ -374,10 +382,8 @@ async fn finish(server: &AuthServer, browser: &Browser, p: &PendingLogout) -> Re
     if let Some(c) = &p.client_id {
         ev.details.insert("client_id".into(), c.clone());
     }
-    ev.details.insert(
-        "redirect".into(),
-        p.redirect_uri.is_some().to_string(),
-    );
+    ev.details
+        .insert("redirect".into(), p.redirect_uri.is_some().to_string());
     server.publish(ev);
     server.metrics.request("logout", "ok");
     let out = SetCookies(vec![cookies::clear(&server.cfg, Cookie::Session)]);
