@@ -193,12 +193,11 @@ pub async fn consent_post(State(server): State<Arc<AuthServer>>, req: Request) -
             &OAuthError::access_denied("the user denied the request"),
         );
     }
-    if form.get("remember") == Some("yes") {
-        if let Err(r) =
+    if form.get("remember") == Some("yes")
+        && let Err(r) =
             flow::remember_consent(&server, &session.user_id, &req.client_id, &req.scopes).await
-        {
-            return r;
-        }
+    {
+        return r;
     }
     let mut ev = server.event("sec.auth.consent.granted");
     ev.subject = session.user_id.clone();

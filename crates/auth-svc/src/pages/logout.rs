@@ -174,10 +174,10 @@ async fn start(server: &AuthServer, parts: &Parts, p: &Params) -> Response {
         },
         None => None,
     };
-    if let (Some(h), Some(c)) = (&hint, p.get("client_id")) {
-        if h.client_id != c {
-            return refused(server, "client_id does not match the ID token.");
-        }
+    if let (Some(h), Some(c)) = (&hint, p.get("client_id"))
+        && h.client_id != c
+    {
+        return refused(server, "client_id does not match the ID token.");
     }
     let client_id = hint
         .as_ref()
@@ -367,13 +367,13 @@ async fn finish(server: &AuthServer, browser: &Browser, p: &PendingLogout) -> Re
                 target: Some(revoke_request::Target::SessionId(id.clone())),
             })
             .await;
-        if let Err(s) = revoked {
-            if matches!(
+        if let Err(s) = revoked
+            && matches!(
                 s.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            ) {
-                return flow::unavailable("ending the browser session", &s);
-            }
+            )
+        {
+            return flow::unavailable("ending the browser session", &s);
         }
     }
     let mut ev = server.event("sec.auth.logout");
