@@ -127,7 +127,11 @@ impl Browser {
         let cookie = if self.cookies.is_empty() {
             String::new()
         } else {
-            let jar: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let jar: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             format!("Cookie: {}\r\n", jar.join("; "))
         };
         let body_head = body
@@ -284,16 +288,27 @@ fn assert_code_redirect(r: &Resp, issuer: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_flow_through_login_and_consent_then_remembered() {
     let s = setup(false).await;
-    let issuer = s.tp.config.section::<auth_svc::OAuthConfig>("oauth").unwrap().issuer.clone();
+    let issuer =
+        s.tp.config
+            .section::<auth_svc::OAuthConfig>("oauth")
+            .unwrap()
+            .issuer
+            .clone();
     let mut b = Browser::new(s.tp.http);
 
     let page = b.get(&authorize_path(&s.client_id, &[])).await;
     assert_eq!(page.status, 200, "{}", page.body);
     page.assert_page_headers();
     assert!(page.body.contains("<main>") && page.body.contains("<label for=\"username\">"));
-    assert!(page.body.contains("Pages &lt;Test&gt; App"), "client name escaped");
+    assert!(
+        page.body.contains("Pages &lt;Test&gt; App"),
+        "client name escaped"
+    );
     assert!(b.cookies.contains_key("sec_csrf"));
-    assert!(!page.body.contains(CHALLENGE), "no request parameter in the page");
+    assert!(
+        !page.body.contains(CHALLENGE),
+        "no request parameter in the page"
+    );
 
     // Wrong password: the page again, with an error that names neither field, no session.
     let wrong = login(&mut b, &page, "wrong password").await;
@@ -309,13 +324,22 @@ async fn code_flow_through_login_and_consent_then_remembered() {
     assert!(b.has_session());
     let set_cookie = consent.header("set-cookie").unwrap();
     assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"));
-    assert!(consent.body.contains("Read your email address"), "{}", consent.body);
+    assert!(
+        consent.body.contains("Read your email address"),
+        "{}",
+        consent.body
+    );
     assert!(consent.body.contains("value=\"allow\""));
     let (req, csrf) = (consent.field("request"), consent.field("csrf"));
     let allowed = b
         .post(
             "/consent",
-            &[("request", &req), ("csrf", &csrf), ("decision", "allow"), ("remember", "yes")],
+            &[
+                ("request", &req),
+                ("csrf", &csrf),
+                ("decision", "allow"),
+                ("remember", "yes"),
+            ],
         )
         .await;
     assert_code_redirect(&allowed, &issuer);
@@ -323,7 +347,10 @@ async fn code_flow_through_login_and_consent_then_remembered() {
 
     // The pending request was consumed: the same form again is refused.
     let again = b
-        .post("/consent", &[("request", &req), ("csrf", &csrf), ("decision", "allow")])
+        .post(
+            "/consent",
+            &[("request", &req), ("csrf", &csrf), ("decision", "allow")],
+        )
         .await;
     assert_eq!(again.status, 400);
     assert!(again.header("location").is_none());
@@ -334,19 +361,23 @@ async fn code_flow_through_login_and_consent_then_remembered() {
     assert_ne!(code2, allowed.location_params()["code"]);
 
     // prompt=none works silently now; prompt=consent shows the page again.
-    let silent = b.get(&authorize_path(&s.client_id, &[("prompt", "none")])).await;
+    let silent = b
+        .get(&authorize_path(&s.client_id, &[("prompt", "none")]))
+        .await;
     assert_code_redirect(&silent, &issuer);
-    let asked = b.get(&authorize_path(&s.client_id, &[("prompt", "consent")])).await;
+    let asked = b
+        .get(&authorize_path(&s.client_id, &[("prompt", "consent")]))
+        .await;
     assert_eq!(asked.status, 200);
     assert!(asked.body.contains("value=\"deny\""));
     // prompt=login asks for the password again.
-    let relogin = b.get(&authorize_path(&s.client_id, &[("prompt", "login")])).await;
+    let relogin = b
+        .get(&authorize_path(&s.client_id, &[("prompt", "login")]))
+        .await;
     assert!(relogin.body.contains("name=\"password\""));
     // A redirect URI with a query keeps it and gets ours appended with `&`.
-    let path = authorize_path(&s.client_id, &[]).replace(
-        &enc(REDIRECT),
-        &enc("https://app.example/cb2?x=1"),
-    );
+    let path = authorize_path(&s.client_id, &[])
+        .replace(&enc(REDIRECT), &enc("https://app.example/cb2?x=1"));
     let with_query = b.get(&path).await;
     assert_eq!(with_query.status, 303, "{}", with_query.body);
     let loc = with_query.header("location").unwrap();
@@ -390,9 +421,19 @@ async fn unregistered_redirect_uris_never_redirect() {
         assert_eq!(r.status, 400, "{path}");
         assert!(r.header("location").is_none(), "{path}");
     }
+    // An oversized form body: 413, not read further.
+    let big = "x".repeat(64 * 1024);
+    let r = b
+        .post("/authorize", &[("client_id", &s.client_id), ("pad", &big)])
+        .await;
+    assert_eq!(r.status, 413);
+    assert!(r.header("location").is_none());
     // After the redirect URI is known, errors go to it, with state and iss.
     let r = b
-        .get(&authorize_path(&s.client_id, &[("code_challenge_method", "plain")]))
+        .get(&authorize_path(
+            &s.client_id,
+            &[("code_challenge_method", "plain")],
+        ))
         .await;
     assert_eq!(r.status, 400, "duplicate parameter is a page");
     let plain = format!(
@@ -414,7 +455,10 @@ async fn unregistered_redirect_uris_never_redirect() {
     assert_eq!(q["state"], "s1");
     assert!(q.contains_key("iss"));
     let wide = b
-        .get(&authorize_path(&s.client_id, &[]).replace(&enc("openid email"), &enc("openid profile")))
+        .get(
+            &authorize_path(&s.client_id, &[])
+                .replace(&enc("openid email"), &enc("openid profile")),
+        )
         .await;
     assert_eq!(wide.location_params()["error"], "invalid_scope");
 }
@@ -445,7 +489,10 @@ async fn forms_without_a_valid_csrf_token_are_forbidden() {
     assert_eq!(other.post("/login", &f).await.status, 403);
     // A login token does not work on the consent form.
     let r = b
-        .post("/consent", &[("request", &req), ("csrf", &csrf), ("decision", "allow")])
+        .post(
+            "/consent",
+            &[("request", &req), ("csrf", &csrf), ("decision", "allow")],
+        )
         .await;
     assert_eq!(r.status, 403);
     // And the genuine form still works.
@@ -456,9 +503,16 @@ async fn forms_without_a_valid_csrf_token_are_forbidden() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_none_without_session_and_deny_go_back_to_the_client() {
     let s = setup(false).await;
-    let issuer = s.tp.config.section::<auth_svc::OAuthConfig>("oauth").unwrap().issuer.clone();
+    let issuer =
+        s.tp.config
+            .section::<auth_svc::OAuthConfig>("oauth")
+            .unwrap()
+            .issuer
+            .clone();
     let mut b = Browser::new(s.tp.http);
-    let r = b.get(&authorize_path(&s.client_id, &[("prompt", "none")])).await;
+    let r = b
+        .get(&authorize_path(&s.client_id, &[("prompt", "none")]))
+        .await;
     assert_eq!(r.status, 303);
     let q = r.location_params();
     assert_eq!(q["error"], "login_required");
@@ -469,7 +523,9 @@ async fn prompt_none_without_session_and_deny_go_back_to_the_client() {
     let page = b.get(&authorize_path(&s.client_id, &[])).await;
     let consent = login(&mut b, &page, PASSWORD).await;
     // Logged in but no consent yet: prompt=none says consent_required.
-    let r = b.get(&authorize_path(&s.client_id, &[("prompt", "none")])).await;
+    let r = b
+        .get(&authorize_path(&s.client_id, &[("prompt", "none")]))
+        .await;
     assert_eq!(r.location_params()["error"], "consent_required");
     let denied = b
         .post(
@@ -493,7 +549,10 @@ async fn form_post_answers_with_a_self_submitting_form() {
     let s = setup(true).await;
     let mut b = Browser::new(s.tp.http);
     let page = b
-        .get(&authorize_path(&s.client_id, &[("response_mode", "form_post")]))
+        .get(&authorize_path(
+            &s.client_id,
+            &[("response_mode", "form_post")],
+        ))
         .await;
     // Trusted client: no consent page after login.
     let r = login(&mut b, &page, PASSWORD).await;
@@ -536,7 +595,11 @@ async fn logout_with_and_without_a_registered_redirect() {
     let hint = issued.id_token.unwrap().token;
 
     // Unregistered post-logout URI: an error page, no redirect, still logged in.
-    for bad in ["https://evil.example/bye", "https://app.example/bye/", REDIRECT] {
+    for bad in [
+        "https://evil.example/bye",
+        "https://app.example/bye/",
+        REDIRECT,
+    ] {
         let r = b
             .get(&format!(
                 "/logout?{}",
@@ -547,6 +610,32 @@ async fn logout_with_and_without_a_registered_redirect() {
         assert!(r.header("location").is_none());
         assert!(b.has_session());
     }
+    // A tampered hint is no hint: it cannot vouch for a redirect, and logs nobody out.
+    let (signed, sig) = hint.rsplit_once('.').unwrap();
+    let mid = sig.len() / 2;
+    let flipped = if &sig[mid..=mid] == "A" { "B" } else { "A" };
+    let tampered = format!("{signed}.{}{flipped}{}", &sig[..mid], &sig[mid + 1..]);
+    let r = b
+        .get(&format!(
+            "/logout?{}",
+            encode(&[
+                ("id_token_hint", &tampered),
+                ("post_logout_redirect_uri", LOGGED_OUT)
+            ])
+        ))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.header("location").is_none());
+    let r = b
+        .get(&format!(
+            "/logout?{}",
+            encode(&[("id_token_hint", &tampered)])
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("name=\"logout\""), "a confirmation page");
+    assert!(b.has_session());
+
     // Mismatched client_id: an error page.
     let r = b
         .get(&format!(
@@ -568,9 +657,14 @@ async fn logout_with_and_without_a_registered_redirect() {
         ))
         .await;
     assert_eq!(r.status, 303, "{}", r.body);
-    assert_eq!(r.header("location"), Some(format!("{LOGGED_OUT}?state=bye-1").as_str()));
+    assert_eq!(
+        r.header("location"),
+        Some(format!("{LOGGED_OUT}?state=bye-1").as_str())
+    );
     assert!(!b.has_session());
-    let again = b.get(&authorize_path(&s.client_id, &[("prompt", "none")])).await;
+    let again = b
+        .get(&authorize_path(&s.client_id, &[("prompt", "none")]))
+        .await;
     assert_eq!(again.location_params()["error"], "login_required");
 
     // Without a hint: a confirmation page, CSRF-protected, then the signed-out page.
@@ -581,15 +675,49 @@ async fn logout_with_and_without_a_registered_redirect() {
     confirm.assert_page_headers();
     assert!(b.has_session(), "a bare GET does not log out");
     let id = confirm.field("logout");
-    let forged = b.post("/logout", &[("logout", &id), ("csrf", "AAAA")]).await;
+    let forged = b
+        .post("/logout", &[("logout", &id), ("csrf", "AAAA")])
+        .await;
     assert_eq!(forged.status, 403);
     assert!(b.has_session());
     let done = b
-        .post("/logout", &[("logout", &id), ("csrf", &confirm.field("csrf"))])
+        .post(
+            "/logout",
+            &[("logout", &id), ("csrf", &confirm.field("csrf"))],
+        )
         .await;
     assert_eq!(done.status, 200, "{}", done.body);
     assert!(done.body.contains("signed out"));
     assert!(!b.has_session());
-    let again = b.get(&authorize_path(&s.client_id, &[("prompt", "none")])).await;
+    let again = b
+        .get(&authorize_path(&s.client_id, &[("prompt", "none")]))
+        .await;
     assert_eq!(again.location_params()["error"], "login_required");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_request_yields_one_code_under_parallel_submissions() {
+    let s = setup(false).await;
+    let mut b = Browser::new(s.tp.http);
+    let page = b.get(&authorize_path(&s.client_id, &[])).await;
+    let consent = login(&mut b, &page, PASSWORD).await;
+    let (req, csrf) = (consent.field("request"), consent.field("csrf"));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (mut b, req, csrf) = (b.clone(), req.clone(), csrf.clone());
+        tasks.push(tokio::spawn(async move {
+            b.post(
+                "/consent",
+                &[("request", &req), ("csrf", &csrf), ("decision", "allow")],
+            )
+            .await
+            .status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, vec![303, 400, 400, 400, 400, 400]);
 }

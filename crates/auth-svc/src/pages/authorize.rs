@@ -183,17 +183,11 @@ async fn authorize(
         }
     };
 
-    let consent = match flow::consent_needed(
-        server,
-        client.settings.trusted,
-        &session.user_id,
-        &req,
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+    let consent =
+        match flow::consent_needed(server, client.settings.trusted, &session.user_id, &req).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
     if !consent {
         return flow::issue_code(server, &req, &session, &browser).await;
     }
@@ -510,13 +504,19 @@ mod tests {
         );
         assert!(check_redirect(&c, &p("scope=openid%20email")).is_err());
         let mut two = c.clone();
-        two.settings.redirect_uris.push("https://app.example/b".into());
+        two.settings
+            .redirect_uris
+            .push("https://app.example/b".into());
         assert!(check_redirect(&two, &p("scope=email")).is_err());
     }
 
     #[test]
     fn a_good_request_is_accepted() {
-        let r = check(&client(true, true), &params("&nonce=n1&prompt=login&max_age=0")).unwrap();
+        let r = check(
+            &client(true, true),
+            &params("&nonce=n1&prompt=login&max_age=0"),
+        )
+        .unwrap();
         assert_eq!(r.scopes, vec!["openid".to_owned(), "email".to_owned()]);
         assert_eq!(r.code_challenge.as_deref(), Some(CHALLENGE));
         assert_eq!(r.target.state.as_deref(), Some("xyz"));
@@ -596,9 +596,15 @@ mod tests {
             )
             .unwrap()
         };
-        assert_eq!(check(&public, &p("")).unwrap_err().1.error, "invalid_request");
+        assert_eq!(
+            check(&public, &p("")).unwrap_err().1.error,
+            "invalid_request"
+        );
         let strict = client(false, true);
-        assert_eq!(check(&strict, &p("")).unwrap_err().1.error, "invalid_request");
+        assert_eq!(
+            check(&strict, &p("")).unwrap_err().1.error,
+            "invalid_request"
+        );
         // A confidential client without require_pkce may omit it.
         let relaxed = client(false, false);
         assert_eq!(check(&relaxed, &p("")).unwrap().code_challenge, None);

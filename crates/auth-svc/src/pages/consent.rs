@@ -193,12 +193,11 @@ pub async fn consent_post(State(server): State<Arc<AuthServer>>, req: Request) -
             &OAuthError::access_denied("the user denied the request"),
         );
     }
-    if form.get("remember") == Some("yes") {
-        if let Err(r) =
+    if form.get("remember") == Some("yes")
+        && let Err(r) =
             flow::remember_consent(&server, &session.user_id, &req.client_id, &req.scopes).await
-        {
-            return r;
-        }
+    {
+        return r;
     }
     let mut ev = server.event("sec.auth.consent.granted");
     ev.subject = session.user_id.clone();
@@ -225,7 +224,10 @@ mod tests {
             ("x".to_owned(), "<b>bold</b>".to_owned()),
         ];
         let b = render("A \"quoted\" app", "req1", "tok", &scopes, true);
-        assert!(b.contains("<li>Sign you in <small>(openid)</small></li>"), "{b}");
+        assert!(
+            b.contains("<li>Sign you in <small>(openid)</small></li>"),
+            "{b}"
+        );
         assert!(b.contains("&lt;b&gt;bold&lt;/b&gt;") && !b.contains("<b>bold"));
         assert!(b.contains("A &quot;quoted&quot; app"));
         assert!(b.contains("value=\"allow\"") && b.contains("value=\"deny\""));

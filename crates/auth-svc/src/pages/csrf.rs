@@ -67,7 +67,13 @@ mod tests {
         let other = KeyedHasher::new(&[4; 32]).unwrap();
         assert!(!verify(&other, Purpose::Login, "req1", "browserA", &t));
         assert!(!verify(&key, Purpose::Login, "req1", "browserA", ""));
-        assert!(!verify(&key, Purpose::Login, "req1", "browserA", "!!not base64"));
+        assert!(!verify(
+            &key,
+            Purpose::Login,
+            "req1",
+            "browserA",
+            "!!not base64"
+        ));
         assert!(!verify(&key, Purpose::Login, "req1", "browserA", &t[..20]));
     }
 }

@@ -296,7 +296,7 @@ pub fn needs_login(
     match max_age {
         Some(max) => {
             let age = now_secs.saturating_sub(auth_time);
-            i64::try_from(max).map_or(false, |max| age > max)
+            i64::try_from(max).is_ok_and(|max| age > max)
         }
         None => false,
     }
@@ -390,10 +390,11 @@ pub async fn create_session(
                 target: Some(revoke_request::Target::SessionId(old.clone())),
             })
             .await;
-        if let Err(s) = revoked {
-            if s.code() != tonic::Code::NotFound && s.code() != tonic::Code::InvalidArgument {
-                tracing::warn!(error = %s, "revoking the replaced browser session");
-            }
+        if let Err(s) = revoked
+            && s.code() != tonic::Code::NotFound
+            && s.code() != tonic::Code::InvalidArgument
+        {
+            tracing::warn!(error = %s, "revoking the replaced browser session");
         }
     }
     let created = sessions
@@ -675,9 +676,15 @@ mod tests {
         assert!(!csp.contains("'unsafe-inline'; form-action 'self'"));
         let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
         let body = String::from_utf8(body.to_vec()).unwrap();
-        assert!(body.contains("action=\"https://c.example:8443/cb?x=1\""), "{body}");
+        assert!(
+            body.contains("action=\"https://c.example:8443/cb?x=1\""),
+            "{body}"
+        );
         assert!(body.contains("name=\"code\" value=\"abc\""));
-        assert!(!body.contains("<script>x</script>"), "state escaped: {body}");
+        assert!(
+            !body.contains("<script>x</script>"),
+            "state escaped: {body}"
+        );
         assert!(body.contains("<noscript>"));
         assert!(body.contains(&format!("<script>{FORM_POST_SCRIPT}</script>")));
         // The hash is of exactly that script.

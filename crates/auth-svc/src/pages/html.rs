@@ -64,7 +64,10 @@ pub fn page_response(status: StatusCode, html: String, csp: &str) -> Response {
 pub fn security_headers(h: &mut axum::http::HeaderMap, csp: &str) {
     let csp = HeaderValue::from_str(csp).unwrap_or(HeaderValue::from_static(DEFAULT_CSP));
     h.insert(header::CONTENT_SECURITY_POLICY, csp);
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -120,7 +123,12 @@ mod tests {
         assert_eq!(h[header::REFERRER_POLICY], "no-referrer");
         assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
         assert_eq!(h[header::CACHE_CONTROL], "no-store");
-        assert!(h[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/html"));
+        assert!(
+            h[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
         let doc = document("<b>Bad</b>", "", "");
         assert!(doc.contains("&lt;b&gt;Bad&lt;/b&gt;") && !doc.contains("<b>"));
         assert!(doc.contains("<main>") && doc.contains("lang=\"en\""));

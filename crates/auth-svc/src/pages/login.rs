@@ -53,7 +53,12 @@ pub fn login_page(
 }
 
 /// The body of the login page (every value escaped).
-pub fn render(client_name: &str, request_id: &str, csrf_token: &str, error: Option<&str>) -> String {
+pub fn render(
+    client_name: &str,
+    request_id: &str,
+    csrf_token: &str,
+    error: Option<&str>,
+) -> String {
     let alert = error
         .map(|m| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(m)))
         .unwrap_or_default();
@@ -182,13 +187,17 @@ pub async fn login_post(State(server): State<Arc<AuthServer>>, req: Request) -> 
         Err(r) => return r,
     };
     server.metrics.request("login", "ok");
-    let consent =
-        match flow::consent_needed(&server, client.settings.trusted, &user.user_id, &pending.req)
-            .await
-        {
-            Ok(c) => c,
-            Err(r) => return out.apply(r),
-        };
+    let consent = match flow::consent_needed(
+        &server,
+        client.settings.trusted,
+        &user.user_id,
+        &pending.req,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(r) => return out.apply(r),
+    };
     if consent {
         pending.session_handle = Some(session.handle.clone());
         if let Err(r) = flow::save_pending(&server, request_id, &pending).await {
@@ -226,6 +235,8 @@ mod tests {
         assert!(b.contains("action=\"/login\"") && !b.contains("<script"));
         assert!(!b.contains("role=\"alert\""));
         let b = render("App", "r", "t", Some(LOGIN_FAILED));
-        assert!(b.contains(&format!("<p class=\"error\" role=\"alert\">{LOGIN_FAILED}</p>")));
+        assert!(b.contains(&format!(
+            "<p class=\"error\" role=\"alert\">{LOGIN_FAILED}</p>"
+        )));
     }
 }

@@ -174,10 +174,10 @@ async fn start(server: &AuthServer, parts: &Parts, p: &Params) -> Response {
         },
         None => None,
     };
-    if let (Some(h), Some(c)) = (&hint, p.get("client_id")) {
-        if h.client_id != c {
-            return refused(server, "client_id does not match the ID token.");
-        }
+    if let (Some(h), Some(c)) = (&hint, p.get("client_id"))
+        && h.client_id != c
+    {
+        return refused(server, "client_id does not match the ID token.");
     }
     let client_id = hint
         .as_ref()
@@ -250,7 +250,12 @@ async fn session_user(
         .await;
     match r {
         Ok(r) => Ok(r.into_inner().session.map(|s| s.user_id)),
-        Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) =>
+        {
             Err(flow::unavailable("reading the browser session", &s))
         }
         Err(_) => Ok(None),
@@ -362,10 +367,13 @@ async fn finish(server: &AuthServer, browser: &Browser, p: &PendingLogout) -> Re
                 target: Some(revoke_request::Target::SessionId(id.clone())),
             })
             .await;
-        if let Err(s) = revoked {
-            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) {
-                return flow::unavailable("ending the browser session", &s);
-            }
+        if let Err(s) = revoked
+            && matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            )
+        {
+            return flow::unavailable("ending the browser session", &s);
         }
     }
     let mut ev = server.event("sec.auth.logout");
@@ -374,10 +382,8 @@ async fn finish(server: &AuthServer, browser: &Browser, p: &PendingLogout) -> Re
     if let Some(c) = &p.client_id {
         ev.details.insert("client_id".into(), c.clone());
     }
-    ev.details.insert(
-        "redirect".into(),
-        p.redirect_uri.is_some().to_string(),
-    );
+    ev.details
+        .insert("redirect".into(), p.redirect_uri.is_some().to_string());
     server.publish(ev);
     server.metrics.request("logout", "ok");
     let out = SetCookies(vec![cookies::clear(&server.cfg, Cookie::Session)]);

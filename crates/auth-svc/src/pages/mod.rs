@@ -9,6 +9,10 @@
 //!   client (`query` redirect or `form_post` page);
 //! - `html.rs` (escaping, page shell, security headers), `cookies.rs`, `csrf.rs`.
 
+// A step of a page handler fails with the finished error page (an axum `Response`);
+// boxing it would only add an allocation on the error path.
+#![allow(clippy::result_large_err)]
+
 pub mod authorize;
 pub mod consent;
 pub mod cookies;
