@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use sec_proto::audit::v1::ListEventsRequest;
 use sec_proto::auth::v1::auth_service_client::AuthServiceClient;
 use sec_proto::auth::v1::{Client, ClientType, CreateClientRequest, CreateUserRequest, User};
 use sec_proto::token::v1::token_service_client::TokenServiceClient;
@@ -74,12 +75,13 @@ fn decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -190,6 +192,33 @@ impl Browser {
 
     fn has_session(&self) -> bool {
         self.cookies.contains_key("sec_session")
+    }
+}
+
+/// The auth-svc events of the audit trail once every type of `want` is there (bounded
+/// wait for the asynchronous delivery).
+async fn events(tp: &TestPlatform, want: &[&str]) -> Vec<sec_proto::common::v1::SecurityEvent> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let events = tp
+            .audit()
+            .list_events(ListEventsRequest {
+                event_type: "sec.auth.*".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if want.iter().all(|w| events.iter().any(|e| e.r#type == *w)) {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events missing: {:?}",
+            events.iter().map(|e| &e.r#type).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
@@ -342,8 +371,19 @@ async fn code_flow_through_login_and_consent_then_remembered() {
             ],
         )
         .await;
-    assert_code_redirect(&allowed, &issuer);
+    let code = assert_code_redirect(&allowed, &issuer);
     allowed.assert_page_headers();
+    let evs = events(&s.tp, &["sec.auth.code.issued", "sec.auth.consent.granted"]).await;
+    let issued = evs
+        .iter()
+        .find(|e| e.r#type == "sec.auth.code.issued")
+        .unwrap();
+    assert_eq!(issued.subject, s.user_id);
+    assert_eq!(issued.details["client_id"], s.client_id);
+    assert_eq!(issued.details["scope"], "openid email");
+    for e in &evs {
+        assert!(!format!("{e:?}").contains(&code), "never the code: {e:?}");
+    }
 
     // The pending request was consumed: the same form again is refused.
     let again = b
@@ -542,6 +582,8 @@ async fn prompt_none_without_session_and_deny_go_back_to_the_client() {
     assert_eq!(q["error"], "access_denied");
     assert_eq!(q["iss"], issuer);
     assert!(!q.contains_key("code"));
+    let evs = events(&s.tp, &["sec.auth.consent.denied"]).await;
+    assert!(!evs.iter().any(|e| e.r#type == "sec.auth.code.issued"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,6 +735,15 @@ async fn logout_with_and_without_a_registered_redirect() {
         .get(&authorize_path(&s.client_id, &[("prompt", "none")]))
         .await;
     assert_eq!(again.location_params()["error"], "login_required");
+    let evs = events(&s.tp, &["sec.auth.logout"]).await;
+    let logouts: Vec<_> = evs
+        .iter()
+        .filter(|e| e.r#type == "sec.auth.logout")
+        .collect();
+    assert!(
+        logouts.iter().all(|e| e.subject == s.user_id),
+        "{logouts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
