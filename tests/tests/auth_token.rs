@@ -168,9 +168,15 @@ async fn start(backends: Backends) -> Option<Ctx> {
     ]);
     oauth.max_body_bytes = 4096;
     oauth.max_param_bytes = 1024;
-    let issuer = oauth.issuer.clone();
     seed.config.set_section(auth_svc::SECTION, oauth).unwrap();
     let tp = TestPlatform::start_with(seed, None).await;
+    // The harness sets the issuer to the facade's real URL.
+    let issuer = tp
+        .config
+        .section::<OAuthConfig>(auth_svc::SECTION)
+        .unwrap()
+        .issuer
+        .clone();
 
     let db = sec_common::storage::connect_db(&tp.config, auth_svc::NAME, &auth_svc::MIGRATIONS)
         .await
