@@ -167,6 +167,7 @@ async fn authorize(
                 );
                 return error_to_client(server, &req.target, &e);
             }
+            let redirect_uri = req.target.redirect_uri.clone();
             let id = match flow::new_pending(server, req, None).await {
                 Ok(id) => id,
                 Err(r) => return r,
@@ -177,6 +178,7 @@ async fn authorize(
                 &browser,
                 &id,
                 &client,
+                &redirect_uri,
                 None,
                 SetCookies::default(),
             );
@@ -200,6 +202,7 @@ async fn authorize(
         return error_to_client(server, &req.target, &e);
     }
     let scopes = req.scopes.clone();
+    let redirect_uri = req.target.redirect_uri.clone();
     let id = match flow::new_pending(server, req, Some(session.handle.clone())).await {
         Ok(id) => id,
         Err(r) => return r,
@@ -210,6 +213,7 @@ async fn authorize(
         &browser,
         &id,
         &client,
+        &redirect_uri,
         &scopes,
         SetCookies::default(),
     )

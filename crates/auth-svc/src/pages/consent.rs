@@ -32,6 +32,7 @@ pub fn consent_page(
     browser: &Browser,
     request_id: &str,
     client: &ClientRow,
+    redirect_uri: &str,
     scopes: &[String],
     mut out: SetCookies,
 ) -> Response {
@@ -61,7 +62,7 @@ pub fn consent_page(
     out.apply(html::page_response(
         StatusCode::OK,
         html::document("Allow access?", &body, ""),
-        html::DEFAULT_CSP,
+        &html::csp_with_redirect(redirect_uri),
     ))
 }
 

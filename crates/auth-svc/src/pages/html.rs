@@ -11,6 +11,19 @@ use axum::response::{IntoResponse, Response};
 pub const DEFAULT_CSP: &str = "default-src 'none'; style-src 'self' 'unsafe-inline'; \
      form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
+/// [`DEFAULT_CSP`] for a page whose form, once posted, is answered with a redirect to the
+/// client: Chromium applies `form-action` to the redirects that follow a submission, so the
+/// client's redirect URI must be an allowed target too (only it, as on the form_post page).
+pub fn csp_with_redirect(redirect_uri: &str) -> String {
+    match super::flow::form_action_source(redirect_uri) {
+        Some(target) => DEFAULT_CSP.replace(
+            "form-action 'self'",
+            &format!("form-action 'self' {target}"),
+        ),
+        None => DEFAULT_CSP.to_owned(),
+    }
+}
+
 /// HTML-escapes `s` for text content and double- or single-quoted attribute values.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 8);
@@ -99,6 +112,19 @@ pub fn hidden(name: &str, value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn forms_may_lead_to_the_clients_redirect_uri_only() {
+        let csp = csp_with_redirect("https://app.example:8443/cb?x=1");
+        assert!(
+            csp.contains("form-action 'self' https://app.example:8443/cb;"),
+            "{csp}"
+        );
+        assert!(csp.contains("frame-ancestors 'none'"));
+        // Not expressible as a CSP source: the default, never a wider policy.
+        assert_eq!(csp_with_redirect("not a uri"), DEFAULT_CSP);
+    }
+
     use super::*;
 
     #[test]

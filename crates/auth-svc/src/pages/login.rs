@@ -36,6 +36,7 @@ pub fn login_page(
     browser: &Browser,
     request_id: &str,
     client: &ClientRow,
+    redirect_uri: &str,
     error: Option<&str>,
     mut out: SetCookies,
 ) -> Response {
@@ -48,7 +49,7 @@ pub fn login_page(
     out.apply(html::page_response(
         StatusCode::OK,
         html::document("Sign in", &body, ""),
-        html::DEFAULT_CSP,
+        &html::csp_with_redirect(redirect_uri),
     ))
 }
 
@@ -150,6 +151,7 @@ pub async fn login_post(State(server): State<Arc<AuthServer>>, req: Request) -> 
             &browser,
             request_id,
             &client,
+            &pending.req.target.redirect_uri,
             Some(LOGIN_FAILED),
             SetCookies::default(),
         );
@@ -167,6 +169,7 @@ pub async fn login_post(State(server): State<Arc<AuthServer>>, req: Request) -> 
                 &browser,
                 request_id,
                 &client,
+                &pending.req.target.redirect_uri,
                 Some(LOGIN_FAILED),
                 SetCookies::default(),
             );
@@ -209,6 +212,7 @@ pub async fn login_post(State(server): State<Arc<AuthServer>>, req: Request) -> 
             &browser,
             request_id,
             &client,
+            &pending.req.target.redirect_uri,
             &pending.req.scopes,
             out,
         );
