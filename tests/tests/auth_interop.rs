@@ -68,8 +68,10 @@ const REDIRECT_URI: &str = "http://127.0.0.1:9/cb";
 // The platform and what the clients are given
 // ---------------------------------------------------------------------------------------
 
-struct Fixture {
-    tp: TestPlatform,
+/// What a relying party is given: the issuer, two clients and a user (the JSON every
+/// script reads on stdin).
+#[derive(Debug, Clone)]
+struct RpInput {
     issuer: String,
     conf_id: String,
     conf_secret: String,
@@ -80,9 +82,8 @@ struct Fixture {
     email: String,
 }
 
-impl Fixture {
-    /// The JSON every script reads on stdin.
-    fn input(&self) -> String {
+impl RpInput {
+    fn json(&self) -> String {
         serde_json::json!({
             "issuer": self.issuer,
             "scope": SCOPE,
@@ -101,6 +102,26 @@ impl Fixture {
         })
         .to_string()
     }
+
+    /// The fixture line `oidc_provider.mjs` prints.
+    fn from_json(v: &serde_json::Value) -> Self {
+        let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap().to_owned();
+        Self {
+            issuer: s("/issuer"),
+            conf_id: s("/confidential/client_id"),
+            conf_secret: s("/confidential/client_secret"),
+            public_id: s("/public/client_id"),
+            username: s("/user/username"),
+            password: s("/user/password"),
+            sub: s("/user/sub"),
+            email: s("/user/email"),
+        }
+    }
+}
+
+struct Fixture {
+    tp: TestPlatform,
+    rp: RpInput,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -199,14 +220,16 @@ async fn fixture() -> Fixture {
         .into_inner();
     Fixture {
         tp,
-        issuer,
-        conf_id: conf.client.unwrap().client_id,
-        conf_secret: conf.client_secret,
-        public_id: public.client.unwrap().client_id,
-        username,
-        password,
-        sub: user.user_id,
-        email,
+        rp: RpInput {
+            issuer,
+            conf_id: conf.client.unwrap().client_id,
+            conf_secret: conf.client_secret,
+            public_id: public.client.unwrap().client_id,
+            username,
+            password,
+            sub: user.user_id,
+            email,
+        },
     }
 }
 
@@ -335,36 +358,23 @@ fn assert_all_steps(who: &str, ok: bool, out: &str) {
 // The third-party scripts
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openid_client_node_runs_the_relying_party_list() {
-    if !interop_enabled("openid-client (npm) against auth-svc") {
-        return;
-    }
-    if !(have("node") && have("npm")) {
-        interop_skipped("openid-client interop (node/npm not installed)");
-        return;
-    }
-    let dir = node_modules(&["openid-client@6"]);
-    let fx = fixture().await;
-    let mut cmd = Command::new("node");
-    cmd.arg(scripts().join("client_node.mjs"))
-        .env("OIDC_NODE_DIR", &dir);
-    let (ok, out) = run_script(cmd, fx.input()).await;
-    println!("openid-client:\n{out}");
-    let (r, _) = fx.tp.stop().await;
-    r.unwrap();
-    assert_all_steps("openid-client", ok, &out);
+/// The steps of `browser.mjs`, in order.
+const BROWSER_STEPS: &[&str] = &[
+    "login_page_headers",
+    "login_labels",
+    "consent_page_headers",
+    "code_with_javascript",
+    "code_without_javascript",
+    "wrong_password_visible_error",
+];
+
+fn chromium() -> Option<String> {
+    let c = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    Path::new(&c).exists().then_some(c)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authlib_python_runs_the_relying_party_list() {
-    if !interop_enabled("authlib (PyPI) against auth-svc") {
-        return;
-    }
-    if !have("python3") {
-        interop_skipped("authlib interop (python3 not installed)");
-        return;
-    }
+/// authlib and requests, installed once under the target directory.
+fn python_packages() -> PathBuf {
     let py = target_dir().join("pyenv-oidc");
     if !py.join("authlib").exists() || !py.join("requests").exists() {
         let st = Command::new("python3")
@@ -382,11 +392,67 @@ async fn authlib_python_runs_the_relying_party_list() {
             .unwrap();
         assert!(st.success(), "pip install authlib requests failed");
     }
-    let fx = fixture().await;
+    py
+}
+
+async fn run_node_client(dir: &Path, rp: &RpInput) -> (bool, String) {
+    let mut cmd = Command::new("node");
+    cmd.arg(scripts().join("client_node.mjs"))
+        .env("OIDC_NODE_DIR", dir);
+    run_script(cmd, rp.json()).await
+}
+
+async fn run_authlib_client(py: &Path, rp: &RpInput) -> (bool, String) {
     let mut cmd = Command::new("python3");
     cmd.arg(scripts().join("client_authlib.py"))
-        .env("PYTHONPATH", &py);
-    let (ok, out) = run_script(cmd, fx.input()).await;
+        .env("PYTHONPATH", py);
+    run_script(cmd, rp.json()).await
+}
+
+async fn run_browser(dir: &Path, chromium: &str, rp: &RpInput) -> (bool, String) {
+    let mut cmd = Command::new("node");
+    cmd.arg(scripts().join("browser.mjs"))
+        .env("OIDC_NODE_DIR", dir)
+        .env("CHROMIUM", chromium);
+    run_script(cmd, rp.json()).await
+}
+
+fn assert_browser_steps(ok: bool, out: &str) {
+    let done: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("ok ")).collect();
+    assert!(ok, "browser test failed after {done:?}:\n{out}");
+    assert_eq!(done, BROWSER_STEPS, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openid_client_node_runs_the_relying_party_list() {
+    if !interop_enabled("openid-client (npm) against auth-svc") {
+        return;
+    }
+    if !(have("node") && have("npm")) {
+        interop_skipped("openid-client interop (node/npm not installed)");
+        return;
+    }
+    let dir = node_modules(&["openid-client@6"]);
+    let fx = fixture().await;
+    let (ok, out) = run_node_client(&dir, &fx.rp).await;
+    println!("openid-client:\n{out}");
+    let (r, _) = fx.tp.stop().await;
+    r.unwrap();
+    assert_all_steps("openid-client", ok, &out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authlib_python_runs_the_relying_party_list() {
+    if !interop_enabled("authlib (PyPI) against auth-svc") {
+        return;
+    }
+    if !have("python3") {
+        interop_skipped("authlib interop (python3 not installed)");
+        return;
+    }
+    let py = python_packages();
+    let fx = fixture().await;
+    let (ok, out) = run_authlib_client(&py, &fx.rp).await;
     println!("authlib:\n{out}");
     let (r, _) = fx.tp.stop().await;
     r.unwrap();
@@ -394,42 +460,105 @@ async fn authlib_python_runs_the_relying_party_list() {
 }
 
 /// Headless Chromium (Debian's `chromium`, see `ensure-chromium.sh`) through
-/// `puppeteer-core`: the login and consent pages as a person uses them, labels and all,
-/// their security headers, and the same flow with JavaScript disabled.
+/// `puppeteer-core`: the login and consent pages as a person uses them (inputs found by
+/// their labels, a main landmark), their security headers (CSP with frame-ancestors,
+/// Referrer-Policy, no-store), the session cookie (HttpOnly, SameSite=Lax), the code
+/// exchanged; the same with JavaScript disabled; a wrong password shown as a visible error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_logs_in_and_consents_through_the_pages() {
     if !interop_enabled("headless Chromium against the login and consent pages") {
         return;
     }
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !Path::new(&chromium).exists() || !(have("node") && have("npm")) {
+    let Some(chromium) = chromium().filter(|_| have("node") && have("npm")) else {
         interop_skipped("browser test (chromium or node/npm not installed)");
         return;
-    }
+    };
     let dir = node_modules(&["openid-client@6", "puppeteer-core@25"]);
     let fx = fixture().await;
-    let mut cmd = Command::new("node");
-    cmd.arg(scripts().join("browser.mjs"))
-        .env("OIDC_NODE_DIR", &dir)
-        .env("CHROMIUM", &chromium);
-    let (ok, out) = run_script(cmd, fx.input()).await;
+    let (ok, out) = run_browser(&dir, &chromium, &fx.rp).await;
     println!("chromium:\n{out}");
     let (r, _) = fx.tp.stop().await;
     r.unwrap();
-    let done: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("ok ")).collect();
-    assert!(ok, "browser test failed after {done:?}:\n{out}");
-    assert_eq!(
-        done,
-        [
-            "login_page_headers",
-            "login_labels",
-            "consent_page_headers",
-            "code_with_javascript",
-            "code_without_javascript",
-            "wrong_password_visible_error",
-        ],
-        "{out}"
-    );
+    assert_browser_steps(ok, &out);
+}
+
+/// `oidc_provider.mjs` in a child process; killed on drop.
+struct ReferenceOp {
+    child: std::process::Child,
+    rp: RpInput,
+}
+
+impl ReferenceOp {
+    fn start(dir: &Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new("node")
+            .arg(scripts().join("oidc_provider.mjs"))
+            .arg("reference")
+            .env("OIDC_NODE_DIR", dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("oidc-provider did not start ({e}): {line}"));
+        Self {
+            child,
+            rp: RpInput::from_json(&v),
+        }
+    }
+}
+
+impl Drop for ReferenceOp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The suite checked against a certified provider: the four relying parties and the
+/// browser driver pass every step against panva/node-oidc-provider set up with the same
+/// clients, user and endpoint paths (and login and consent forms of the same shape), so a
+/// failure against auth-svc is auth-svc's, not the scripts'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_passes_against_oidc_provider_reference() {
+    if !interop_enabled("the interop clients against oidc-provider (reference OP)") {
+        return;
+    }
+    if !(have("node") && have("npm")) {
+        interop_skipped("reference OP (node/npm not installed)");
+        return;
+    }
+    let chromium = chromium();
+    let mut packages = vec!["openid-client@6", "oidc-provider@9"];
+    if chromium.is_some() {
+        packages.push("puppeteer-core@25");
+    }
+    let dir = node_modules(&packages);
+    let op = ReferenceOp::start(&dir);
+    let done = rust_relying_party(&op.rp).await;
+    assert_eq!(done, STEPS, "openidconnect");
+    let (ok, out) = run_node_client(&dir, &op.rp).await;
+    println!("openid-client:\n{out}");
+    assert_all_steps("openid-client", ok, &out);
+    if have("python3") {
+        let (ok, out) = run_authlib_client(&python_packages(), &op.rp).await;
+        println!("authlib:\n{out}");
+        assert_all_steps("authlib", ok, &out);
+    } else {
+        interop_skipped("authlib against the reference OP (python3 not installed)");
+    }
+    if let Some(c) = chromium {
+        let (ok, out) = run_browser(&dir, &c, &op.rp).await;
+        println!("chromium:\n{out}");
+        assert_browser_steps(ok, &out);
+    } else {
+        interop_skipped("browser test against the reference OP (chromium not installed)");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -918,13 +1047,13 @@ async fn openidconnect_crate_runs_the_relying_party_list() {
         return;
     }
     let fx = fixture().await;
-    let done = rust_relying_party(&fx).await;
+    let done = rust_relying_party(&fx.rp).await;
     let (r, _) = fx.tp.stop().await;
     r.unwrap();
     assert_eq!(done, STEPS);
 }
 
-async fn rust_relying_party(fx: &Fixture) -> Vec<&'static str> {
+async fn rust_relying_party(fx: &RpInput) -> Vec<&'static str> {
     let http = |r: HttpRequest| send(r);
     let mut done = Vec::new();
     let issuer = IssuerUrl::new(fx.issuer.clone()).unwrap();

@@ -11,7 +11,8 @@
 //   measures it.
 //
 // Prints one JSON line (the fixture: issuer, clients, user) on stdout when listening, and
-// runs until stdin closes or SIGTERM. OIDC_NODE_DIR: where oidc-provider is installed.
+// runs until SIGTERM, or until stdin closes unless OIDC_OP_KEEP=1. OIDC_NODE_DIR: where
+// oidc-provider is installed.
 import http from 'node:http';
 import { createRequire } from 'node:module';
 import { generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
@@ -49,6 +50,7 @@ if (mode === 'bench') {
     clients: [{
       client_id: 'bench', client_secret: secret, grant_types: ['client_credentials'],
       redirect_uris: [], response_types: [], token_endpoint_auth_method: 'client_secret_basic',
+      id_token_signed_response_alg: 'ES256',
     }],
     features: {
       ...common.features,
@@ -176,5 +178,7 @@ console.log(JSON.stringify(fixture));
 const stop = () => server.close(() => process.exit(0));
 process.on('SIGTERM', stop);
 process.on('SIGINT', stop);
-process.stdin.on('end', stop);
-process.stdin.resume();
+if (process.env.OIDC_OP_KEEP !== '1') {
+  process.stdin.on('end', stop);
+  process.stdin.resume();
+}
