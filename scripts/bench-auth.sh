@@ -15,6 +15,10 @@
 # each wrk run is bounded by its -d, each start by a deadline.
 set -euo pipefail
 
+# Keep a relative CARGO_TARGET_DIR meaning what it meant where we were invoked.
+if [[ -n ${CARGO_TARGET_DIR:-} && ${CARGO_TARGET_DIR} != /* ]]; then
+  export CARGO_TARGET_DIR="$PWD/$CARGO_TARGET_DIR"
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CARGO="${CARGO:-cargo}"

@@ -52,9 +52,17 @@ async function labelled(page, name, text) {
   return el;
 }
 
+// What the page's console said (a CSP violation such as a `form-action` that refuses the
+// redirect back to the client shows up only there).
+const consoleLog = [];
+
 async function submitAndWait(page, el) {
-  const [res] = await Promise.all([page.waitForNavigation({ waitUntil: 'load', timeout: 20000 }), el.click()]);
-  return res;
+  try {
+    const [res] = await Promise.all([page.waitForNavigation({ waitUntil: 'load', timeout: 20000 }), el.click()]);
+    return res;
+  } catch (e) {
+    throw new Error(`no navigation after submitting the form at ${page.url()}: ${e.message}; console: ${JSON.stringify(consoleLog)}`);
+  }
 }
 
 /** One browser context through login (and consent, if shown) to the redirect back. */
@@ -62,6 +70,7 @@ async function run(browser, { js, password = user.password, checks = false }) {
   const ctx = await browser.createBrowserContext();
   const page = await ctx.newPage();
   await page.setJavaScriptEnabled(js);
+  page.on('console', (m) => consoleLog.push(m.text()));
   let landed = null;
   await page.setRequestInterception(true);
   page.on('request', (req) => {
