@@ -34,7 +34,7 @@ use openidconnect::{
     AccessToken, AccessTokenHash, AdditionalProviderMetadata, AuthorizationCode, ClientId,
     ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, HttpRequest,
     HttpResponse, IntrospectionUrl, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge,
-    ProviderMetadata, RedirectUrl, RefreshToken, RequestTokenError, RevocationUrl, Scope,
+    ProviderMetadata, RedirectUrl, RequestTokenError, RevocationUrl, Scope,
     SubjectIdentifier, TokenIntrospectionResponse, TokenResponse, UserInfoError, http, url,
 };
 use sec_proto::auth::v1 as pb;
