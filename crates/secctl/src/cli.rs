@@ -59,6 +59,16 @@ pub enum Command {
         #[command(subcommand)]
         command: SessionCommand,
     },
+    /// OAuth clients of auth-svc: create, list, get, update, delete, rotate-secret.
+    Client {
+        #[command(subcommand)]
+        command: crate::auth_admin::ClientCommand,
+    },
+    /// Users of auth-svc: create, list, get, disable, set-password.
+    User {
+        #[command(subcommand)]
+        command: crate::auth_admin::UserCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]

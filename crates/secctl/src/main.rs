@@ -6,6 +6,7 @@
 //! (unknown flag, bad duration) exits 2; a bad configuration exits 64.
 
 mod audit;
+mod auth_admin;
 mod cli;
 mod crypt;
 mod keys;
@@ -75,5 +76,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Token { command } => token::run(&config, out, command).await,
         Command::SigningKey { command } => signing_keys::run(&config, out, command).await,
         Command::Session { command } => session::run(&config, out, command).await,
+        Command::Client { command } => auth_admin::run_client(&config, out, command).await,
+        Command::User { command } => auth_admin::run_user(&config, out, command).await,
     }
 }
