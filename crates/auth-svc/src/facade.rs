@@ -31,7 +31,7 @@ const PAGE_SIZE: u32 = 200;
 /// Bound on the whole listing (all pages).
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 
-struct Facade {
+pub(crate) struct Facade {
     auth: Arc<Authenticator>,
     /// Lazily connecting: crypto-svc may start after (or restart independently of) us.
     crypto: Channel,
@@ -59,7 +59,7 @@ fn admin_router(platform: &Platform) -> anyhow::Result<Router> {
         crypto,
     });
     Ok(Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/security/keys", get(list_keys))
         .with_state(state)
         .layer(sec_common::telemetry::TraceContextLayer))
@@ -131,9 +131,35 @@ fn from_status(status: &tonic::Status) -> Error {
     }
 }
 
+/// `GET /healthz`: the facade answers (liveness only; readiness is `/readyz` on the
+/// admin port).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "platform",
+    summary = "Liveness of the facade",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)),
+)]
+pub(crate) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
 /// `GET /security/keys`: every key (up to [`MAX_KEYS`]) with its versions and, for
 /// asymmetric keys, their public keys. Never any key material.
-async fn list_keys(State(f): State<Arc<Facade>>, headers: HeaderMap) -> Response {
+#[utoipa::path(
+    get,
+    path = "/security/keys",
+    tag = "platform",
+    summary = "crypto-svc's keys with their public parts (admin)",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The keys (at most 1000) and whether the list was truncated", content_type = "application/json", body = Object),
+        (status = 401, description = "No or invalid credentials", body = crate::oauth::openapi::OAuthErrorBody),
+        (status = 403, description = "The caller is not the admin", body = crate::oauth::openapi::OAuthErrorBody),
+        (status = 503, description = "crypto-svc is unreachable", body = crate::oauth::openapi::OAuthErrorBody),
+    ),
+)]
+pub(crate) async fn list_keys(State(f): State<Arc<Facade>>, headers: HeaderMap) -> Response {
     let token = match require_admin(&f.auth, &headers).await {
         Ok(t) => t,
         Err(resp) => return resp,
