@@ -34,8 +34,8 @@ use openidconnect::{
     AccessToken, AccessTokenHash, AdditionalProviderMetadata, AuthorizationCode, ClientId,
     ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, HttpRequest,
     HttpResponse, IntrospectionUrl, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge,
-    ProviderMetadata, RedirectUrl, RequestTokenError, RevocationUrl, Scope,
-    SubjectIdentifier, TokenIntrospectionResponse, TokenResponse, UserInfoError, http, url,
+    ProviderMetadata, RedirectUrl, RequestTokenError, RevocationUrl, Scope, SubjectIdentifier,
+    TokenIntrospectionResponse, TokenResponse, UserInfoError, http, url,
 };
 use sec_proto::auth::v1 as pb;
 use sec_proto::auth::v1::auth_service_client::AuthServiceClient;
@@ -162,7 +162,8 @@ async fn fixture() -> Fixture {
             .issuer,
         issuer
     );
-    let mut admin = AuthServiceClient::with_interceptor(tp.channel("auth"), tp.admin_bearer().unwrap());
+    let mut admin =
+        AuthServiceClient::with_interceptor(tp.channel("auth"), tp.admin_bearer().unwrap());
     let scopes: Vec<String> = SCOPE.split(' ').map(str::to_owned).collect();
     let conf = admin
         .create_client(pb::CreateClientRequest {
@@ -322,9 +323,7 @@ async fn run_script(mut cmd: Command, input: String) -> (bool, String) {
                 .recv_timeout(std::time::Duration::from_secs(120))
                 .is_err()
             {
-                let _ = Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
         });
         let out = child.wait_with_output().unwrap();
@@ -616,9 +615,15 @@ async fn send(req: HttpRequest) -> std::io::Result<HttpResponse> {
         return Err(bad("loopback http only"));
     }
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut head = format!("{} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n", req.method());
+    let mut head = format!(
+        "{} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n",
+        req.method()
+    );
     for (k, v) in req.headers() {
-        head.push_str(&format!("{k}: {}\r\n", v.to_str().map_err(|_| bad("header"))?));
+        head.push_str(&format!(
+            "{k}: {}\r\n",
+            v.to_str().map_err(|_| bad("header"))?
+        ));
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n", req.body().len()));
     let mut s = tokio::net::TcpStream::connect(host).await?;
@@ -645,7 +650,8 @@ async fn send(req: HttpRequest) -> std::io::Result<HttpResponse> {
     for l in lines {
         if let Some((k, v)) = l.split_once(':') {
             let (k, v) = (k.trim(), v.trim());
-            chunked |= k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked");
+            chunked |=
+                k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked");
             resp = resp.header(k, v);
         }
     }
@@ -658,7 +664,11 @@ async fn send(req: HttpRequest) -> std::io::Result<HttpResponse> {
                 .position(|w| w == b"\r\n")
                 .ok_or_else(|| bad("chunk size"))?;
             let size = usize::from_str_radix(
-                String::from_utf8_lossy(&rest[..eol]).split(';').next().unwrap_or("").trim(),
+                String::from_utf8_lossy(&rest[..eol])
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim(),
                 16,
             )
             .map_err(|_| bad("chunk size"))?;
@@ -743,7 +753,9 @@ fn unescape(s: &str) -> String {
             "quot" => Some('"'),
             "apos" => Some('\''),
             _ if ent.starts_with("#x") || ent.starts_with("#X") => {
-                u32::from_str_radix(&ent[2..], 16).ok().and_then(char::from_u32)
+                u32::from_str_radix(&ent[2..], 16)
+                    .ok()
+                    .and_then(char::from_u32)
             }
             _ if ent.starts_with('#') => ent[1..].parse().ok().and_then(char::from_u32),
             _ => None,
@@ -773,7 +785,11 @@ struct Form {
 }
 
 /// Each `<tag ...>` of `html` with its attribute text and the position after it.
-fn tags<'a>(html: &'a str, lower: &'a str, name: &'a str) -> impl Iterator<Item = (usize, &'a str, usize)> + 'a {
+fn tags<'a>(
+    html: &'a str,
+    lower: &'a str,
+    name: &'a str,
+) -> impl Iterator<Item = (usize, &'a str, usize)> + 'a {
     let open = format!("<{name}");
     let mut from = 0;
     std::iter::from_fn(move || {
@@ -795,17 +811,25 @@ fn forms(html: &str) -> Vec<Form> {
     let mut out = Vec::new();
     for (_, attrs, body_start) in tags(html, &lower, "form") {
         let a = attributes(attrs);
-        let body_end = lower[body_start..].find("</form").map_or(html.len(), |e| body_start + e);
+        let body_end = lower[body_start..]
+            .find("</form")
+            .map_or(html.len(), |e| body_start + e);
         let body = &html[body_start..body_end];
         let lbody = &lower[body_start..body_end];
         let mut f = Form {
             action: a.get("action").cloned().unwrap_or_default(),
-            method: a.get("method").cloned().unwrap_or_else(|| "get".into()).to_ascii_lowercase(),
+            method: a
+                .get("method")
+                .cloned()
+                .unwrap_or_else(|| "get".into())
+                .to_ascii_lowercase(),
             ..Form::default()
         };
         for (_, t, _) in tags(body, lbody, "input") {
             let i = attributes(t);
-            if i.get("type").is_some_and(|t| t.eq_ignore_ascii_case("submit")) {
+            if i.get("type")
+                .is_some_and(|t| t.eq_ignore_ascii_case("submit"))
+            {
                 let mut b = i.clone();
                 b.insert("text".into(), i.get("value").cloned().unwrap_or_default());
                 f.buttons.push(b);
@@ -825,7 +849,9 @@ fn forms(html: &str) -> Vec<Form> {
                     _ => {}
                 }
             }
-            if b.get("type").is_none_or(|t| t.eq_ignore_ascii_case("submit")) {
+            if b.get("type")
+                .is_none_or(|t| t.eq_ignore_ascii_case("submit"))
+            {
                 b.insert("text".into(), text.trim().to_owned());
                 f.buttons.push(b);
             }
@@ -837,14 +863,26 @@ fn forms(html: &str) -> Vec<Form> {
 
 fn is_approve(s: &str) -> bool {
     let s = s.to_ascii_lowercase();
-    ["approve", "allow", "accept", "grant", "authorize", "authorise", "consent", "yes", "continue"]
-        .iter()
-        .any(|w| s.contains(w))
+    [
+        "approve",
+        "allow",
+        "accept",
+        "grant",
+        "authorize",
+        "authorise",
+        "consent",
+        "yes",
+        "continue",
+    ]
+    .iter()
+    .any(|w| s.contains(w))
 }
 
 fn is_deny(s: &str) -> bool {
     let s = s.to_ascii_lowercase();
-    ["deny", "cancel", "reject", "decline", "refuse"].iter().any(|w| s.contains(w))
+    ["deny", "cancel", "reject", "decline", "refuse"]
+        .iter()
+        .any(|w| s.contains(w))
         || s.split(|c: char| !c.is_alphanumeric()).any(|w| w == "no")
 }
 
@@ -861,7 +899,9 @@ fn button_text(b: &HashMap<String, String>) -> String {
 fn fields(f: &Form, button: Option<&HashMap<String, String>>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for i in &f.inputs {
-        let ty = i.get("type").map_or("text".to_owned(), |t| t.to_ascii_lowercase());
+        let ty = i
+            .get("type")
+            .map_or("text".to_owned(), |t| t.to_ascii_lowercase());
         let Some(name) = i.get("name") else { continue };
         if matches!(ty.as_str(), "submit" | "button" | "image") {
             continue;
@@ -870,7 +910,10 @@ fn fields(f: &Form, button: Option<&HashMap<String, String>>) -> Vec<(String, St
             continue;
         }
         let default = if ty == "checkbox" { "on" } else { "" };
-        out.push((name.clone(), i.get("value").cloned().unwrap_or_else(|| default.into())));
+        out.push((
+            name.clone(),
+            i.get("value").cloned().unwrap_or_else(|| default.into()),
+        ));
     }
     if let Some(b) = button
         && let Some(n) = b.get("name")
@@ -888,7 +931,12 @@ struct UserAgent {
 }
 
 impl UserAgent {
-    async fn request(&mut self, method: &str, url: &url::Url, form: Option<String>) -> HttpResponse {
+    async fn request(
+        &mut self,
+        method: &str,
+        url: &url::Url,
+        form: Option<String>,
+    ) -> HttpResponse {
         let mut b = http::Request::builder()
             .method(method)
             .uri(url.as_str())
@@ -900,7 +948,9 @@ impl UserAgent {
         if form.is_some() {
             b = b.header("content-type", "application/x-www-form-urlencoded");
         }
-        let resp = send(b.body(form.unwrap_or_default().into_bytes()).unwrap()).await.unwrap();
+        let resp = send(b.body(form.unwrap_or_default().into_bytes()).unwrap())
+            .await
+            .unwrap();
         for c in resp.headers().get_all("set-cookie") {
             let c = c.to_str().unwrap();
             let mut parts = c.split(';');
@@ -932,7 +982,11 @@ impl UserAgent {
                     assert!(!q.contains_key("error"), "authorization error: {q:?}");
                     return next;
                 }
-                assert_eq!(next.origin(), auth_url.origin(), "redirect off the server: {next}");
+                assert_eq!(
+                    next.origin(),
+                    auth_url.origin(),
+                    "redirect off the server: {next}"
+                );
                 url = next;
                 method = "GET";
                 continue;
@@ -941,17 +995,22 @@ impl UserAgent {
             assert_eq!(status, 200, "page {url}: {html}");
             let all = forms(&html);
             let login = all.iter().find(|f| {
-                f.inputs
-                    .iter()
-                    .any(|i| i.get("type").is_some_and(|t| t.eq_ignore_ascii_case("password")))
+                f.inputs.iter().any(|i| {
+                    i.get("type")
+                        .is_some_and(|t| t.eq_ignore_ascii_case("password"))
+                })
             });
             let (form, data) = if let Some(f) = login {
                 assert!(
-                    f.inputs.iter().any(|i| i.get("name").is_some_and(|n| n == "username")),
+                    f.inputs
+                        .iter()
+                        .any(|i| i.get("name").is_some_and(|n| n == "username")),
                     "login form has a username input"
                 );
                 assert!(
-                    f.inputs.iter().any(|i| i.get("type").is_some_and(|t| t.eq_ignore_ascii_case("hidden"))),
+                    f.inputs.iter().any(|i| i
+                        .get("type")
+                        .is_some_and(|t| t.eq_ignore_ascii_case("hidden"))),
                     "login form has a hidden CSRF field"
                 );
                 let button = f.buttons.iter().find(|b| !is_deny(&button_text(b)));
@@ -967,13 +1026,19 @@ impl UserAgent {
                     .iter()
                     .flat_map(|f| f.buttons.iter().map(move |b| (f, b)))
                     .find(|(_, b)| is_approve(&button_text(b)) && !is_deny(&button_text(b)))
-                    .unwrap_or_else(|| panic!("a consent form with an approve button at {url}: {html}"));
+                    .unwrap_or_else(|| {
+                        panic!("a consent form with an approve button at {url}: {html}")
+                    });
                 (f, fields(f, Some(b)))
             };
             let encoded = url::form_urlencoded::Serializer::new(String::new())
                 .extend_pairs(&data)
                 .finish();
-            url = if form.action.is_empty() { url.clone() } else { url.join(&form.action).unwrap() };
+            url = if form.action.is_empty() {
+                url.clone()
+            } else {
+                url.join(&form.action).unwrap()
+            };
             if form.method == "post" {
                 method = "POST";
                 body = Some(encoded);
@@ -992,7 +1057,10 @@ fn step(done: &mut Vec<&'static str>, name: &'static str) {
 }
 
 fn is_invalid_grant<T: std::fmt::Debug, RE: std::error::Error>(
-    r: &Result<T, RequestTokenError<RE, openidconnect::StandardErrorResponse<CoreErrorResponseType>>>,
+    r: &Result<
+        T,
+        RequestTokenError<RE, openidconnect::StandardErrorResponse<CoreErrorResponseType>>,
+    >,
 ) -> bool {
     matches!(r, Err(RequestTokenError::ServerResponse(e)) if *e.error() == CoreErrorResponseType::InvalidGrant)
 }
@@ -1018,7 +1086,11 @@ async fn code_flow(
     assert!(auth_url.as_str().contains("code_challenge_method=S256"));
     let back = ua.authorize(&auth_url, REDIRECT_URI).await;
     let q: HashMap<_, _> = back.query_pairs().into_owned().collect();
-    assert_eq!(q.get("iss").map(String::as_str), Some(issuer), "RFC 9207 iss in {back}");
+    assert_eq!(
+        q.get("iss").map(String::as_str),
+        Some(issuer),
+        "RFC 9207 iss in {back}"
+    );
     assert_eq!(q.get("state"), Some(state.secret()), "state echoed");
     let code = AuthorizationCode::new(q["code"].clone());
     let tokens = rp
@@ -1110,21 +1182,46 @@ async fn rust_relying_party(fx: &RpInput) -> Vec<&'static str> {
     assert_eq!(info.email().map(|e| e.as_str()), Some(fx.email.as_str()));
     step(&mut done, "userinfo");
 
-    let ia = rp.introspect(t1.access_token()).set_token_type_hint("access_token").request_async(&http).await.unwrap();
+    let ia = rp
+        .introspect(t1.access_token())
+        .set_token_type_hint("access_token")
+        .request_async(&http)
+        .await
+        .unwrap();
     assert!(ia.active());
     assert_eq!(ia.sub(), Some(fx.sub.as_str()));
-    assert_eq!(ia.client_id().map(|c| c.as_str()), Some(fx.conf_id.as_str()));
+    assert_eq!(
+        ia.client_id().map(|c| c.as_str()),
+        Some(fx.conf_id.as_str())
+    );
     assert!(ia.scopes().unwrap().iter().any(|s| s.as_str() == "openid"));
     step(&mut done, "introspect_access_active");
     let as_access = AccessToken::new(r1.secret().clone());
-    let ir = rp.introspect(&as_access).set_token_type_hint("refresh_token").request_async(&http).await.unwrap();
+    let ir = rp
+        .introspect(&as_access)
+        .set_token_type_hint("refresh_token")
+        .request_async(&http)
+        .await
+        .unwrap();
     assert!(ir.active());
-    assert_eq!(ir.client_id().map(|c| c.as_str()), Some(fx.conf_id.as_str()));
+    assert_eq!(
+        ir.client_id().map(|c| c.as_str()),
+        Some(fx.conf_id.as_str())
+    );
     step(&mut done, "introspect_refresh_active");
 
-    let t2 = rp.exchange_refresh_token(&r1).unwrap().request_async(&http).await.unwrap();
+    let t2 = rp
+        .exchange_refresh_token(&r1)
+        .unwrap()
+        .request_async(&http)
+        .await
+        .unwrap();
     let r2 = t2.refresh_token().expect("a rotated refresh token").clone();
-    assert_ne!(r2.secret(), r1.secret(), "rotation gives a new refresh token");
+    assert_ne!(
+        r2.secret(),
+        r1.secret(),
+        "rotation gives a new refresh token"
+    );
     let _: CoreUserInfoClaims = rp
         .user_info(t2.access_token().clone(), Some(sub.clone()))
         .unwrap()
@@ -1133,11 +1230,22 @@ async fn rust_relying_party(fx: &RpInput) -> Vec<&'static str> {
         .unwrap();
     step(&mut done, "refresh_rotated");
 
-    let reuse = rp.exchange_refresh_token(&r1).unwrap().request_async(&http).await;
+    let reuse = rp
+        .exchange_refresh_token(&r1)
+        .unwrap()
+        .request_async(&http)
+        .await;
     assert!(is_invalid_grant(&reuse), "old refresh token: {reuse:?}");
     step(&mut done, "reuse_old_refused");
-    let after = rp.exchange_refresh_token(&r2).unwrap().request_async(&http).await;
-    assert!(is_invalid_grant(&after), "new refresh token after reuse: {after:?}");
+    let after = rp
+        .exchange_refresh_token(&r2)
+        .unwrap()
+        .request_async(&http)
+        .await;
+    assert!(
+        is_invalid_grant(&after),
+        "new refresh token after reuse: {after:?}"
+    );
     step(&mut done, "reuse_family_revoked");
 
     // Revocation: a second authorization (the browser session is reused).
@@ -1147,7 +1255,13 @@ async fn rust_relying_party(fx: &RpInput) -> Vec<&'static str> {
         .request_async(&http)
         .await
         .unwrap();
-    assert!(!rp.introspect(t3.access_token()).request_async(&http).await.unwrap().active());
+    assert!(
+        !rp.introspect(t3.access_token())
+            .request_async(&http)
+            .await
+            .unwrap()
+            .active()
+    );
     let refused: Result<CoreUserInfoClaims, _> = rp
         .user_info(t3.access_token().clone(), Some(sub.clone()))
         .unwrap()
@@ -1163,28 +1277,65 @@ async fn rust_relying_party(fx: &RpInput) -> Vec<&'static str> {
     let (t4, _) = code_flow(&rp, &mut ua, &fx.issuer).await;
     let r3 = t4.refresh_token().unwrap().clone();
     let r3_access = AccessToken::new(r3.secret().clone());
-    assert!(rp.introspect(&r3_access).request_async(&http).await.unwrap().active());
+    assert!(
+        rp.introspect(&r3_access)
+            .request_async(&http)
+            .await
+            .unwrap()
+            .active()
+    );
     rp.revoke_token(CoreRevocableToken::RefreshToken(r3.clone()))
         .unwrap()
         .request_async(&http)
         .await
         .unwrap();
-    assert!(!rp.introspect(&r3_access).request_async(&http).await.unwrap().active());
-    let revoked = rp.exchange_refresh_token(&r3).unwrap().request_async(&http).await;
-    assert!(is_invalid_grant(&revoked), "revoked refresh token: {revoked:?}");
+    assert!(
+        !rp.introspect(&r3_access)
+            .request_async(&http)
+            .await
+            .unwrap()
+            .active()
+    );
+    let revoked = rp
+        .exchange_refresh_token(&r3)
+        .unwrap()
+        .request_async(&http)
+        .await;
+    assert!(
+        is_invalid_grant(&revoked),
+        "revoked refresh token: {revoked:?}"
+    );
     step(&mut done, "revoke_refresh");
 
-    let cc = rp.exchange_client_credentials().unwrap().request_async(&http).await.unwrap();
+    let cc = rp
+        .exchange_client_credentials()
+        .unwrap()
+        .request_async(&http)
+        .await
+        .unwrap();
     assert!(cc.refresh_token().is_none() && cc.id_token().is_none());
-    let ic = rp.introspect(cc.access_token()).request_async(&http).await.unwrap();
+    let ic = rp
+        .introspect(cc.access_token())
+        .request_async(&http)
+        .await
+        .unwrap();
     assert!(ic.active());
-    assert_eq!(ic.client_id().map(|c| c.as_str()), Some(fx.conf_id.as_str()));
+    assert_eq!(
+        ic.client_id().map(|c| c.as_str()),
+        Some(fx.conf_id.as_str())
+    );
     rp.revoke_token(CoreRevocableToken::AccessToken(cc.access_token().clone()))
         .unwrap()
         .request_async(&http)
         .await
         .unwrap();
-    assert!(!rp.introspect(cc.access_token()).request_async(&http).await.unwrap().active());
+    assert!(
+        !rp.introspect(cc.access_token())
+            .request_async(&http)
+            .await
+            .unwrap()
+            .active()
+    );
     step(&mut done, "client_credentials");
 
     let public = build(&fx.public_id, None);
@@ -1227,6 +1378,9 @@ fn form_reader_reads_login_and_consent_forms() {
     assert_eq!(b, ["decision deny Deny", "decision approve Allow"]);
     assert!(is_deny(&b[0]) && !is_approve(&b[0]));
     assert!(is_approve(&b[1]) && !is_deny(&b[1]));
-    assert!(fields(&fs[1], None).is_empty(), "unchecked boxes are not sent");
+    assert!(
+        fields(&fs[1], None).is_empty(),
+        "unchecked boxes are not sent"
+    );
     assert_eq!(unescape("&#x41;&#66;&amp;&bogus;"), "AB&&bogus;");
 }
