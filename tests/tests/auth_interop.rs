@@ -484,6 +484,8 @@ async fn chromium_logs_in_and_consents_through_the_pages() {
 /// `oidc_provider.mjs` in a child process; killed on drop.
 struct ReferenceOp {
     child: std::process::Child,
+    /// Kept open: the provider writes to it, and a closed pipe would kill it (EPIPE).
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
     rp: RpInput,
 }
 
@@ -500,13 +502,13 @@ impl ReferenceOp {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("oidc-provider did not start ({e}): {line}"));
         Self {
             child,
+            _stdout: stdout,
             rp: RpInput::from_json(&v),
         }
     }
