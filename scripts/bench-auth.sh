@@ -8,6 +8,7 @@
 #
 #   scripts/bench-auth.sh                       # -t2 -c32 -d20s each
 #   BENCH_AUTH_ARGS="-t2 -c16 -d10s" scripts/bench-auth.sh
+#   SECD_BIN=path/to/secd scripts/bench-auth.sh   # a prebuilt secd instead of building
 #
 # Needs: cargo, node + npm, wrk (tests/interop/oidc/ensure-chromium.sh installs it), curl,
 # python3. The first run builds secd in release mode (minutes on 2 cores) and installs
@@ -61,9 +62,13 @@ wait_for() {
   done
 }
 
-echo "== build: secd (release) =="
-"$CARGO" build --release -q -p secd
-SECD="$TARGET/release/secd"
+if [ -n "${SECD_BIN:-}" ]; then
+  SECD=$SECD_BIN # a prebuilt binary (figures only mean something for a release build)
+else
+  echo "== build: secd (release) =="
+  "$CARGO" build --release -q -p secd
+  SECD="$TARGET/release/secd"
+fi
 
 if [ ! -d "$NODE_DIR/node_modules/oidc-provider" ]; then
   echo "== npm: oidc-provider =="
@@ -114,7 +119,7 @@ run_wrk() {
   grep '^JSON ' "$WORK/wrk.txt" | sed 's/^JSON //' >"$out"
 }
 
-echo "== auth-svc: secd dev (release, embedded storage, temp data dir) =="
+echo "== auth-svc: secd dev ($SECD, embedded storage, temp data dir) =="
 PORT=$(free_port)
 ISSUER="http://127.0.0.1:$PORT"
 env_args=(
