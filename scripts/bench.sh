@@ -30,6 +30,13 @@ echo "== sec-load (end to end, loopback) =="
 # shellcheck disable=SC2086 # SEC_LOAD_ARGS is a list of flags
 "$CARGO" run --release -q -p sec-load -- --out "$OUT/load.json" ${SEC_LOAD_ARGS:-}
 
+echo "== auth-svc: client_credentials at the facade vs oidc-provider (wrk) =="
+if command -v wrk >/dev/null && command -v node >/dev/null; then
+  scripts/bench-auth.sh
+else
+  echo "skipped: wrk or node not found (tests/interop/oidc/ensure-chromium.sh installs wrk)"
+fi
+
 echo "== session-svc: Redis memory per session (scratch redis-server) =="
 if command -v redis-server >/dev/null; then
   scripts/bench-session-memory.sh "${SESSION_MEMORY_SESSIONS:-1000000}"
