@@ -175,6 +175,7 @@ fn layer(c: &mut Criterion) {
         ip,
         limiter,
         headers_on_success: true,
+        hooks: None,
     }));
     let ips: Vec<IpAddr> = (0..10_000).map(|i| IpAddr::V4(addr(i))).collect();
     let mut g = c.benchmark_group("router_request");
