@@ -8,6 +8,7 @@
 mod audit;
 mod cli;
 mod crypt;
+mod edge;
 mod keys;
 mod output;
 mod rpc;
@@ -75,5 +76,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Token { command } => token::run(&config, out, command).await,
         Command::SigningKey { command } => signing_keys::run(&config, out, command).await,
         Command::Session { command } => session::run(&config, out, command).await,
+        Command::Ratelimit { command } => edge::ratelimit(&config, out, command).await,
+        Command::Ip { command } => edge::ip(&config, out, command).await,
     }
 }
