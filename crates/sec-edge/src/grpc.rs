@@ -52,6 +52,12 @@ impl EdgeGrpc {
     }
 }
 
+/// INVALID_ARGUMENT naming `field` in the ErrorInfo and in the message (which is what a
+/// CLI user sees).
+fn inv(field: &str, message: impl std::fmt::Display) -> Error {
+    Error::invalid(field, format!("{field}: {message}"))
+}
+
 fn admin<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
     Caller::of(req)?.require_admin(what).map_err(Status::from)
 }
@@ -101,7 +107,7 @@ fn nonempty(s: &str) -> Option<String> {
 /// `RuleSet::build` over the whole set).
 fn from_pb(r: &pb::RateLimitRule) -> Result<RuleConfig, Error> {
     if !valid_id(&r.id) {
-        return Err(Error::invalid("rule.id", "must match [a-z0-9_.-]{1,64}"));
+        return Err(inv("rule.id", "must match [a-z0-9_.-]{1,64}"));
     }
     let per = match r.per.as_str() {
         "second" => Per::Second,
@@ -109,10 +115,7 @@ fn from_pb(r: &pb::RateLimitRule) -> Result<RuleConfig, Error> {
         "hour" => Per::Hour,
         "day" => Per::Day,
         _ => {
-            return Err(Error::invalid(
-                "rule.limit.per",
-                "must be second, minute, hour or day",
-            ));
+            return Err(inv("rule.limit.per", "must be second, minute, hour or day"));
         }
     };
     let on_store_error = match r.on_store_error.as_str() {
@@ -120,7 +123,7 @@ fn from_pb(r: &pb::RateLimitRule) -> Result<RuleConfig, Error> {
         "fail_open" => Some(StoreErrorPolicy::FailOpen),
         "fail_closed" => Some(StoreErrorPolicy::FailClosed),
         _ => {
-            return Err(Error::invalid(
+            return Err(inv(
                 "rule.on_store_error",
                 "must be fail_open or fail_closed",
             ));
@@ -177,7 +180,7 @@ fn window(w: u32) -> Result<i64, Status> {
     match w {
         0 => Ok(300),
         1..=3600 => Ok(i64::from(w)),
-        _ => Err(Error::invalid("window_seconds", "at most 3600").into()),
+        _ => Err(inv("window_seconds", "at most 3600").into()),
     }
 }
 
@@ -185,7 +188,7 @@ fn limit(l: u32) -> Result<usize, Status> {
     match l {
         0 => Ok(10),
         1..=100 => Ok(l as usize),
-        _ => Err(Error::invalid("limit", "at most 100").into()),
+        _ => Err(inv("limit", "at most 100").into()),
     }
 }
 
@@ -201,13 +204,13 @@ impl EdgeService for EdgeGrpc {
         }
         let r = req.into_inner();
         if r.endpoint.is_empty() || r.endpoint.len() > 256 {
-            return Err(Error::invalid("endpoint", "required, at most 256 bytes").into());
+            return Err(inv("endpoint", "required, at most 256 bytes").into());
         }
         if r.descriptors.len() > MAX_DESCRIPTORS {
-            return Err(Error::invalid("descriptors", format!("at most {MAX_DESCRIPTORS}")).into());
+            return Err(inv("descriptors", format!("at most {MAX_DESCRIPTORS}")).into());
         }
         if r.hits > MAX_HITS {
-            return Err(Error::invalid("hits", format!("at most {MAX_HITS}")).into());
+            return Err(inv("hits", format!("at most {MAX_HITS}")).into());
         }
         let mut client_id = None;
         let mut user = None;
@@ -215,13 +218,13 @@ impl EdgeService for EdgeGrpc {
         let mut headers = http::HeaderMap::new();
         for (i, d) in r.descriptors.iter().enumerate() {
             if d.value.len() > MAX_VALUE_LEN {
-                return Err(Error::invalid(
+                return Err(inv(
                     &format!("descriptors[{i}].value"),
                     format!("at most {MAX_VALUE_LEN} bytes"),
                 )
                 .into());
             }
-            let dup = || Error::invalid(&format!("descriptors[{i}].key"), "given twice");
+            let dup = || inv(&format!("descriptors[{i}].key"), "given twice");
             match d.key.as_str() {
                 "client_id" => {
                     if client_id.replace(d.value.as_str()).is_some() {
@@ -235,7 +238,7 @@ impl EdgeService for EdgeGrpc {
                 }
                 "ip" => {
                     let a: IpAddr = d.value.parse().map_err(|_| {
-                        Error::invalid(&format!("descriptors[{i}].value"), "not an IP address")
+                        inv(&format!("descriptors[{i}].value"), "not an IP address")
                     })?;
                     if ip.replace(a.to_canonical()).is_some() {
                         return Err(dup().into());
@@ -245,9 +248,8 @@ impl EdgeService for EdgeGrpc {
                     let name = k
                         .strip_prefix("header:")
                         .and_then(|n| http::HeaderName::from_bytes(n.as_bytes()).ok());
-                    let value = http::HeaderValue::from_str(&d.value).map_err(|_| {
-                        Error::invalid(&format!("descriptors[{i}].value"), "not a header value")
-                    });
+                    let value = http::HeaderValue::from_str(&d.value)
+                        .map_err(|_| inv(&format!("descriptors[{i}].value"), "not a header value"));
                     match name {
                         Some(n) => {
                             if headers.insert(n, value?).is_some() {
@@ -255,7 +257,7 @@ impl EdgeService for EdgeGrpc {
                             }
                         }
                         None => {
-                            return Err(Error::invalid(
+                            return Err(inv(
                                 &format!("descriptors[{i}].key"),
                                 "must be client_id, user, ip or header:<name>",
                             )
@@ -337,15 +339,11 @@ impl EdgeService for EdgeGrpc {
         let rule = req
             .into_inner()
             .rule
-            .ok_or_else(|| Error::invalid("rule", "required"))?;
+            .ok_or_else(|| inv("rule", "required"))?;
         let cfg = from_pb(&rule)?;
         let snap = self.rt.store().load().await.map_err(store_err)?;
         if snap.rules.len() >= MAX_RUNTIME_RULES && !snap.rules.iter().any(|r| r.id == cfg.id) {
-            return Err(Error::invalid(
-                "rule",
-                format!("at most {MAX_RUNTIME_RULES} runtime rules"),
-            )
-            .into());
+            return Err(inv("rule", format!("at most {MAX_RUNTIME_RULES} runtime rules")).into());
         }
         // Validate the whole set the change would produce; name the field of the new rule.
         let (mut merged, _) = self.rt.merged_rules(&snap);
@@ -367,7 +365,7 @@ impl EdgeService for EdgeGrpc {
                 Some(rest) => format!("rule{rest}"),
                 None => e.field.clone(),
             };
-            return Err(Error::invalid(&field, format!("{field}: {}", e.reason)).into());
+            return Err(inv(&field, e.reason).into());
         }
         let body =
             serde_json::to_string(&cfg).map_err(|e| Error::internal("serialising a rule", &e))?;
@@ -383,10 +381,7 @@ impl EdgeService for EdgeGrpc {
             )
             .await
             .map_err(store_err)?;
-        self.rt
-            .sync_once()
-            .await
-            .map_err(|e| Error::unavailable("edge reload", &e))?;
+        self.rt.sync_after_write().await;
         Ok(Response::new(pb::PutRateLimitRuleResponse {
             rule: Some(to_pb(&cfg, "runtime")),
         }))
@@ -399,7 +394,7 @@ impl EdgeService for EdgeGrpc {
         admin(&req, "DeleteRateLimitRule")?;
         let id = req.into_inner().id;
         if !valid_id(&id) {
-            return Err(Error::invalid("id", "must match [a-z0-9_.-]{1,64}").into());
+            return Err(inv("id", "must match [a-z0-9_.-]{1,64}").into());
         }
         let snap = self.rt.store().load().await.map_err(store_err)?;
         if !snap.rules.iter().any(|r| r.id == id) {
@@ -430,10 +425,7 @@ impl EdgeService for EdgeGrpc {
         {
             return Err(Error::not_found("no such rule").into());
         }
-        self.rt
-            .sync_once()
-            .await
-            .map_err(|e| Error::unavailable("edge reload", &e))?;
+        self.rt.sync_after_write().await;
         Ok(Response::new(pb::DeleteRateLimitRuleResponse {}))
     }
 
@@ -512,27 +504,22 @@ impl EdgeService for EdgeGrpc {
         let r = req
             .into_inner()
             .rule
-            .ok_or_else(|| Error::invalid("rule", "required"))?;
+            .ok_or_else(|| inv("rule", "required"))?;
         if r.action != "allow" && r.action != "deny" {
-            return Err(Error::invalid("rule.action", "must be allow or deny").into());
+            return Err(inv("rule.action", "must be allow or deny").into());
         }
-        let net = parse_net(&r.network)
-            .map_err(|e| Error::invalid("rule.network", format!("rule.network: {e}")))?;
+        let net = parse_net(&r.network).map_err(|e| inv("rule.network", e))?;
         let scope = if r.scope.is_empty() {
             "global".to_owned()
         } else {
             r.scope.clone()
         };
         if !valid_scope(&scope) {
-            return Err(Error::invalid(
-                "rule.scope",
-                "must be global, client:<id> or route:/<path>",
-            )
-            .into());
+            return Err(inv("rule.scope", "must be global, client:<id> or route:/<path>").into());
         }
         let now = self.rt.now_us();
         if r.expires_at_us < 0 || (r.expires_at_us != 0 && r.expires_at_us <= now) {
-            return Err(Error::invalid(
+            return Err(inv(
                 "rule.expires_at_us",
                 "must be 0 (no expiry) or in the future",
             )
@@ -549,24 +536,18 @@ impl EdgeService for EdgeGrpc {
         };
         let snap = self.rt.store().load().await.map_err(store_err)?;
         if snap.ip_rules.len() >= MAX_IP_RULES && !snap.ip_rules.iter().any(|x| x.id == row.id) {
-            return Err(
-                Error::invalid("rule", format!("at most {MAX_IP_RULES} runtime IP rules")).into(),
-            );
+            return Err(inv("rule", format!("at most {MAX_IP_RULES} runtime IP rules")).into());
         }
         let mut next = snap.clone();
         next.ip_rules.retain(|x| x.id != row.id);
         next.ip_rules.push(row.clone());
-        IpTables::build(&self.rt.merged_ip(&next, now))
-            .map_err(|e| Error::invalid("rule", e.to_string()))?;
+        IpTables::build(&self.rt.merged_ip(&next, now)).map_err(|e| inv("rule", e.to_string()))?;
         self.rt
             .store()
             .put_ip_rule(&row, Some(snap.version))
             .await
             .map_err(store_err)?;
-        self.rt
-            .sync_once()
-            .await
-            .map_err(|e| Error::unavailable("edge reload", &e))?;
+        self.rt.sync_after_write().await;
         Ok(Response::new(pb::PutIpRuleResponse {
             rule: Some(ip_to_pb(&row, "runtime")),
         }))
@@ -579,7 +560,7 @@ impl EdgeService for EdgeGrpc {
         admin(&req, "DeleteIpRule")?;
         let id = req.into_inner().id;
         if id.is_empty() || id.len() > 600 {
-            return Err(Error::invalid("id", "required, at most 600 bytes").into());
+            return Err(inv("id", "required, at most 600 bytes").into());
         }
         let n = self
             .rt
@@ -590,10 +571,7 @@ impl EdgeService for EdgeGrpc {
         if n == 0 {
             return Err(Error::not_found("no such runtime IP rule").into());
         }
-        self.rt
-            .sync_once()
-            .await
-            .map_err(|e| Error::unavailable("edge reload", &e))?;
+        self.rt.sync_after_write().await;
         Ok(Response::new(pb::DeleteIpRuleResponse {}))
     }
 
@@ -606,7 +584,7 @@ impl EdgeService for EdgeGrpc {
             .into_inner()
             .ip
             .parse()
-            .map_err(|_| Error::invalid("ip", "not an IP address"))?;
+            .map_err(|_| inv("ip", "not an IP address"))?;
         let snap = self.rt.store().load().await.map_err(store_err)?;
         let ids: Vec<String> = snap
             .ip_rules
@@ -623,10 +601,7 @@ impl EdgeService for EdgeGrpc {
         if n == 0 {
             return Err(Error::not_found("no automatic block covers this address").into());
         }
-        self.rt
-            .sync_once()
-            .await
-            .map_err(|e| Error::unavailable("edge reload", &e))?;
+        self.rt.sync_after_write().await;
         Ok(Response::new(pb::UnblockIpResponse {
             removed: u32::try_from(n).unwrap_or(u32::MAX),
         }))

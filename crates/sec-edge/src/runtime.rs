@@ -559,6 +559,14 @@ impl EdgeRuntime {
         Ok(true)
     }
 
+    /// After this replica wrote: apply at once. The write is committed either way, so a
+    /// failed reload is only logged (the sync task retries).
+    pub(crate) async fn sync_after_write(&self) {
+        if let Err(e) = self.sync_once().await {
+            tracing::warn!(error = %e, "reload after an edge write failed; the sync task retries");
+        }
+    }
+
     async fn sync_loop(&self, stop: CancellationToken) {
         let every = Duration::from_millis(self.inner.cfg.reload_interval_ms.clamp(100, 60_000));
         let mut ticks: u64 = 0;
@@ -588,9 +596,18 @@ impl EdgeRuntime {
         ip: IpAddr,
         reason: FailureReason,
     ) -> anyhow::Result<Option<ipnet::IpNet>> {
+        match self.count_failure(ip, reason) {
+            Some(net) => self.block(net, ip, reason).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Counts a failure in this replica's window; the network to block when the
+    /// threshold is reached (the window then starts over).
+    fn count_failure(&self, ip: IpAddr, reason: FailureReason) -> Option<ipnet::IpNet> {
         let ab = &self.inner.cfg.auto_block;
         if !ab.enabled {
-            return Ok(None);
+            return None;
         }
         let ip = ip.to_canonical();
         let net = if ab.by_prefix {
@@ -607,35 +624,41 @@ impl EdgeRuntime {
         .max(1);
         let now_s = self.inner.clock.now().timestamp();
         let window = i64::try_from(ab.window_secs).unwrap_or(i64::MAX).max(1);
-        let reached = {
-            let mut f = lock(&self.inner.failures);
-            if f.len() >= MAX_TRACKED {
-                f.retain(|_, w| now_s - w.start < window);
-            }
-            if f.len() >= MAX_TRACKED && !f.contains_key(&(net, flood)) {
-                tracing::warn!("auto-block failure table full; failure not counted");
-                return Ok(None);
-            }
-            let w = f.entry((net, flood)).or_insert(FailureWindow {
+        let mut f = lock(&self.inner.failures);
+        if f.len() >= MAX_TRACKED {
+            f.retain(|_, w| now_s - w.start < window);
+        }
+        if f.len() >= MAX_TRACKED && !f.contains_key(&(net, flood)) {
+            tracing::warn!("auto-block failure table full; failure not counted");
+            return None;
+        }
+        let w = f.entry((net, flood)).or_insert(FailureWindow {
+            start: now_s,
+            count: 0,
+        });
+        if now_s - w.start >= window {
+            *w = FailureWindow {
                 start: now_s,
                 count: 0,
-            });
-            if now_s - w.start >= window {
-                *w = FailureWindow {
-                    start: now_s,
-                    count: 0,
-                };
-            }
-            w.count += 1;
-            let reached = w.count >= threshold;
-            if reached {
-                f.remove(&(net, flood));
-            }
-            reached
-        };
-        if !reached {
-            return Ok(None);
+            };
         }
+        w.count += 1;
+        if w.count < threshold {
+            return None;
+        }
+        f.remove(&(net, flood));
+        Some(net)
+    }
+
+    /// Writes the block for `net` to the shared store and applies it here.
+    async fn block(
+        &self,
+        net: ipnet::IpNet,
+        ip: IpAddr,
+        reason: FailureReason,
+    ) -> anyhow::Result<ipnet::IpNet> {
+        let ab = &self.inner.cfg.auto_block;
+        let ip = ip.to_canonical();
         let now = self.now_us();
         let block_us = i64::try_from(ab.block_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
         let row = IpRuleRow {
@@ -671,8 +694,8 @@ impl EdgeRuntime {
             row.expires_at.unwrap_or(0).to_string(),
         );
         self.send(ev);
-        self.sync_once().await?;
-        Ok(Some(net))
+        self.sync_after_write().await;
+        Ok(net)
     }
 
     fn send(&self, ev: SecurityEvent) {
@@ -892,11 +915,15 @@ impl EdgeHooks for EdgeRuntime {
     fn responded(&self, ip: IpAddr, status: StatusCode) {
         // 401/403 included: an authentication endpoint's failures are also reported
         // by the host with a precise reason; 429 is our own answer and not counted.
-        if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+        if status.is_client_error()
+            && status != StatusCode::TOO_MANY_REQUESTS
+            && let Some(net) = self.count_failure(ip, FailureReason::Http4xx)
+        {
+            // Only the block itself (rare) costs a write, off the request path.
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.record_failure(ip, FailureReason::Http4xx).await {
-                    tracing::warn!(error = %e, "recording a 4xx failure failed");
+                if let Err(e) = me.block(net, ip, FailureReason::Http4xx).await {
+                    tracing::warn!(error = %e, "writing a 4xx-flood block failed");
                 }
             });
         }

@@ -733,3 +733,104 @@ async fn admin_rpcs_refuse_services_and_the_check_refuses_anonymous_callers() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 }
+
+async fn call(app: &axum::Router, peer: &str, path: &str) -> http::StatusCode {
+    use tower::ServiceExt as _;
+    let mut req = http::Request::builder()
+        .uri(path)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    req.extensions_mut().insert(axum::extract::ConnectInfo(
+        format!("{peer}:40000")
+            .parse::<std::net::SocketAddr>()
+            .unwrap(),
+    ));
+    app.clone().oneshot(req).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn the_layer_samples_block_events_and_turns_a_4xx_flood_into_a_block() {
+    let (db, _) = sqlite_pair().await;
+    let clock = ManualClock::new(start());
+    let mut cfg = base_config();
+    cfg.ip.deny = vec!["203.0.113.0/24".into()];
+    cfg.auto_block.flood_threshold = 5;
+    let (rt, events) = runtime(&cfg, db, clock.clone()).await;
+    let app = axum::Router::new()
+        .route("/ok", axum::routing::get(|| async { "ok" }))
+        .fallback(|| async { http::StatusCode::NOT_FOUND })
+        .layer(rt.layer().unwrap());
+
+    for _ in 0..5 {
+        assert_eq!(
+            call(&app, "203.0.113.4", "/ok").await,
+            http::StatusCode::FORBIDDEN
+        );
+    }
+    let blocked = |evs: &Events| {
+        evs.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.r#type == "sec.ip.blocked")
+            .map(|e| e.details.get("reason").cloned().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        blocked(&events),
+        ["deny_list"],
+        "sampled: one per address and reason"
+    );
+    clock.advance(chrono::TimeDelta::seconds(61));
+    call(&app, "203.0.113.4", "/ok").await;
+    assert_eq!(blocked(&events).len(), 2, "again after the sampling period");
+
+    // 4xx answers from one address: blocked at the flood threshold.
+    for _ in 0..5 {
+        assert_eq!(
+            call(&app, "192.0.2.9", "/missing").await,
+            http::StatusCode::NOT_FOUND
+        );
+    }
+    // The count runs in a spawned task: wait for its write (bounded, not a clock move).
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while rt.ip_control().check(ip("192.0.2.9"), None, "/ok").is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the flood block was written");
+    assert_eq!(
+        call(&app, "192.0.2.9", "/ok").await,
+        http::StatusCode::FORBIDDEN
+    );
+    assert_eq!(call(&app, "192.0.2.10", "/ok").await, http::StatusCode::OK);
+    assert!(blocked(&events).contains(&"auto_block".to_owned()));
+    let stats = rt.ip_stats(300, 10);
+    assert_eq!(stats.0[0], (ip("203.0.113.4"), 6));
+}
+
+#[test]
+fn the_edge_section_parses_with_defaults_and_refuses_unknown_keys() {
+    let cfg: EdgeConfig = toml::from_str(
+        r#"
+reload_interval_ms = 500
+[ratelimit]
+[[ratelimit.rules]]
+id = "a"
+match = { route = "/x" }
+key = ["ip"]
+limit = { rate = 1, per = "second", burst = 1 }
+[geo]
+degraded = "allow"
+[auto_block]
+threshold = 5
+"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.reload_interval_ms, 500);
+    assert_eq!(cfg.auto_block.threshold, 5);
+    assert_eq!(cfg.auto_block.block_secs, 900);
+    assert_eq!(cfg.ratelimit.rules.len(), 1);
+    assert!(toml::from_str::<EdgeConfig>("[geo]\ndegraded = \"maybe\"").is_err());
+    assert!(toml::from_str::<EdgeConfig>("reload_interval = 5").is_err());
+}
