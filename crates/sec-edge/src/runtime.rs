@@ -821,6 +821,7 @@ impl EdgeRuntime {
     }
 
     /// Most-limited keys and rules over the last `window_s` seconds (this replica).
+    #[allow(clippy::type_complexity)]
     pub fn ratelimit_stats(
         &self,
         window_s: i64,

@@ -4,6 +4,13 @@
 //! keeping the old one. Without python3/pip the test skips loudly, and fails under
 //! `SEC_TEST_INTEROP=required` (as CI sets it).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::field_reassign_with_default
+)] // test code
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,6 +3,13 @@
 //! the field and keep the old set, compare-and-set, auto-block and unblock, expiry,
 //! sampled events, stats and the access rules of the gRPC service.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::field_reassign_with_default
+)] // test code
+
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
