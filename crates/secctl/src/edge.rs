@@ -424,7 +424,7 @@ pub async fn ip(config: &Config, output: Output, cmd: IpCommand) -> anyhow::Resu
 async fn put_ip(c: &mut Client, output: Output, action: &str, a: IpRuleArgs) -> anyhow::Result<()> {
     let expires_at_us = match a.ttl {
         Some(0) => anyhow::bail!("--ttl must be positive (omit it for no expiry)"),
-        Some(s) => chrono::Utc::now()
+        Some(s) => sec_common::clock::Clock::now(&*sec_common::clock::system())
             .timestamp_micros()
             .saturating_add(i64::try_from(s.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
         None => 0,
