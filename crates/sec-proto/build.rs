@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sec/crypto/v1/crypto.proto",
         "sec/gdpr/v1/gdpr.proto",
         "sec/assess/v1/assess.proto",
+        "sec/edge/v1/edge.proto",
     ];
     let protos: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
     for p in &protos {

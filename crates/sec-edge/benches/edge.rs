@@ -1,7 +1,8 @@
 //! Edge protection costs: an IP/CIDR lookup with 100,000 entries (target < 1 µs), an
 //! in-process rate-limit check (target p99 < 20 µs; criterion reports the median), a
 //! check against Redis when one is reachable (target p99 < 1 ms), and a request through
-//! an axum router with the layer on and off.
+//! an axum router with the layer on and off, and a geolocation (MaxMind DB) lookup and
+//! country decision.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code: a failure should abort the run
 
 use std::hint::black_box;
@@ -175,6 +176,7 @@ fn layer(c: &mut Criterion) {
         ip,
         limiter,
         headers_on_success: true,
+        hooks: None,
     }));
     let ips: Vec<IpAddr> = (0..10_000).map(|i| IpAddr::V4(addr(i))).collect();
     let mut g = c.benchmark_group("router_request");
@@ -198,5 +200,77 @@ fn layer(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ip_lookup, check, layer);
+/// A country database: `SEC_EDGE_GEO_DB`, or one written with
+/// `scripts/edge-geo-testdb.py` (1,000 /24s) when `target/pyenv-geo` holds mmdb-writer
+/// (the geo tests install it). Otherwise the bench says so and is skipped.
+fn geo_db() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("SEC_EDGE_GEO_DB") {
+        return Some(p.into());
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let py = target.join("pyenv-geo");
+    if !py.join("mmdb_writer").exists() {
+        return None;
+    }
+    let out = target.join("bench-geo.mmdb");
+    let codes = ["DE", "SE", "GB", "FR", "US", "KP", "BR", "JP"];
+    let entries: Vec<String> = (0..1000_u32)
+        .map(|i| {
+            let a = addr(i).octets();
+            format!(
+                "{}.{}.{}.0/24={}",
+                a[0],
+                a[1],
+                a[2],
+                codes[i as usize % codes.len()]
+            )
+        })
+        .collect();
+    let st = std::process::Command::new("python3")
+        .arg(root.join("scripts/edge-geo-testdb.py"))
+        .arg(&out)
+        .args(&entries)
+        .env("PYTHONPATH", &py)
+        .status()
+        .ok()?;
+    st.success().then_some(out)
+}
+
+fn geo(c: &mut Criterion) {
+    let Some(db) = geo_db() else {
+        eprintln!(
+            "geo_lookup: skipped (no SEC_EDGE_GEO_DB and no target/pyenv-geo; run the geo tests once)"
+        );
+        return;
+    };
+    let mut reg = prometheus_client::registry::Registry::default();
+    let g = sec_edge::GeoControl::start(
+        &sec_edge::GeoConfig {
+            database: Some(db),
+            deny: vec!["KP".into()],
+            ..Default::default()
+        },
+        &mut reg,
+    )
+    .unwrap()
+    .unwrap();
+    let hit = IpAddr::V4(addr(7));
+    let miss = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let mut group = c.benchmark_group("geo_lookup");
+    group.bench_function("country_hit", |b| {
+        b.iter(|| black_box(g.country(black_box(hit))))
+    });
+    group.bench_function("check_hit", |b| {
+        b.iter(|| black_box(g.check(black_box(hit), None, "/v1/login")))
+    });
+    group.bench_function("check_unknown", |b| {
+        b.iter(|| black_box(g.check(black_box(miss), None, "/v1/login")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ip_lookup, check, layer, geo);
 criterion_main!(benches);

@@ -139,6 +139,10 @@ pub struct IpListsConfig {
     pub routes: BTreeMap<String, ListsConfig>,
     /// An address on both an allow and a deny list passes (default: deny wins).
     pub allow_wins: bool,
+    /// Temporary automatic blocks (set by the runtime from the shared store, never from
+    /// configuration): refused with reason `auto_block`, whatever the allow lists say.
+    #[serde(skip)]
+    pub blocked: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -163,6 +167,10 @@ pub enum BlockReason {
     DenyList,
     /// A scope has an allow list and the address is not on it.
     NotAllowed,
+    /// A temporary automatic block after repeated failures.
+    AutoBlock,
+    /// The address's country is not admitted (geolocation rules).
+    Country,
 }
 
 impl BlockReason {
@@ -170,6 +178,8 @@ impl BlockReason {
         match self {
             BlockReason::DenyList => "deny_list",
             BlockReason::NotAllowed => "not_allowed",
+            BlockReason::AutoBlock => "auto_block",
+            BlockReason::Country => "country",
         }
     }
 }
@@ -181,6 +191,7 @@ pub struct IpTables {
     clients: BTreeMap<String, Scope>,
     routes: BTreeMap<String, Scope>,
     allow_wins: bool,
+    blocked: IpSet,
 }
 
 fn valid_scope_name(s: &str) -> bool {
@@ -192,6 +203,7 @@ impl IpTables {
     pub fn build(cfg: &IpListsConfig) -> Result<Self, IpListError> {
         let total = cfg.allow.len()
             + cfg.deny.len()
+            + cfg.blocked.len()
             + cfg
                 .clients
                 .values()
@@ -236,11 +248,15 @@ impl IpTables {
             clients,
             routes,
             allow_wins: cfg.allow_wins,
+            blocked: IpSet::parse("blocked", &cfg.blocked)?,
         })
     }
 
     /// The decision for `ip` from a request by `client` (if known) to `route`.
     pub fn check(&self, ip: IpAddr, client: Option<&str>, route: &str) -> Result<(), BlockReason> {
+        if self.blocked.contains(ip) {
+            return Err(BlockReason::AutoBlock);
+        }
         let scopes = [
             Some(&self.global),
             client.and_then(|c| self.clients.get(c)),
@@ -447,6 +463,7 @@ mod tests {
                 },
             )]),
             allow_wins: false,
+            blocked: vec![],
         };
         let t = IpTables::build(&cfg).unwrap();
         assert_eq!(

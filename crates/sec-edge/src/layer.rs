@@ -25,7 +25,7 @@ use futures::future::BoxFuture;
 use http::{HeaderValue, Request, StatusCode};
 
 use crate::client_ip::ClientIpResolver;
-use crate::ip::IpControl;
+use crate::ip::{BlockReason, IpControl};
 use crate::limiter::{CheckRequest, Decision, Limiter};
 
 /// Who the caller is, as the host established it (inserted as a request extension).
@@ -41,12 +41,27 @@ pub struct EdgeIdentity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
 
+/// What the runtime ([`crate::EdgeRuntime`]) adds to the layer: geolocation, events,
+/// statistics and auto-block counting. The part-1 layer works without it.
+pub trait EdgeHooks: Send + Sync {
+    /// A further admission check after the IP lists (geolocation).
+    fn check_ip(&self, ip: IpAddr, client: Option<&str>, route: &str) -> Result<(), BlockReason>;
+    /// A request was refused by the IP lists or [`check_ip`](Self::check_ip).
+    fn blocked(&self, ip: IpAddr, reason: BlockReason);
+    /// The limiter decided (limited or not).
+    fn decided(&self, ip: IpAddr, decision: &Decision);
+    /// The handler answered with `status` (4xx floods count towards auto-block).
+    fn responded(&self, ip: IpAddr, status: StatusCode);
+}
+
 pub struct EdgeState {
     pub resolver: ClientIpResolver,
     pub ip: Arc<IpControl>,
     pub limiter: Arc<Limiter>,
     /// Add `RateLimit-Policy` and `RateLimit` to responses that were not limited too.
     pub headers_on_success: bool,
+    /// The runtime's hooks (None: lists and limits only).
+    pub hooks: Option<Arc<dyn EdgeHooks>>,
 }
 
 impl std::fmt::Debug for EdgeState {
@@ -193,8 +208,18 @@ where
                 .cloned()
                 .unwrap_or_default();
             let route = req.uri().path().to_owned();
-            if let Err(reason) = state.ip.check(ip, ident.client_id.as_deref(), &route) {
+            let admitted = state
+                .ip
+                .check(ip, ident.client_id.as_deref(), &route)
+                .and_then(|()| match &state.hooks {
+                    Some(h) => h.check_ip(ip, ident.client_id.as_deref(), &route),
+                    None => Ok(()),
+                });
+            if let Err(reason) = admitted {
                 state.limiter.metrics().ip_blocked(reason.as_str());
+                if let Some(h) = &state.hooks {
+                    h.blocked(ip, reason);
+                }
                 return Ok(forbidden());
             }
             let decision = state
@@ -210,10 +235,16 @@ where
                     trusted_client: ident.trusted,
                 })
                 .await;
+            if let Some(h) = &state.hooks {
+                h.decided(ip, &decision);
+            }
             if !decision.allowed {
                 return Ok(limited(&decision));
             }
             let mut resp = inner.call(req).await?;
+            if let Some(h) = &state.hooks {
+                h.responded(ip, resp.status());
+            }
             if state.headers_on_success {
                 add_fields(&mut resp, &decision);
             }

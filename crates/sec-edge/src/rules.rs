@@ -16,7 +16,7 @@ pub const MAX_KEY_PARTS: usize = 8;
 pub const MAX_MATCH_LEN: usize = 256;
 
 /// What happens to a rule's check when the shared store (Redis) cannot answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreErrorPolicy {
     /// Let the request through (counted, and the store-error hook fires).
@@ -25,7 +25,7 @@ pub enum StoreErrorPolicy {
     FailClosed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Per {
     Second,
@@ -51,7 +51,7 @@ impl Per {
 /// `burst` of them. Over any window of length `per` at most `rate + burst` requests pass.
 /// `burst` counts the request itself (governor's `max_burst`), so `burst = 1` means no
 /// burst beyond the steady rate; NGINX's `burst=N` is `burst = N + 1` here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
     pub rate: u32,
@@ -60,7 +60,7 @@ pub struct LimitConfig {
 }
 
 /// Where a rule applies: exactly one of `route`, `route_prefix` or `endpoint`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MatchConfig {
     /// An exact HTTP path, e.g. `/v1/login`.
@@ -74,7 +74,7 @@ pub struct MatchConfig {
 }
 
 /// One rule as written in configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub id: String,

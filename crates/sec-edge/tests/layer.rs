@@ -72,6 +72,7 @@ fn app(headers_on_success: bool) -> App {
         ip,
         limiter: limiter.clone(),
         headers_on_success,
+        hooks: None,
     };
     let router =
         Router::new()

@@ -44,3 +44,8 @@ pub mod assess {
         tonic::include_proto!("sec.assess.v1");
     }
 }
+pub mod edge {
+    pub mod v1 {
+        tonic::include_proto!("sec.edge.v1");
+    }
+}

@@ -69,6 +69,16 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::auth_admin::UserCommand,
     },
+    /// Edge rate limits (auth-svc): rules, set, delete, stats.
+    Ratelimit {
+        #[command(subcommand)]
+        command: crate::edge::RateLimitCommand,
+    },
+    /// Edge IP lists and automatic blocks (auth-svc): allow, deny, list, unblock, stats.
+    Ip {
+        #[command(subcommand)]
+        command: crate::edge::IpCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]

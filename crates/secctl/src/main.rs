@@ -9,6 +9,7 @@ mod audit;
 mod auth_admin;
 mod cli;
 mod crypt;
+mod edge;
 mod keys;
 mod output;
 mod rpc;
@@ -78,5 +79,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Session { command } => session::run(&config, out, command).await,
         Command::Client { command } => auth_admin::run_client(&config, out, command).await,
         Command::User { command } => auth_admin::run_user(&config, out, command).await,
+        Command::Ratelimit { command } => edge::ratelimit(&config, out, command).await,
+        Command::Ip { command } => edge::ip(&config, out, command).await,
     }
 }

@@ -89,6 +89,8 @@ pub struct RuleOutcome {
     pub retry_after: Duration,
     /// The store failed and the rule's `on_store_error` policy decided.
     pub store_error: bool,
+    /// The key's hash (never the raw key parts): for statistics and event sampling.
+    pub key: KeyHash,
 }
 
 /// The limiter's answer.
@@ -428,6 +430,7 @@ impl Limiter {
                 reset: o.reset,
                 retry_after: o.retry_after,
                 store_error,
+                key: it.key,
             }
         };
         if req.trusted_client || self.bypass.contains(req.ip) {
