@@ -319,7 +319,8 @@ async fn crypto_over_grpc(backends: Backends) {
         .unwrap()
         .into_inner();
     let names: Vec<_> = listed.keys.iter().map(|k| k.name.as_str()).collect();
-    // token-svc's own sealing key (EnsureServiceKey at its start) is listed too.
+    // token-svc's and auth-svc's own sealing keys (EnsureServiceKey at their start) are
+    // listed too.
     assert_eq!(
         names,
         [
@@ -327,6 +328,7 @@ async fn crypto_over_grpc(backends: Backends) {
             "only-token-svc",
             "orders",
             "signer",
+            "svc.auth.facade-secrets",
             "svc.token.signing-keys"
         ]
     );
