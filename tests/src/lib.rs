@@ -157,18 +157,23 @@ impl TestPlatform {
         }
         let http = config.facade.http_addr;
         // The issuer is the facade's URL: discovery, RFC 9207 `iss` and the tokens' `iss`
-        // must all name the port the facade really listens on.
+        // must all name the port the facade really listens on. A seed that set its own
+        // issuer keeps it (a restart test needs one that survives the new port).
         let issuer = format!("http://{http}");
         let mut oauth = config
             .section::<auth_svc::OAuthConfig>(auth_svc::SECTION)?
             .clone();
-        oauth.issuer = issuer.clone();
-        config.set_section(auth_svc::SECTION, oauth)?;
         let mut tokens = config
             .section::<token_svc::TokenConfig>(token_svc::NAME)?
             .clone();
-        tokens.issuer = issuer;
-        config.set_section(token_svc::NAME, tokens)?;
+        if oauth.issuer == auth_svc::OAuthConfig::default().issuer {
+            oauth.issuer = issuer.clone();
+            config.set_section(auth_svc::SECTION, oauth)?;
+        }
+        if tokens.issuer == token_svc::TokenConfig::default().issuer {
+            tokens.issuer = issuer;
+            config.set_section(token_svc::NAME, tokens)?;
+        }
         let service_token = generate_token()?;
         let credentials = ServiceCredentials::generate(secd::SERVICES.iter().map(|s| s.name))?;
         let auth = Authenticator::from_config(&config)?

@@ -267,7 +267,15 @@ async fn token_flow_production_backends() {
 /// Keys and refresh families survive a restart over the same data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_keys_and_families() {
-    let seed = TestPlatform::seed(Backends::Embedded).unwrap();
+    let mut seed = TestPlatform::seed(Backends::Embedded).unwrap();
+    // The facade gets a new port at restart: an issuer that does not name it stays valid.
+    let mut cfg = seed
+        .config
+        .section::<token_svc::TokenConfig>(token_svc::NAME)
+        .unwrap()
+        .clone();
+    cfg.issuer = "https://issuer.restart.test".into();
+    seed.config.set_section(token_svc::NAME, cfg).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tp = TestPlatform::start_with(seed.clone(), Some(dir.path().to_owned())).await;
     let mut auth = client(&tp, tp.as_service("auth"));
