@@ -35,6 +35,10 @@ fn target_dir() -> PathBuf {
 
 /// The `mmdb-writer` install, or `None` (skipped) without python3/pip.
 fn pyenv() -> Option<PathBuf> {
+    // The tests of this file run in parallel threads: one installs, the others wait
+    // (two concurrent `pip install --target` into one directory collide).
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let py = target_dir().join("pyenv-geo");
     if py.join("mmdb_writer").exists() {
         return Some(py);
