@@ -38,7 +38,9 @@ fn pyenv() -> Option<PathBuf> {
     // The tests of this file run in parallel threads: one installs, the others wait
     // (two concurrent `pip install --target` into one directory collide).
     static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = INSTALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let py = target_dir().join("pyenv-geo");
     if py.join("mmdb_writer").exists() {
         return Some(py);
