@@ -311,21 +311,38 @@ impl AuthServer {
         Ok((row, secret))
     }
 
-    /// The client, or NotFound.
+    /// The client as stored now (management reads and compare-and-set), or NotFound.
     pub async fn get_client(&self, client_id: &str) -> Result<ClientRow, Error> {
-        self.find_client(client_id)
+        self.load_client(client_id)
             .await?
             .ok_or_else(|| Error::not_found("client not found"))
     }
 
+    /// The client for authenticating it: from the cache when it was read within
+    /// `oauth.client_cache_ttl_ms`, else from the store.
     pub async fn find_client(&self, client_id: &str) -> Result<Option<ClientRow>, Error> {
+        if let Some(c) = self.client_cache.get(client_id, self.now_us()) {
+            return Ok(Some(c));
+        }
+        self.load_client(client_id).await
+    }
+
+    async fn load_client(&self, client_id: &str) -> Result<Option<ClientRow>, Error> {
         if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID_CHARS {
             return Ok(None);
         }
-        self.store
+        let now = self.now_us();
+        let generation = self.client_cache.generation();
+        let row = self
+            .store
             .get_client(client_id)
             .await
-            .map_err(|e| store_error(e, "client"))
+            .map_err(|e| store_error(e, "client"))?;
+        match &row {
+            Some(r) => self.client_cache.put(r, now, generation),
+            None => self.client_cache.forget(client_id),
+        }
+        Ok(row)
     }
 
     /// Up to `limit` clients after `after`, in client_id order.
@@ -373,6 +390,7 @@ impl AuthServer {
             .update_client(&row, expected_version)
             .await
             .map_err(|e| store_error(e, "client"))?;
+        self.client_cache.forget(client_id);
         let mut e = self.client_event("sec.auth.client.updated", client_id, actor);
         e.details.insert("fields".into(), changed.join(","));
         e.details.insert("version".into(), row.version.to_string());
@@ -389,6 +407,7 @@ impl AuthServer {
             .delete_client(client_id)
             .await
             .map_err(|e| store_error(e, "client"))?;
+        self.client_cache.forget(client_id);
         if !existed {
             return Err(Error::not_found("client not found"));
         }
@@ -440,6 +459,7 @@ impl AuthServer {
             .update_client(&row, current.version)
             .await
             .map_err(|e| store_error(e, "client"))?;
+        self.client_cache.forget(client_id);
         let e = self.client_event("sec.auth.client.secret_rotated", client_id, actor);
         self.publish(e);
         Ok((row, secret))

@@ -53,6 +53,11 @@ pub struct OAuthConfig {
     pub max_param_bytes: usize,
     /// Request bodies of the OAuth endpoints are capped at this many bytes.
     pub max_body_bytes: usize,
+    /// How long a replica may answer client authentication from its cached copy of a
+    /// client (0: every request reads the store). Changes made on this replica apply at
+    /// once; a secret rotated or a client deleted on another replica still works here for
+    /// at most this long. Keycloak and Hydra cache clients the same way.
+    pub client_cache_ttl_ms: u64,
     /// Audiences access tokens get when the client names none; empty: token-svc's default.
     pub default_audience: Vec<String>,
     /// How often expired codes, logins and consents are deleted.
@@ -76,6 +81,7 @@ impl Default for OAuthConfig {
             password_hash_concurrency: 2,
             max_param_bytes: 2_048,
             max_body_bytes: 16 * 1024,
+            client_cache_ttl_ms: 2_000,
             default_audience: Vec::new(),
             cleanup_interval_seconds: 300,
         }
@@ -177,6 +183,9 @@ impl ServiceConfig for OAuthConfig {
         }
         if !(256..=16_384).contains(&self.max_param_bytes) {
             return invalid("max_param_bytes", "must be between 256 and 16384");
+        }
+        if self.client_cache_ttl_ms > 60_000 {
+            return invalid("client_cache_ttl_ms", "must be at most 60000 (one minute)");
         }
         if !(1_024..=1_048_576).contains(&self.max_body_bytes) {
             return invalid("max_body_bytes", "must be between 1 KiB and 1 MiB");

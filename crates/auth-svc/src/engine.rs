@@ -26,7 +26,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::config::OAuthConfig;
-use crate::store::AuthStore;
+use crate::store::{AuthStore, ClientRow};
 
 pub type TokenClient = TokenServiceClient<InterceptedService<Channel, BearerToken>>;
 pub type SessionClient = SessionServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -54,6 +54,83 @@ pub struct AuthServer {
     pub metrics: AuthMetrics,
     /// The platform's authenticator (admin bearer token on admin facade endpoints).
     pub admin: Arc<Authenticator>,
+    /// Recently read clients, for client authentication (`oauth.client_cache_ttl_ms`).
+    pub client_cache: ClientCache,
+}
+
+/// At most this many clients are cached; beyond it, lookups go to the store.
+const CLIENT_CACHE_MAX: usize = 10_000;
+
+/// A short-lived copy of recently read clients: client authentication on every token,
+/// introspection and revocation request would otherwise be a store round trip (on
+/// SQLite a hop to its worker thread and back: a tenth of the grant's CPU). Only clients
+/// that exist are cached, so unknown ids cannot fill it; writes through this replica
+/// forget the entry at once.
+#[derive(Debug)]
+pub struct ClientCache {
+    ttl_us: i64,
+    entries: std::sync::Mutex<std::collections::HashMap<String, (i64, ClientRow)>>,
+    /// Bumped by every [`forget`](Self::forget): a read that began before a write must
+    /// not put back what the write replaced.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl ClientCache {
+    pub fn new(ttl_ms: u64) -> Self {
+        Self {
+            ttl_us: i64::try_from(ttl_ms).unwrap_or(0).saturating_mul(1000),
+            entries: std::sync::Mutex::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (i64, ClientRow)>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The cached client, if it was read less than the TTL before `now_us`.
+    pub fn get(&self, client_id: &str, now_us: i64) -> Option<ClientRow> {
+        if self.ttl_us == 0 {
+            return None;
+        }
+        match self.lock().get(client_id) {
+            Some((at, row)) if now_us.saturating_sub(*at) < self.ttl_us => Some(row.clone()),
+            _ => None,
+        }
+    }
+
+    /// Taken before reading the store; [`put`](Self::put) with it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Caches `row` read at `now_us`, unless a write was forgotten since `generation`.
+    pub fn put(&self, row: &ClientRow, now_us: i64, generation: u64) {
+        if self.ttl_us == 0 {
+            return;
+        }
+        let mut map = self.lock();
+        if self.generation() != generation {
+            return;
+        }
+        if map.len() >= CLIENT_CACHE_MAX && !map.contains_key(&row.client_id) {
+            let ttl = self.ttl_us;
+            map.retain(|_, (at, _)| now_us.saturating_sub(*at) < ttl);
+            if map.len() >= CLIENT_CACHE_MAX {
+                return;
+            }
+        }
+        map.insert(row.client_id.clone(), (now_us, row.clone()));
+    }
+
+    pub fn forget(&self, client_id: &str) {
+        let mut map = self.lock();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        map.remove(client_id);
+    }
 }
 
 impl AuthServer {
@@ -154,5 +231,56 @@ impl AuthMetrics {
 
     pub fn login(&self, outcome: &'static str) {
         self.logins.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClientCache;
+    use crate::store::contract::client;
+
+    #[test]
+    fn cached_clients_expire_after_the_ttl() {
+        let cache = ClientCache::new(2_000);
+        let g = cache.generation();
+        cache.put(&client("a"), 1_000_000, g);
+        assert!(cache.get("a", 1_000_000 + 1_999_999).is_some());
+        assert!(cache.get("a", 1_000_000 + 2_000_000).is_none(), "expired");
+        assert!(cache.get("b", 1_000_000).is_none());
+    }
+
+    #[test]
+    fn a_read_that_raced_a_write_is_not_cached() {
+        let cache = ClientCache::new(2_000);
+        let before_write = cache.generation();
+        // A write through this replica lands while the read is in flight...
+        cache.forget("a");
+        // ...so what the read saw (the old secret) must not be put back.
+        cache.put(&client("a"), 0, before_write);
+        assert!(cache.get("a", 1).is_none());
+        cache.put(&client("a"), 0, cache.generation());
+        assert!(cache.get("a", 1).is_some());
+        cache.forget("a");
+        assert!(cache.get("a", 1).is_none(), "a write forgets at once");
+    }
+
+    #[test]
+    fn ttl_zero_disables_the_cache() {
+        let cache = ClientCache::new(0);
+        cache.put(&client("a"), 0, cache.generation());
+        assert!(cache.get("a", 0).is_none());
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let cache = ClientCache::new(1_000);
+        for i in 0..super::CLIENT_CACHE_MAX + 10 {
+            cache.put(&client(&format!("c{i}")), 0, cache.generation());
+        }
+        assert_eq!(cache.lock().len(), super::CLIENT_CACHE_MAX);
+        // Once the old entries expired, new ones replace them.
+        cache.put(&client("late"), 2_000_000, cache.generation());
+        assert!(cache.get("late", 2_000_000).is_some());
+        assert_eq!(cache.lock().len(), 1);
     }
 }

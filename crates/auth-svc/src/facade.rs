@@ -47,6 +47,24 @@ pub fn router(platform: &Platform, server: Arc<AuthServer>) -> anyhow::Result<Ro
     Ok(admin_router(platform)?.merge(protocol))
 }
 
+/// `router` behind edge protection (see [`crate::edge`] for the order of the layers).
+pub fn protected(
+    router: Router,
+    edge: &sec_edge::EdgeRuntime,
+    server: Arc<AuthServer>,
+) -> anyhow::Result<Router> {
+    Ok(router
+        .layer(axum::middleware::from_fn_with_state(
+            edge.clone(),
+            crate::edge::report_failures,
+        ))
+        .layer(edge.layer()?)
+        .layer(axum::middleware::from_fn_with_state(
+            server,
+            crate::edge::identify,
+        )))
+}
+
 /// `/healthz` and `/security/keys`.
 fn admin_router(platform: &Platform) -> anyhow::Result<Router> {
     let cfg = &platform.config;

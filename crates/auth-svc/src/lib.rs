@@ -9,6 +9,7 @@
 
 pub mod clients;
 pub mod config;
+pub mod edge;
 pub mod engine;
 pub mod facade;
 pub mod grpc;
@@ -42,6 +43,8 @@ pub use config::OAuthConfig;
 pub const NAME: &str = "auth";
 /// The configuration section: `[oauth]` (`[auth]` is the platform's).
 pub const SECTION: &str = "oauth";
+/// The edge-protection section (rate limits, IP and geo rules, automatic blocks).
+pub const EDGE_SECTION: &str = "edge";
 /// The crypto-svc key (`svc.auth.<purpose>`) the service's own secrets are sealed under.
 pub const SEALING_KEY_PURPOSE: &str = "facade-secrets";
 
@@ -69,9 +72,12 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     name: NAME,
     default_ports: (50051, 9101),
     http_facade: true,
-    access: &[ACCESS],
+    access: &[ACCESS, sec_edge::ACCESS],
     calls: &["crypto", "token", "session"],
-    config: Some(ConfigSection::named::<OAuthConfig>(SECTION)),
+    config: &[
+        ConfigSection::named::<OAuthConfig>(SECTION),
+        ConfigSection::named::<sec_edge::EdgeConfig>(EDGE_SECTION),
+    ],
     preflight: no_preflight,
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
@@ -113,6 +119,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let cfg = platform.config.section::<OAuthConfig>(SECTION)?.clone();
+    let edge_cfg = platform
+        .config
+        .section::<sec_edge::EdgeConfig>(EDGE_SECTION)?
+        .clone();
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let kv = host.open_kv().await?;
@@ -190,10 +200,30 @@ pub async fn run(
         },
         metrics: engine::AuthMetrics::register(&mut host.registry),
         admin: Arc::clone(&platform.auth),
+        client_cache: engine::ClientCache::new(cfg.client_cache_ttl_ms),
     });
 
     // Supervised: if the loop ends or panics, `/readyz` names it and it is restarted.
     let mut tasks = Supervisor::new(NAME, &mut host.registry, host.readiness.clone(), &shutdown);
+    // Edge protection: the limiter on the platform's Redis (else in process), the IP and
+    // geo rules, and the `edge-sync` task that applies other replicas' changes.
+    let edge = sec_edge::EdgeRuntime::start(
+        &edge_cfg,
+        &platform.config,
+        sec_edge::EdgeDeps {
+            service: NAME,
+            db: db.clone(),
+            clock: platform.clock.clone(),
+            emit: {
+                let p = platform.clone();
+                Arc::new(move |e| p.emit(e))
+            },
+        },
+        &mut host.registry,
+        &mut tasks,
+        &shutdown,
+    )
+    .await?;
     {
         let (server, stop) = (server.clone(), shutdown.clone());
         let every = Duration::from_secs(cfg.cleanup_interval_seconds.max(1));
@@ -222,8 +252,12 @@ pub async fn run(
 
     let api = AuthServiceServer::new(grpc::AuthApi::new(server.clone()));
     let serve = Serve {
-        routes: tonic::service::Routes::new(api),
-        http: Some(facade::router(&platform, server)?),
+        routes: tonic::service::Routes::new(api).add_service(edge.grpc()),
+        http: Some(facade::protected(
+            facade::router(&platform, server.clone())?,
+            &edge,
+            server,
+        )?),
     };
     let result = host.serve(serve, listeners, shutdown).await;
     tasks.stop().await;

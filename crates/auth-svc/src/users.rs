@@ -738,6 +738,7 @@ pub(crate) mod test_server {
             clock: shared,
             emit: Arc::new(move |e| sink.lock().unwrap().push(e)),
             metrics: AuthMetrics::default(),
+            client_cache: crate::engine::ClientCache::new(0),
             admin:
                 Arc::new(
                     sec_common::auth::Authenticator::from_config(

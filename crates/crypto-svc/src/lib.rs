@@ -66,7 +66,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     http_facade: false,
     access: &[ACCESS],
     calls: &[],
-    config: Some(ConfigSection::of::<CryptoConfig>()),
+    config: &[ConfigSection::of::<CryptoConfig>()],
     preflight,
     run: |p, l, s| Box::pin(run(p, l, s)),
 };

@@ -25,7 +25,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     http_facade: false,
     access: &[ACCESS],
     calls: &[],
-    config: None,
+    config: &[],
     preflight: no_preflight,
     run: |p, l, s| Box::pin(run(p, l, s)),
 };

@@ -419,7 +419,7 @@ pub struct ServiceConfigSpec {
     pub name: &'static str,
     pub default_ports: (u16, u16),
     pub calls: &'static [&'static str],
-    pub section: Option<ConfigSection>,
+    pub sections: &'static [ConfigSection],
 }
 
 impl Config {
@@ -444,8 +444,9 @@ impl Config {
             message: e.to_string(),
         })?;
         for s in services {
-            if let Some(sec) = &s.section {
-                // `[auth]` is the platform's; a service section may not shadow one.
+            for sec in s.sections {
+                // `[auth]` is the platform's; a service section may not shadow one (nor
+                // another service's).
                 let key = sec.key(s.name);
                 if template.contains_key(key) {
                     return Err(ConfigError::Invalid {
@@ -500,10 +501,11 @@ impl Config {
         let mut sections = Sections::default();
         for s in services {
             // Only a service that owns a section takes its key out of the tree.
-            let Some(sec) = &s.section else { continue };
-            let key = sec.key(s.name);
-            if let Some(value) = tree.remove(key) {
-                sections.0.insert(key, (sec.parse)(key, value)?);
+            for sec in s.sections {
+                let key = sec.key(s.name);
+                if let Some(value) = tree.remove(key) {
+                    sections.0.insert(key, (sec.parse)(key, value)?);
+                }
             }
         }
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
@@ -760,13 +762,13 @@ mod tests {
             name: "crypto",
             default_ports: (50055, 9105),
             calls: &[],
-            section: Some(ConfigSection::of::<CryptoLike>()),
+            sections: &[ConfigSection::of::<CryptoLike>()],
         },
         ServiceConfigSpec {
             name: "auth",
             default_ports: (50051, 9101),
             calls: &["crypto", "token"],
-            section: None,
+            sections: &[],
         },
     ];
 
@@ -942,7 +944,7 @@ mod tests {
             name: "auth",
             default_ports: (1, 2),
             calls: &[],
-            section: Some(ConfigSection::of::<CryptoLike>()),
+            sections: &[ConfigSection::of::<CryptoLike>()],
         }];
         let err = Config::load(None, &env(&[]), CLASH)
             .unwrap_err()
@@ -954,7 +956,7 @@ mod tests {
             name: "auth",
             default_ports: (1, 2),
             calls: &[],
-            section: Some(ConfigSection::named::<CryptoLike>("oauth")),
+            sections: &[ConfigSection::named::<CryptoLike>("oauth")],
         }];
         let c = Config::load(
             None,

@@ -30,8 +30,9 @@ pub struct ServiceSpec {
     pub access: &'static [AccessTable],
     /// Other services it calls (their `services.<name>` must be configured).
     pub calls: &'static [&'static str],
-    /// Its `[<name>]` configuration section, if it has one.
-    pub config: Option<ConfigSection>,
+    /// Its configuration sections: usually one, `[<name>]`; none for a service without
+    /// settings of its own; auth-svc has `[oauth]` and the edge layers' `[edge]`.
+    pub config: &'static [ConfigSection],
     /// Fallible configuration it needs to start (files, keys), checked before any port
     /// is bound; an error is a configuration error (exit 64).
     pub preflight: fn(&Config) -> Result<(), ConfigError>,
@@ -50,7 +51,7 @@ impl ServiceSpec {
             name: self.name,
             default_ports: self.default_ports,
             calls: self.calls,
-            section: self.config,
+            sections: self.config,
         }
     }
 }

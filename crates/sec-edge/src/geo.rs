@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use crate::ip::BlockReason;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GeoPolicy {
     Allow,
@@ -29,7 +29,7 @@ pub enum GeoPolicy {
 }
 
 /// Country lists of one scope (ISO 3166-1 alpha-2 codes, upper case).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CountryLists {
     /// Non-empty: only these countries pass in this scope.
@@ -38,7 +38,7 @@ pub struct CountryLists {
 }
 
 /// `[edge.geo]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GeoConfig {
     /// Path of the MaxMind DB. Required when any country list is set.

@@ -121,7 +121,7 @@ impl IpSet {
 }
 
 /// An allow and a deny list, as written in configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListsConfig {
     /// Non-empty: only these networks may pass in this scope.
@@ -130,7 +130,7 @@ pub struct ListsConfig {
 }
 
 /// IP access lists: global, per client id and per route (exact path).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IpListsConfig {
     pub allow: Vec<String>,

@@ -90,7 +90,7 @@ pub struct RuleConfig {
 }
 
 /// The `[edge]` rate-limit settings: the rules and the options they share.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
     pub rules: Vec<RuleConfig>,

@@ -37,7 +37,7 @@ use crate::store::{EdgeStore, IpRuleRow, Snapshot};
 pub type EmitFn = Arc<dyn Fn(SecurityEvent) + Send + Sync>;
 
 /// `[edge.auto_block]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AutoBlockConfig {
     pub enabled: bool,
@@ -68,7 +68,7 @@ impl Default for AutoBlockConfig {
 }
 
 /// `[edge.events]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// `sec.ratelimit.sustained` when a key was limited in this many consecutive windows.
@@ -88,7 +88,7 @@ impl Default for EventsConfig {
 }
 
 /// The host's `[edge]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeConfig {
     /// `RateLimit` fields on responses that were not limited too.
@@ -117,6 +117,26 @@ impl Default for EdgeConfig {
             auto_block: AutoBlockConfig::default(),
             events: EventsConfig::default(),
         }
+    }
+}
+
+/// `[edge]` as a platform configuration section: what can be checked without the
+/// backends is checked at load (bad CIDRs, rules, proxies), naming the field; what needs
+/// them (Redis failure policies, the geolocation database) at [`EdgeRuntime::start`].
+impl sec_common::config::ServiceConfig for EdgeConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        crate::rules::RuleSet::build(&self.ratelimit, crate::rules::StoreKind::InProcess)
+            .map_err(|e| (format!("ratelimit.{}", e.field), e.reason))?;
+        IpTables::build(&self.ip).map_err(|e| (format!("ip.{}", e.field), e.reason))?;
+        ClientIpResolver::new(&self.trusted_proxies)
+            .map_err(|e| (e.field, e.reason))?;
+        if !(100..=60_000).contains(&self.reload_interval_ms) {
+            return Err((
+                "reload_interval_ms".into(),
+                "must be between 100 and 60000".into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -52,7 +52,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     http_facade: false,
     access: &[ACCESS],
     calls: &[],
-    config: Some(ConfigSection::of::<SessionConfig>()),
+    config: &[ConfigSection::of::<SessionConfig>()],
     preflight: no_preflight,
     run: |p, l, s| Box::pin(run(p, l, s)),
 };

@@ -61,7 +61,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     http_facade: false,
     access: &[ACCESS],
     calls: &["crypto"],
-    config: Some(ConfigSection::of::<TokenConfig>()),
+    config: &[ConfigSection::of::<TokenConfig>()],
     preflight: no_preflight,
     run: |p, l, s| Box::pin(run(p, l, s)),
 };

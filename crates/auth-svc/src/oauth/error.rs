@@ -174,6 +174,10 @@ impl IntoResponse for OAuthError {
         if let Some(c) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
             h.insert(header::WWW_AUTHENTICATE, c);
         }
+        if self.error == "invalid_client" {
+            // Counted towards the caller's automatic block (crate::edge).
+            crate::edge::mark_failure(&mut resp, sec_edge::FailureReason::ClientAuthFailure);
+        }
         resp
     }
 }

@@ -638,10 +638,15 @@ pub struct SecurityAuthRequest {
 )]
 pub async fn security_auth(
     State(server): State<Arc<AuthServer>>,
-    headers: HeaderMap,
+    parts: axum::http::request::Parts,
     body: Body,
 ) -> Response {
+    let headers = &parts.headers;
+    let source_ip = crate::pages::flow::client_ip(&parts.extensions)
+        .map(|ip| ip.to_string())
+        .unwrap_or_default();
     let mut grant = "unsupported";
+    let mut login_failed = false;
     let result = async {
         let json = headers
             .get(header::CONTENT_TYPE)
@@ -679,7 +684,7 @@ pub async fn security_auth(
                 require_grant(&client, GrantType::ClientCredentials)?;
                 client_credentials(&server, &client, req.scope.as_deref()).await
             }
-            "password" => password(&server, &client, &req, &headers).await,
+            "password" => password(&server, &client, &req, &source_ip, &mut login_failed).await,
             _ => Err(OAuthError::unsupported_grant_type(
                 "grant_type must be password or client_credentials",
             )),
@@ -690,7 +695,13 @@ pub async fn security_auth(
     server.metrics.request("security_auth", outcome(&result));
     match result {
         Ok(t) => no_store((StatusCode::OK, Json(t)).into_response()),
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let mut resp = e.into_response();
+            if login_failed {
+                crate::edge::mark_failure(&mut resp, sec_edge::FailureReason::LoginFailure);
+            }
+            resp
+        }
     }
 }
 
@@ -741,7 +752,8 @@ async fn password(
     server: &AuthServer,
     client: &ClientRow,
     req: &SecurityAuthRequest,
-    headers: &HeaderMap,
+    source_ip: &str,
+    login_failed: &mut bool,
 ) -> Result<TokenResponse, OAuthError> {
     if !client.settings.trusted || client.settings.public {
         return Err(OAuthError::unauthorized_client(
@@ -767,16 +779,10 @@ async fn password(
             list
         }
     };
-    let source_ip = headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(str::trim)
-        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
-        .unwrap_or_default();
     let user = match server.verify_login(username, password, source_ip).await {
         Ok(u) => u,
         Err(LoginFailure::InvalidCredentials | LoginFailure::Disabled | LoginFailure::Locked) => {
+            *login_failed = true;
             return Err(OAuthError::invalid_grant("invalid username or password"));
         }
         Err(LoginFailure::Unavailable(e)) => {

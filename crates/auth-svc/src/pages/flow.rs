@@ -7,12 +7,13 @@
 //! id and a CSRF token: nothing of the client's request travels through hidden fields a
 //! user could edit. It is consumed once (the KV `delete` that returns true wins).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
+use sec_edge::layer::ClientIp;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use sec_common::error::ErrorCode;
@@ -93,19 +94,19 @@ pub struct Browser {
 
 impl Browser {
     pub fn from_parts(server: &AuthServer, parts: &Parts) -> Self {
-        Self::new(server, &parts.headers, parts.extensions.get())
+        Self::new(server, &parts.headers, &parts.extensions)
     }
 
-    pub fn new(
-        server: &AuthServer,
-        headers: &HeaderMap,
-        peer: Option<&ConnectInfo<SocketAddr>>,
-    ) -> Self {
+    /// The address is the edge layer's ([`ClientIp`]: forwarding headers honoured from
+    /// trusted proxies only), else the socket peer; never a header alone.
+    pub fn new(server: &AuthServer, headers: &HeaderMap, extensions: &Extensions) -> Self {
         let cfg = &server.cfg;
         Self {
             session_id: cookies::read(headers, Cookie::Session.name(cfg)),
             csrf: cookies::read(headers, Cookie::Csrf.name(cfg)),
-            ip: peer.map(|c| c.0.ip().to_string()).unwrap_or_default(),
+            ip: client_ip(extensions)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
             user_agent: headers
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
@@ -113,6 +114,15 @@ impl Browser {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// The caller's address as the edge layer resolved it, else the socket peer.
+pub fn client_ip(extensions: &Extensions) -> Option<IpAddr> {
+    extensions.get::<ClientIp>().map(|c| c.0).or_else(|| {
+        extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_canonical())
+    })
 }
 
 /// A page's answer before it is rendered: `Set-Cookie` values to add.

@@ -22,6 +22,7 @@ use crate::engine::AuthServer;
 use crate::oauth::params::Params;
 use crate::store::ClientRow;
 use crate::users::LoginFailure;
+use sec_edge::FailureReason;
 
 pub fn routes() -> Router<Arc<AuthServer>> {
     Router::new().route("/login", post(login_post))
@@ -164,7 +165,7 @@ pub async fn login_post(State(server): State<Arc<AuthServer>>, req: Request) -> 
         }
         Err(LoginFailure::InvalidCredentials | LoginFailure::Disabled | LoginFailure::Locked) => {
             server.metrics.request("login", "failed");
-            return login_page(
+            let mut resp = login_page(
                 &server,
                 &browser,
                 request_id,
@@ -173,6 +174,8 @@ pub async fn login_post(State(server): State<Arc<AuthServer>>, req: Request) -> 
                 Some(LOGIN_FAILED),
                 SetCookies::default(),
             );
+            crate::edge::mark_failure(&mut resp, FailureReason::LoginFailure);
+            return resp;
         }
     };
 

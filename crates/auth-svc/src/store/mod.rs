@@ -878,7 +878,7 @@ pub mod contract {
         }
     }
 
-    fn client(id: &str) -> ClientRow {
+    pub fn client(id: &str) -> ClientRow {
         ClientRow {
             client_id: id.into(),
             settings: settings(id),

@@ -217,7 +217,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// Options the limiter shares across rules.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimiterOptions {
     /// Callers from these networks bypass every rule (counted as `bypassed`).
