@@ -264,6 +264,22 @@ def check_configs(secd, overlay, cfgs):
     return ok
 
 
+def check_secctl_config(secd):
+    """deploy/secctl-port-forward.toml loads, with files where it expects them."""
+    with tempfile.TemporaryDirectory(prefix="deploy-check-secctl-") as d:
+        tls = pathlib.Path(d, "secctl-tls")
+        tls.mkdir()
+        throwaway_tls(tls)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEC_")}
+        env["SEC_CONFIG"] = str(ROOT / "deploy" / "secctl-port-forward.toml")
+        r = subprocess.run([secd, "check-config"], cwd=d, env=env, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            problem(f"deploy/secctl-port-forward.toml fails `secd check-config`: {r.stderr.strip()[-400:]}")
+            return None
+        endpoints = set(re.findall(r'endpoint = "(https://localhost:\d+)"', r.stdout))
+        return f"deploy/secctl-port-forward.toml loads ({len(endpoints)} https://localhost endpoints)"
+
+
 def main():
     args = sys.argv[1:]
     secd = None
@@ -301,6 +317,10 @@ def main():
             ok = check_configs(secd, overlay, cfgs)
             if ok:
                 summary.append(f"{overlay}: check-config accepts the configuration of " + ", ".join(ok))
+    if secd:
+        s = check_secctl_config(secd)
+        if s:
+            summary.append(s)
     if problems:
         for p in problems:
             print(f"  {p}")
