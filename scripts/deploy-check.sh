@@ -58,12 +58,17 @@ if ! command -v promtool >/dev/null; then
   echo "installing promtool (Debian package prometheus)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  # policy-rc.d 101: the package must not start a Prometheus server here.
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-  $SUDO chmod +x /usr/sbin/policy-rc.d
+  # policy-rc.d exit 101: the package must not start a Prometheus server here (only when
+  # the machine has no policy of its own, which is then left alone).
+  own_policy=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   timeout 600 $SUDO apt-get update -qq
   timeout 900 $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  $SUDO rm -f /usr/sbin/policy-rc.d
+  [[ -z $own_policy ]] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 PY="$VENV/bin/python"
 echo "kubectl $(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: //p' | sed 's/^/(kustomize /;s/$/)/'), kubernetes-validate $("$VENV/bin/kubernetes-validate" --version), checkov $("$VENV/bin/checkov" --version), $(promtool --version 2>&1 | head -n1)"
@@ -84,7 +89,7 @@ step "schemas (kubernetes-validate --strict)"
 for v in "${K8S_VERSIONS[@]}"; do
   for name in base dev prod; do
     log="$OUT/validate-$name-$v.log"
-    if ! "$VENV/bin/kubernetes-validate" --strict -k "$v" "$OUT/$name.yaml" >"$log" 2>&1; then
+    if ! timeout 300 "$VENV/bin/kubernetes-validate" --strict -k "$v" "$OUT/$name.yaml" >"$log" 2>&1; then
       grep -v '^INFO' "$log" >&2
       die "$name does not validate against Kubernetes $v"
     fi
@@ -102,7 +107,7 @@ ck="$OUT/checkov"
 rm -rf "$ck" && mkdir -p "$ck"
 cp "$OUT/dev.yaml" "$OUT/prod.yaml" "$ck/"
 # --skip-download: no Prisma Cloud calls; the built-in policies only.
-if ! "$VENV/bin/checkov" -d "$ck" --framework kubernetes --skip-download --compact --quiet >"$OUT/checkov-k8s.txt" 2>&1; then
+if ! timeout 600 "$VENV/bin/checkov" -d "$ck" --framework kubernetes --skip-download --compact --quiet >"$OUT/checkov-k8s.txt" 2>&1; then
   cat "$OUT/checkov-k8s.txt" >&2
   die "checkov found failing checks in the rendered overlays"
 fi
@@ -121,7 +126,7 @@ for f in glob.glob(sys.argv[1] + "/*.yaml"):
 if bad:
     sys.exit("checkov skips without a written reason:\n  " + "\n  ".join(bad))
 PY
-if ! "$VENV/bin/checkov" -f Dockerfile --framework dockerfile --skip-download --compact --quiet >"$OUT/checkov-docker.txt" 2>&1; then
+if ! timeout 300 "$VENV/bin/checkov" -f Dockerfile --framework dockerfile --skip-download --compact --quiet >"$OUT/checkov-docker.txt" 2>&1; then
   cat "$OUT/checkov-docker.txt" >&2
   die "checkov found failing checks in the Dockerfile"
 fi
@@ -135,7 +140,7 @@ rules = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == 
 assert len(rules) == 1, f"expected one PrometheusRule, found {len(rules)}"
 yaml.safe_dump({"groups": rules[0]["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
 PY
-promtool check rules "$OUT/rules.yaml"
+timeout 60 promtool check rules "$OUT/rules.yaml"
 pass "promtool check rules: $(grep -c -- '- alert:' "$OUT/rules.yaml") alerts"
 
 step "binaries"
@@ -167,7 +172,7 @@ echo "secd: $SECD_BIN"
 echo "secctl: ${SECCTL_BIN:-*** none (DEPLOY_CHECK_NO_BUILD=1)}"
 
 step "manifests: services, Pod Security, identities, secrets, check-config"
-"$PY" deploy/check/manifests.py --secd "$SECD_BIN" prod="$OUT/prod.yaml" dev="$OUT/dev.yaml"
+timeout 300 "$PY" deploy/check/manifests.py --secd "$SECD_BIN" prod="$OUT/prod.yaml" dev="$OUT/dev.yaml"
 pass "every service has its Deployment; restricted Pod Security Standard; mTLS identities; configurations pass check-config"
 
 step "metrics: alerts and dashboard against a running secd dev"
