@@ -66,7 +66,6 @@ def services():
                 calls=calls,
                 postgres="open_db(" in code,
                 redis="open_kv(" in code or "redis_for(" in code,
-                section=section_of(name, spec),
             )
         )
     by_name = {s["name"]: s for s in out}
@@ -76,15 +75,6 @@ def services():
             if c not in by_name:
                 sys.exit(f"generate: {s['name']} calls unknown service {c}")
     return out, by_name
-
-
-def section_of(name, spec):
-    m = re.search(r"ConfigSection::named::<\w+>\((\w+)\)", spec)
-    if m:
-        return "oauth" if m.group(1) == "SECTION" else m.group(1).lower()
-    if "ConfigSection::of::" in spec:
-        return name
-    return None
 
 
 def labels(s, indent):
