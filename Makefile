@@ -3,7 +3,7 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= always
 SHELL := bash
 
-.PHONY: dev test lint fmt bench build check-config deny help
+.PHONY: dev test lint fmt bench build check-config deny deploy-check help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -38,3 +38,6 @@ check-config: ## validate the configuration secd would use
 
 deny: ## licenses, duplicate versions, banned crates (needs cargo-deny)
 	cargo deny check
+
+deploy-check: ## render and validate deploy/ (schemas, checkov, promtool, PSS, metrics vs secd, runbook CLI)
+	scripts/deploy-check.sh
