@@ -37,6 +37,13 @@ else
   echo "skipped: wrk or node not found (tests/interop/oidc/ensure-chromium.sh installs wrk)"
 fi
 
+echo "== edge protection: facade with the layers on vs off (wrk) =="
+if command -v wrk >/dev/null; then
+  scripts/bench-edge.sh
+else
+  echo "skipped: wrk not found (tests/interop/oidc/ensure-chromium.sh installs it)"
+fi
+
 echo "== session-svc: Redis memory per session (scratch redis-server) =="
 if command -v redis-server >/dev/null; then
   scripts/bench-session-memory.sh "${SESSION_MEMORY_SESSIONS:-1000000}"

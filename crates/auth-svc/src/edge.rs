@@ -43,22 +43,29 @@ pub async fn identify(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if let Some(identity) = basic_identity(&server, &req).await {
-        req.extensions_mut().insert(identity);
+    let credentials = basic_credentials(&server, &req);
+    if let Some((id, secret)) = credentials {
+        if let Some(identity) = verified_identity(&server, &id, &secret).await {
+            req.extensions_mut().insert(identity);
+        }
     }
     next.run(req).await
 }
 
-async fn basic_identity(server: &AuthServer, req: &Request) -> Option<EdgeIdentity> {
+/// The client id and secret of the one `Authorization: Basic` header, if well-formed.
+fn basic_credentials(server: &AuthServer, req: &Request) -> Option<(String, String)> {
     let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
     let value = values.next()?.to_str().ok()?;
     if values.next().is_some() {
         return None;
     }
-    let (id, secret) = decode_basic(value, server.cfg.max_param_bytes)?;
-    let client = server.find_client(&id).await.ok()??;
+    decode_basic(value, server.cfg.max_param_bytes)
+}
+
+async fn verified_identity(server: &AuthServer, id: &str, secret: &str) -> Option<EdgeIdentity> {
+    let client = server.find_client(id).await.ok()??;
     if client.settings.auth_method != AuthMethod::ClientSecretBasic
-        || !server.check_client_secret(&client, &secret)
+        || !server.check_client_secret(&client, secret)
     {
         return None;
     }

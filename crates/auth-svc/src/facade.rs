@@ -53,6 +53,10 @@ pub fn protected(
     edge: &sec_edge::EdgeRuntime,
     server: Arc<AuthServer>,
 ) -> anyhow::Result<Router> {
+    if !edge.config().enabled {
+        tracing::warn!("edge.enabled = false: the facade enforces no rate limits or IP rules");
+        return Ok(router);
+    }
     Ok(router
         .layer(axum::middleware::from_fn_with_state(
             edge.clone(),

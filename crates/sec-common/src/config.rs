@@ -597,8 +597,18 @@ impl Config {
         }
         if let Some(url) = &self.storage.redis_url {
             let u = url.expose();
-            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-                return invalid("storage.redis_url", "must be a redis:// or rediss:// URL");
+            if u.starts_with("redis+sentinel://") {
+                if !crate::storage::sentinel_url_ok(u) {
+                    return invalid(
+                        "storage.redis_url",
+                        "a Sentinel URL is redis+sentinel://[:password@]host:port[,host:port...]/<master>[/<db>]",
+                    );
+                }
+            } else if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return invalid(
+                    "storage.redis_url",
+                    "must be a redis://, rediss:// or redis+sentinel:// URL",
+                );
             }
         }
         if let Some(url) = &self.events.nats_url {
@@ -1005,5 +1015,24 @@ mod tests {
         let c = Config::load(None, &env(&[]), only_auth).unwrap();
         let err = c.service_addrs("crypto").unwrap_err().to_string();
         assert!(err.contains("services.crypto.endpoint"), "{err}");
+    }
+
+    #[test]
+    fn redis_urls_plain_tls_and_sentinel() {
+        let check = |url: &str| {
+            let mut c = Config::default();
+            c.storage.redis_url = Some(Secret::new(url.to_owned()));
+            c.validate().map_err(|e| e.to_string())
+        };
+        check("redis://127.0.0.1:6379").unwrap();
+        check("rediss://cache.internal:6380/2").unwrap();
+        check("redis+sentinel://:pw@s1:26379,s2:26379,s3:26379/mymaster/0").unwrap();
+        let err = check("redis+sentinel://s1:26379").unwrap_err();
+        assert!(
+            err.contains("storage.redis_url") && err.contains("<master>"),
+            "{err}"
+        );
+        let err = check("http://cache").unwrap_err();
+        assert!(err.contains("redis+sentinel://"), "{err}");
     }
 }

@@ -285,6 +285,11 @@ struct SentinelUrl {
     db: i64,
 }
 
+/// Whether `url` is a well-formed `redis+sentinel://` URL (checked at configuration load).
+pub(crate) fn sentinel_url_ok(url: &str) -> bool {
+    parse_sentinel_url(url).is_some()
+}
+
 fn parse_sentinel_url(url: &str) -> Option<SentinelUrl> {
     let rest = url.strip_prefix("redis+sentinel://")?;
     let (auth, rest) = match rest.rsplit_once('@') {

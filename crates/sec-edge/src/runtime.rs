@@ -91,6 +91,11 @@ impl Default for EventsConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeConfig {
+    /// Whether the host puts the layers in front of its routes (default true). Off, the
+    /// rules, lists and the gRPC API still work (`CheckRateLimit`, administration); only
+    /// the facade stops enforcing them, for installations whose gateway does it, and for
+    /// measuring what the layers cost.
+    pub enabled: bool,
     /// `RateLimit` fields on responses that were not limited too.
     pub headers_on_success: bool,
     pub trusted_proxies: Vec<String>,
@@ -107,6 +112,7 @@ pub struct EdgeConfig {
 impl Default for EdgeConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             headers_on_success: true,
             trusted_proxies: Vec::new(),
             reload_interval_ms: 1_000,
@@ -128,8 +134,7 @@ impl sec_common::config::ServiceConfig for EdgeConfig {
         crate::rules::RuleSet::build(&self.ratelimit, crate::rules::StoreKind::InProcess)
             .map_err(|e| (format!("ratelimit.{}", e.field), e.reason))?;
         IpTables::build(&self.ip).map_err(|e| (format!("ip.{}", e.field), e.reason))?;
-        ClientIpResolver::new(&self.trusted_proxies)
-            .map_err(|e| (e.field, e.reason))?;
+        ClientIpResolver::new(&self.trusted_proxies).map_err(|e| (e.field, e.reason))?;
         if !(100..=60_000).contains(&self.reload_interval_ms) {
             return Err((
                 "reload_interval_ms".into(),

@@ -13,10 +13,10 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use axum::http::request::Parts;
 use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
-use sec_edge::layer::ClientIp;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use sec_common::error::ErrorCode;
+use sec_edge::layer::ClientIp;
 use sec_proto::session::v1::{
     BindingResult, CreateRequest, GetRequest, RevokeRequest, Session, revoke_request,
 };
