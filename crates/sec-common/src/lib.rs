@@ -2,6 +2,12 @@
 //! health and metrics, error codes, the injectable clock, the event bus, storage
 //! bootstrap, TLS and caller authentication. Deliberately lean: no service logic here.
 
+/// The allocator of every binary that links the platform (services, `secd`, `secctl`,
+/// tests): glibc's malloc and free were a sixth of the CPU of a token grant under load
+/// (perf during `scripts/bench-auth.sh`); mimalloc raised the grant's throughput by a fifth.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod admin;
 pub mod auth;
 pub mod clock;

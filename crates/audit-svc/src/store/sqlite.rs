@@ -48,30 +48,31 @@ impl EventStore for SqliteEventStore {
         let received = self.clock.now().timestamp_micros();
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;
-        for r in rows {
-            let res = sqlx::query(
+        // Multi-row statements: one hop to SQLite's worker thread per 64 events instead
+        // of one per event (14 parameters each, far below SQLite's 32,766).
+        for chunk in rows.chunks(64) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT OR IGNORE INTO security_events
                    (id, event_type, ts_us, service, user_id, actor_kind, actor_id, subject,
-                    ip_address, outcome, severity, details, trace_id, received_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )
-            .bind(r.id.to_string())
-            .bind(r.event_type)
-            .bind(r.time_us)
-            .bind(r.service)
-            .bind(r.user_id.map(|u| u.to_string()))
-            .bind(r.actor_kind)
-            .bind(r.actor_id)
-            .bind(r.subject)
-            .bind(r.ip_address)
-            .bind(r.outcome)
-            .bind(r.severity)
-            .bind(r.details)
-            .bind(r.trace_id)
-            .bind(received)
-            .execute(&mut *tx)
-            .await?;
-            inserted += res.rows_affected();
+                    ip_address, outcome, severity, details, trace_id, received_us) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(r.id.to_string())
+                    .push_bind(r.event_type.clone())
+                    .push_bind(r.time_us)
+                    .push_bind(r.service.clone())
+                    .push_bind(r.user_id.map(|u| u.to_string()))
+                    .push_bind(r.actor_kind.clone())
+                    .push_bind(r.actor_id.clone())
+                    .push_bind(r.subject.clone())
+                    .push_bind(r.ip_address.clone())
+                    .push_bind(r.outcome.clone())
+                    .push_bind(r.severity.clone())
+                    .push_bind(r.details.clone())
+                    .push_bind(r.trace_id.clone())
+                    .push_bind(received);
+            });
+            inserted += q.build().execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
         Ok(inserted)
