@@ -68,6 +68,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     calls: &[],
     config: &[ConfigSection::of::<CryptoConfig>()],
     preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 

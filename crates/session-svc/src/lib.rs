@@ -54,6 +54,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     calls: &[],
     config: &[ConfigSection::of::<SessionConfig>()],
     preflight: no_preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 
