@@ -69,6 +69,7 @@ pub async fn run(
         platform.events.clone(),
         store.clone(),
         metrics,
+        platform.clock.clone(),
         ingest_stop.clone(),
     ));
 
