@@ -181,7 +181,7 @@ mod tests {
     }
 
     fn event_at(t: DateTime<Utc>) -> SecurityEvent {
-        let mut e = new_event(&ManualClock::new(t0()), "auth", "sec.auth.test.happened");
+        let mut e = new_event(&*ManualClock::new(t0()), "auth", "sec.auth.test.happened");
         e.time = Some(to_timestamp(t));
         e
     }

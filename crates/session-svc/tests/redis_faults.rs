@@ -175,7 +175,7 @@ async fn outage_fails_fast_then_recovers_with_sessions_kept_by_aof() {
 }
 
 /// A Redis that accepts connections and never answers: the ping gives up within
-/// `PING_TIMEOUT` (even with a longer per-call timeout configured), so readiness gets an
+/// `PING_TIMEOUT` even with a longer per-call timeout configured, so readiness gets an
 /// answer and `sec_session_store_up` drops to 0 instead of keeping its last value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_store_is_recorded_down_within_the_ping_timeout() {
@@ -196,8 +196,9 @@ async fn a_hung_store_is_recorded_down_within_the_ping_timeout() {
     let err = e.ping().await.unwrap_err();
     let took = started.elapsed();
     assert!(err.contains("timed out"), "{err}");
+    // The Redis client may give up first (its connection setup is bounded too); never later.
     assert!(
-        took >= session_svc::engine::PING_TIMEOUT && took < Duration::from_secs(5),
+        took < session_svc::engine::PING_TIMEOUT + Duration::from_millis(500),
         "{took:?}"
     );
     assert_eq!(e.metrics.store_up.get(), 0);
