@@ -262,7 +262,11 @@ mod tests {
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
         while store.seen.lock().unwrap().len() < 2 || metrics.lag_seconds() != 0.0 {
-            assert!(Instant::now() < deadline, "{:?}", store.seen.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                store.seen.lock().unwrap()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         stop.cancel();

@@ -159,12 +159,19 @@ pub async fn migrate_db(
             let run = migrations.sqlite.run(&pool).await;
             pool.close().await;
             run.with_context(|| format!("running {service} migrations in {}", path.display()))?;
-            (format!("SQLite {}", path.display()), before, migrations.sqlite)
+            (
+                format!("SQLite {}", path.display()),
+                before,
+                migrations.sqlite,
+            )
         }
     };
     let mut applied = Vec::new();
     let mut already_applied = 0;
-    for m in migrator.iter().filter(|m| !m.migration_type.is_down_migration()) {
+    for m in migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+    {
         if before.contains(&m.version) {
             already_applied += 1;
         } else {

@@ -36,9 +36,7 @@ async fn every_service_migrates_on_sqlite_once_then_nothing() {
             "{first}"
         );
         assert!(
-            first
-                .target
-                .ends_with(&format!("{}.db", spec.name)),
+            first.target.ends_with(&format!("{}.db", spec.name)),
             "{first}"
         );
         let second = migrate(spec, &config).await.unwrap().unwrap();

@@ -849,7 +849,8 @@ async fn signing_key_age_and_rotation_interval_are_exported() {
 
     e.start().await.unwrap();
     assert_eq!(sample(&text(), age), Some(0.0));
-    env.clock.advance(Duration::milliseconds(5 * 3_600_000 + 250));
+    env.clock
+        .advance(Duration::milliseconds(5 * 3_600_000 + 250));
     assert_eq!(sample(&text(), age), Some(18_000.25));
 
     // Due: the next key signs and the age starts again from its activation.
