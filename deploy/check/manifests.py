@@ -15,8 +15,12 @@
   and every identity in a `trusted_peers` or `token.issuers` list is one of them; every
   peer endpoint is a name in the peer's certificate;
 - NetworkPolicies: a default deny, DNS, and one policy per service;
+- migrations (prod): each service with a database runs `<bin> migrate` from its own image
+  in an init container `migrate` that gets the configuration and the database URL only;
 - with --secd: each rendered configuration file passes `check-config` of the service's
-  own binary (next to SECD_BIN, when built) or of secd, with throwaway TLS files and KEK.
+  own binary (next to SECD_BIN, when built) or of secd, with throwaway TLS files and KEK;
+  and, with the service's own binary, its init container's `migrate` loads it and runs
+  twice on SQLite (everything applied, then nothing).
 """
 
 import os
@@ -157,6 +161,10 @@ def check_overlay(name, docs):
     return by_kind, len(pods)
 
 
+def pod_labels(d):
+    return d["spec"]["template"]["metadata"].get("labels", {})
+
+
 def configs(by_kind):
     """config.toml of each ConfigMap, by the Deployment that mounts it."""
     cms = {d["metadata"]["name"]: d for d in by_kind.get("ConfigMap", {}).values()}
@@ -261,7 +269,32 @@ def check_configs(secd, overlay, cfgs):
                 problem(f"{overlay}: {dep}'s config.toml fails `{pathlib.Path(cmd[0]).name} check-config`: {r.stderr.strip()[-400:]}")
             else:
                 ok.append(f"{dep} ({pathlib.Path(cmd[0]).name})")
+            init = {c["name"]: c for c in d_obj["spec"]["template"]["spec"].get("initContainers") or []}.get("migrate")
+            if own and init and r.returncode == 0 and migrate_check(overlay, dep, binary, path, init, d):
+                ok[-1] = f"{dep} ({binary.name}; and its init container's `{binary.name} migrate`, twice, on SQLite)"
     return ok
+
+
+def migrate_check(overlay, dep, binary, config, init, tmp):
+    """The init container's `migrate` with what it is given (the file and its variables, no
+    TLS files, keys or other secrets), on SQLite in place of the database: it must load the
+    configuration, apply every migration, and apply nothing the second time."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEC_")}
+    env["SEC_CONFIG"] = str(config)
+    env["SEC_DATA_DIR"] = str(pathlib.Path(tmp, f"migrate-{dep}"))
+    given = {e["name"] for e in init.get("env", [])}
+    if given - {"SEC_CONFIG", "SEC_STORAGE__DATABASE_URL"}:
+        problem(f"{overlay}: {dep}'s migrate init container gets more than the configuration and "
+                f"the database URL: {', '.join(sorted(given))}")
+    if "SEC_STORAGE__DATABASE_URL" not in given:
+        problem(f"{overlay}: {dep}'s migrate init container has no SEC_STORAGE__DATABASE_URL")
+    for run, want in ((1, "migrations applied now"), (2, "is up to date")):
+        r = subprocess.run([str(binary), *init["args"]], env=env, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0 or want not in r.stdout:
+            problem(f"{overlay}: {dep} migrate (run {run}) with its init container's configuration: "
+                    f"exit {r.returncode}: {(r.stdout + r.stderr).strip()[-400:]}")
+            return False
+    return True
 
 
 def check_secctl_config(secd):
@@ -288,6 +321,7 @@ def main():
     rendered = dict(a.split("=", 1) for a in args)
     services = workspace_services()
     summary = []
+    migrating = []
     for overlay, path in rendered.items():
         docs = [d for d in yaml.safe_load_all(open(path)) if d]
         by_kind, npods = check_overlay(overlay, docs)
@@ -299,9 +333,21 @@ def main():
                 if not d:
                     problem(f"prod: service {s} has no Deployment")
                     continue
-                cmd = d["spec"]["template"]["spec"]["containers"][0].get("command", [])
+                pod = d["spec"]["template"]["spec"]
+                main_c = pod["containers"][0]
+                cmd = main_c.get("command", [])
                 if cmd[:1] != [f"/usr/local/bin/{s}"]:
                     problem(f"prod: Deployment {s} does not run /usr/local/bin/{s}")
+                labels = pod_labels(d)
+                if labels.get("sec.platform/postgres") == "true":
+                    init = {c["name"]: c for c in pod.get("initContainers") or []}.get("migrate")
+                    if not init or init.get("command") != cmd or init.get("args") != ["migrate"] \
+                            or init.get("image") != main_c.get("image"):
+                        problem(f"prod: Deployment {s} has no init container `migrate` running "
+                                f"`{s} migrate` from its own image")
+                    else:
+                        migrating.append(s)
+            summary.append(f"prod: an init container runs `<bin> migrate` before each of {', '.join(migrating)}")
             ids = check_identities(by_kind, cfgs)
             summary.append(f"prod: a Deployment for each of the {len(services)} services ({', '.join(services)}); "
                            f"certificate identities {', '.join(sorted(ids))} match trusted_peers, token.issuers and endpoints")

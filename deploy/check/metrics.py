@@ -3,7 +3,8 @@
 
     deploy/check/metrics.py SECD_BIN RENDERED.yaml [RENDERED.yaml...] DASHBOARD.json
 
-Starts `secd dev` (embedded storage, a temporary data directory, every port 0), drives a
+Starts `secd dev` (embedded storage, a temporary data directory, every port 0, and one
+edge rate-limit rule on /token so that the edge layer counts decisions), drives a
 little traffic through the facade so that label-ful metrics exist (a metric family with
 no labelled child yet is not on /metrics at all, not even as `# TYPE`): a dynamic client
 registration, a client_credentials grant, one with a wrong secret, introspection of a
@@ -52,9 +53,24 @@ def fail(msg):
     sys.exit(1)
 
 
+# secd dev has no rate-limit rule by default, and sec_edge_ratelimit_decisions_total has
+# a sample only once a rule decided something. Generous: it never refuses the traffic below.
+EDGE_RULE = """
+[[edge.ratelimit.rules]]
+id = "deploy-check-token"
+match = { route = "/token" }
+key = ["ip"]
+limit = { rate = 1000, per = "minute", burst = 1000 }
+"""
+
+
 def start_secd(secd, workdir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEC_")}
     env.update({"SEC_FACADE__HTTP_ADDR": "127.0.0.1:0", "SEC_TELEMETRY__LOG_LEVEL": "warn"})
+    config = os.path.join(workdir, "secd.toml")
+    with open(config, "w") as f:
+        f.write(EDGE_RULE)
+    env["SEC_CONFIG"] = config
     for s in SERVICES:
         env[f"SEC_SERVICES__{s.upper()}__GRPC_ADDR"] = "127.0.0.1:0"
         env[f"SEC_SERVICES__{s.upper()}__ADMIN_ADDR"] = "127.0.0.1:0"

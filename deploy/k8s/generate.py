@@ -145,6 +145,50 @@ def deployment(s):
         mounts += "            - name: kek\n              mountPath: /etc/sec/kek\n              readOnly: true\n"
         volumes += "        - name: kek\n          secret:\n            secretName: sec-kek\n            defaultMode: 0440\n"
     heavy = s["name"] in ("auth", "crypto", "audit")
+    security = """          securityContext:
+            runAsNonRoot: true
+            runAsUser: 65532
+            runAsGroup: 65532
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            privileged: false
+            capabilities:
+              drop: ["ALL"]
+            seccompProfile:
+              type: RuntimeDefault
+"""
+    init = ""
+    if s["postgres"]:
+        # `<bin> migrate` loads and validates the configuration, applies the migrations
+        # and exits: it needs the file and the database URL, nothing else.
+        init = f"""      # Migrations first: `{name} migrate` applies what is missing (idempotent; sqlx's
+      # advisory lock makes replicas starting together apply each migration once), then
+      # exits. The service would run them at start too; here a failing migration stops
+      # the rollout at this pod instead of in a crash loop.
+      initContainers:
+        - name: migrate
+          image: sec-platform/{name}
+          imagePullPolicy: Always
+          command: ["/usr/local/bin/{name}"]
+          args: ["migrate"]
+          env:
+            - name: SEC_CONFIG
+              value: /etc/sec/config.toml
+{secret_env("SEC_STORAGE__DATABASE_URL", "sec-backends", "database-url")}          volumeMounts:
+            - name: config
+              mountPath: /etc/sec/config.toml
+              subPath: config.toml
+              readOnly: true
+            - name: data
+              mountPath: /var/lib/sec
+{security}          resources:
+            requests:
+              cpu: 50m
+              memory: 64Mi
+            limits:
+              cpu: "1"
+              memory: 256Mi
+"""
     return (
         HEADER.format(crate=s["crate"])
         + f"""apiVersion: apps/v1
@@ -182,7 +226,7 @@ spec:
         fsGroup: 65532
         seccompProfile:
           type: RuntimeDefault
-      containers:
+{init}      containers:
         - name: {name}
           image: sec-platform/{name}
           imagePullPolicy: Always
@@ -191,18 +235,8 @@ spec:
           ports:
 {ports}          env:
 {env}          volumeMounts:
-{mounts}          securityContext:
-            runAsNonRoot: true
-            runAsUser: 65532
-            runAsGroup: 65532
-            allowPrivilegeEscalation: false
-            readOnlyRootFilesystem: true
-            privileged: false
-            capabilities:
-              drop: ["ALL"]
-            seccompProfile:
-              type: RuntimeDefault
-          # Migrations run at start, before the admin port answers: up to 2 minutes.
+{mounts}{security}          # The init container has migrated; the service checks again at start (nothing
+          # to do) before its admin port answers.
           startupProbe:
             httpGet:
               path: /healthz

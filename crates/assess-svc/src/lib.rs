@@ -27,6 +27,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     calls: &[],
     config: &[],
     preflight: no_preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 

@@ -36,6 +36,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     calls: &[],
     config: &[],
     preflight: no_preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 
@@ -68,6 +69,7 @@ pub async fn run(
         platform.events.clone(),
         store.clone(),
         metrics,
+        platform.clock.clone(),
         ingest_stop.clone(),
     ));
 

@@ -79,6 +79,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
         ConfigSection::named::<sec_edge::EdgeConfig>(EDGE_SECTION),
     ],
     preflight: no_preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 

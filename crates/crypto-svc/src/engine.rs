@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use sec_common::auth::Caller;
@@ -76,6 +77,9 @@ pub struct CryptoMetrics {
     seconds: Family<OpName, Histogram>,
     /// Automatic rotations by reason (`period`, `encryption_bound`): a fixed label set.
     auto_rotations: Family<RotationReason, Counter>,
+    /// Keys with automatic rotation still not rotated more than one check interval after
+    /// they were due, as of the last complete rotation pass.
+    rotation_overdue: Gauge,
 }
 
 impl CryptoMetrics {
@@ -86,11 +90,17 @@ impl CryptoMetrics {
                 Histogram::new(exponential_buckets(0.000_01, 2.5, 14))
             }),
             auto_rotations: Family::default(),
+            rotation_overdue: Gauge::default(),
         };
         registry.register(
             "sec_crypto_automatic_rotations",
             "Automatic key rotations by reason (period, encryption_bound)",
             m.auto_rotations.clone(),
+        );
+        registry.register(
+            "sec_crypto_keys_rotation_overdue",
+            "Keys with automatic rotation whose rotation is overdue by more than one check interval (crypto.rotation_check_seconds), as of the last complete rotation pass",
+            m.rotation_overdue.clone(),
         );
         registry.register(
             "sec_crypto_operations",
@@ -107,6 +117,11 @@ impl CryptoMetrics {
 
     pub fn unregistered() -> Self {
         Self::register(&mut Registry::default())
+    }
+
+    /// What `sec_crypto_keys_rotation_overdue` reports now.
+    pub fn rotation_overdue(&self) -> i64 {
+        self.rotation_overdue.get()
     }
 }
 
@@ -140,6 +155,9 @@ pub struct Limits {
     /// Uses reserved in the store at a time per version: one write per this many
     /// encryptions; a crash loses at most this many (over-counted, never under-).
     pub encryption_reservation: u64,
+    /// How often the rotation task runs `rotate_due` (`crypto.rotation_check_seconds`):
+    /// a key still unrotated this long after it was due counts as overdue.
+    pub rotation_check: Duration,
 }
 
 impl Default for Limits {
@@ -152,6 +170,7 @@ impl Default for Limits {
             failure_keys: 1000,
             max_encryptions_per_version: DEFAULT_MAX_ENCRYPTIONS_PER_VERSION,
             encryption_reservation: 4096,
+            rotation_check: Duration::from_secs(60),
         }
     }
 }
@@ -1608,8 +1627,16 @@ impl Engine {
     // ---- rotation -------------------------------------------------------------------
 
     /// Rotates every key whose rotation period has elapsed at `now`; returns their names.
+    ///
+    /// A complete pass also sets `sec_crypto_keys_rotation_overdue`: the keys it found due
+    /// for longer than one check interval (`Limits::rotation_check`) and could not rotate
+    /// (a rotation that fails every pass; a key rotated by another replica meanwhile is
+    /// not counted). A pass that fails to list the keys leaves the gauge as it was.
     pub async fn rotate_due(&self, now: DateTime<Utc>) -> Result<Vec<String>, Error> {
+        let grace = chrono::TimeDelta::from_std(self.limits.rotation_check)
+            .unwrap_or(chrono::TimeDelta::MAX);
         let mut rotated = Vec::new();
+        let mut overdue = 0_i64;
         let mut after: Option<String> = None;
         loop {
             let page = self
@@ -1641,10 +1668,13 @@ impl Engine {
                     };
                     match rotation.await {
                         Ok(_) => rotated.push(r.name.clone()),
-                        // Another replica rotated it first: nothing to do.
-                        Err(e) if e.code == ErrorCode::Aborted => {}
+                        // Another replica rotated (or deleted) it first: nothing to do.
+                        Err(e) if matches!(e.code, ErrorCode::Aborted | ErrorCode::NotFound) => {}
                         Err(e) => {
-                            tracing::warn!(key = %r.name, error = %e, "automatic rotation failed")
+                            tracing::warn!(key = %r.name, error = %e, "automatic rotation failed");
+                            if due.checked_add_signed(grace).is_none_or(|late| now > late) {
+                                overdue += 1;
+                            }
                         }
                     }
                 }
@@ -1653,6 +1683,7 @@ impl Engine {
                 break;
             }
         }
+        self.metrics.rotation_overdue.set(overdue);
         Ok(rotated)
     }
 

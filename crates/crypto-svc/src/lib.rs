@@ -68,6 +68,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     calls: &[],
     config: &[ConfigSection::of::<CryptoConfig>()],
     preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 
@@ -118,6 +119,7 @@ pub async fn run(
             max_batch_items: cfg.max_batch_items,
             cache_ttl: Duration::from_millis(cfg.cache_ttl_ms),
             max_encryptions_per_version: cfg.max_encryptions_per_version,
+            rotation_check: Duration::from_secs(cfg.rotation_check_seconds.max(1)),
             ..engine::Limits::default()
         },
         metrics,

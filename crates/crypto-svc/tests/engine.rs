@@ -479,6 +479,85 @@ async fn bad_names_and_oversized_payloads_are_refused() {
     );
 }
 
+/// `sec_crypto_keys_rotation_overdue`: a key whose automatic rotation keeps failing
+/// counts once it is late by more than one check interval; keys that rotate, and keys
+/// without automatic rotation, never count.
+#[tokio::test]
+async fn keys_whose_rotation_keeps_failing_are_reported_overdue() {
+    let (store, _dir) = sqlite_store().await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = CryptoMetrics::register(&mut registry);
+    let (engine, _events, clock) = engine_with(
+        store.clone(),
+        KekRing::from_bytes(&[1; 32], &[]).unwrap(),
+        Limits {
+            rotation_check: Duration::from_secs(60),
+            cache_ttl: Duration::ZERO,
+            ..Limits::default()
+        },
+        metrics.clone(),
+    );
+    let hourly = KeyPolicy {
+        rotation_period_seconds: 3600,
+        ..Default::default()
+    };
+    for name in ["fine", "broken"] {
+        engine
+            .create_key(&ADMIN, name, KeyType::Aes256Gcm, hourly.clone())
+            .await
+            .unwrap();
+    }
+    engine
+        .create_key(&ADMIN, "manual", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    // A row changed behind the engine's back (its MAC no longer matches): it is refused
+    // at every load, so its rotation fails at every pass.
+    let row = engine.get_key("broken").await.unwrap().record;
+    let tampered = KeyPolicy {
+        exportable: true,
+        ..row.policy.clone()
+    };
+    store
+        .update_policy(
+            "broken",
+            row.policy_version,
+            &tampered,
+            clock.now_utc(),
+            row.record_mac.as_deref(),
+        )
+        .await
+        .unwrap();
+    let exported = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("sec_crypto_keys_rotation_overdue "))
+            .map(str::to_owned)
+    };
+    assert_eq!(exported().as_deref(), Some("0"));
+
+    // Due 30 s ago: "fine" rotates, "broken" fails but is within the check interval.
+    clock.advance(chrono::Duration::seconds(3600 + 30));
+    assert_eq!(
+        engine.rotate_due(clock.now_utc()).await.unwrap(),
+        vec!["fine".to_string()]
+    );
+    assert_eq!(metrics.rotation_overdue(), 0);
+    // The next pass, a check interval later: "broken" is overdue, "fine" is not due.
+    clock.advance(chrono::Duration::seconds(60));
+    assert!(engine.rotate_due(clock.now_utc()).await.unwrap().is_empty());
+    assert_eq!(metrics.rotation_overdue(), 1);
+    assert_eq!(exported().as_deref(), Some("1"));
+    // Still failing much later: still one key (a gauge of keys, not of passes).
+    clock.advance(chrono::Duration::hours(5));
+    assert_eq!(
+        engine.rotate_due(clock.now_utc()).await.unwrap(),
+        vec!["fine".to_string()]
+    );
+    assert_eq!(metrics.rotation_overdue(), 1);
+}
+
 #[tokio::test]
 async fn automatic_rotation_follows_the_clock() {
     let f = fixture().await;

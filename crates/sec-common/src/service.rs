@@ -209,6 +209,13 @@ impl ServiceHost {
         &mut self,
         migrations: &crate::storage::Migrations,
     ) -> anyhow::Result<crate::storage::Db> {
+        debug_assert!(
+            self.spec
+                .migrations
+                .is_some_and(|m| std::ptr::eq(m, migrations)),
+            "{}: SPEC.migrations must be the migrations its run opens the database with",
+            self.name
+        );
         let db = crate::storage::connect_db(&self.platform.config, self.name, migrations).await?;
         self.readiness.add_check("database", Arc::new(db.clone()));
         self.instance =
@@ -372,6 +379,53 @@ pub enum ServiceCommand {
     Serve,
     /// Validate the configuration and print it (secrets redacted), then exit.
     CheckConfig,
+    /// Apply the service's database migrations, print what was done, then exit (run
+    /// again: nothing to do). Exit 64 on a bad configuration, 1 if the database fails.
+    Migrate,
+}
+
+/// `<bin> migrate`: applies `spec`'s migrations to the database `config` names (the
+/// schema or SQLite file the service itself opens), under the same lock, and reports
+/// what it did. `None` for a service without a database. Touches nothing else: no
+/// port, no broker, no peer.
+pub async fn migrate(
+    spec: &ServiceSpec,
+    config: &Config,
+) -> anyhow::Result<Option<crate::storage::MigrationReport>> {
+    match spec.migrations {
+        Some(m) => Ok(Some(
+            crate::storage::migrate_db(config, spec.name, m).await?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn migrate_main(spec: &ServiceSpec, config: &Config) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(migrate(spec, config)) {
+        Ok(Some(report)) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!("{}: no database, nothing to migrate", spec.name);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            // Errors never carry the database URL (storage.rs keeps it out of them).
+            eprintln!("{}-svc migrate failed: {e:#}", spec.name);
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Loads and preflights the configuration for `specs`, or prints the error and returns
@@ -394,6 +448,18 @@ pub fn standalone_main(spec: &'static ServiceSpec) -> ExitCode {
     use clap::Parser as _;
     let service = spec.name;
     let args = ServiceArgs::parse();
+    if matches!(args.command, Some(ServiceCommand::Migrate)) {
+        // The configuration is loaded and validated, but not preflighted: migrating needs
+        // only the database, not the TLS files, admin credential, peers or keys a start
+        // needs (a migration Job or init container gets the database URL alone).
+        return match crate::spec::load_config(args.config.as_deref(), &ProcessEnv, &[spec]) {
+            Ok(config) => migrate_main(spec, &config),
+            Err(e) => {
+                eprintln!("configuration error: {e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        };
+    }
     let config = match load_config(args.config.as_deref(), &[spec]) {
         Ok(c) => c,
         Err(code) => return code,

@@ -36,6 +36,10 @@ pub struct ServiceSpec {
     /// Fallible configuration it needs to start (files, keys), checked before any port
     /// is bound; an error is a configuration error (exit 64).
     pub preflight: fn(&Config) -> Result<(), ConfigError>,
+    /// Its embedded SQL migrations (the ones its `run` hands `ServiceHost::open_db`), so
+    /// that `<bin> migrate` can apply them without starting the service; `None` for a
+    /// service without a database.
+    pub migrations: Option<&'static crate::storage::Migrations>,
     pub run: fn(Platform, Listeners, CancellationToken) -> ServiceFuture,
 }
 

@@ -92,6 +92,136 @@ pub async fn connect_db(
     }
 }
 
+/// What [`migrate_db`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub service: String,
+    /// Where: `PostgreSQL schema "<schema>"` or `SQLite <path>`.
+    pub target: String,
+    /// Migrations this run applied, `(version, description)`, in order.
+    pub applied: Vec<(i64, String)>,
+    /// Migrations found already applied.
+    pub already_applied: usize,
+}
+
+impl std::fmt::Display for MigrationReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (s, t) = (&self.service, &self.target);
+        for (v, d) in &self.applied {
+            writeln!(f, "{s}: applied migration {v} {d}")?;
+        }
+        if self.applied.is_empty() {
+            writeln!(
+                f,
+                "{s}: {t} is up to date ({} migrations already applied)",
+                self.already_applied
+            )
+        } else {
+            writeln!(
+                f,
+                "{s}: {t}: {} migrations applied now, {} before",
+                self.applied.len(),
+                self.already_applied
+            )
+        }
+    }
+}
+
+/// Runs `service`'s migrations on the configured database and nothing else (the
+/// `migrate` command): the same schema or file, the same migrations and the same lock
+/// as [`connect_db`] at start, so running it again, or starting the service after it,
+/// applies nothing new.
+pub async fn migrate_db(
+    cfg: &Config,
+    service: &str,
+    migrations: &Migrations,
+) -> anyhow::Result<MigrationReport> {
+    let (target, before, migrator) = match &cfg.storage.database_url {
+        Some(url) => {
+            let schema = format!("{}{}", cfg.storage.postgres_schema_prefix, service);
+            let pool = connect_postgres(url.expose(), &schema, 1).await?;
+            let before = applied_versions(&Db::Postgres(pool.clone())).await?;
+            let run = migrations.postgres.run(&pool).await;
+            pool.close().await;
+            run.with_context(|| format!("running {service} migrations in schema {schema}"))?;
+            (
+                format!("PostgreSQL schema \"{schema}\""),
+                before,
+                migrations.postgres,
+            )
+        }
+        None => {
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+            let path = cfg.data_dir.join(format!("{service}.db"));
+            let pool = connect_sqlite(&path, 1).await?;
+            let before = applied_versions(&Db::Sqlite(pool.clone())).await?;
+            let run = migrations.sqlite.run(&pool).await;
+            pool.close().await;
+            run.with_context(|| format!("running {service} migrations in {}", path.display()))?;
+            (
+                format!("SQLite {}", path.display()),
+                before,
+                migrations.sqlite,
+            )
+        }
+    };
+    let mut applied = Vec::new();
+    let mut already_applied = 0;
+    for m in migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+    {
+        if before.contains(&m.version) {
+            already_applied += 1;
+        } else {
+            applied.push((m.version, m.description.to_string()));
+        }
+    }
+    Ok(MigrationReport {
+        service: service.to_owned(),
+        target,
+        applied,
+        already_applied,
+    })
+}
+
+/// Versions recorded as applied in sqlx's `_sqlx_migrations` table (none before the
+/// first run, when the table does not exist yet).
+async fn applied_versions(db: &Db) -> anyhow::Result<Vec<i64>> {
+    const TABLE: &str = "_sqlx_migrations";
+    let versions = match db {
+        Db::Postgres(p) => {
+            // `search_path` is the service's schema only.
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(TABLE)
+                .fetch_one(p)
+                .await?;
+            if !exists {
+                return Ok(Vec::new());
+            }
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(p)
+                .await?
+        }
+        Db::Sqlite(p) => {
+            let exists: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            )
+            .bind(TABLE)
+            .fetch_one(p)
+            .await?;
+            if !exists {
+                return Ok(Vec::new());
+            }
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(p)
+                .await?
+        }
+    };
+    Ok(versions)
+}
+
 /// A pool whose connections all use `schema` (created if missing).
 pub async fn connect_postgres(
     url: &str,

@@ -240,6 +240,9 @@ pub struct SessionMetrics {
     pub rotated: Counter,
     pub binding_violations: Counter,
     pub evictions: Counter,
+    /// 1 while the store answers, 0 while it does not: set by every [`Engine::ping`]
+    /// (the readiness check and the gauge task).
+    pub store_up: Gauge,
 }
 
 impl SessionMetrics {
@@ -254,6 +257,11 @@ impl SessionMetrics {
             "sec_session_active_sessions_by_client",
             "Live sessions per client id (at most 100 clients; the rest under other)",
             m.active_by_client.clone(),
+        );
+        registry.register(
+            "sec_session_store_up",
+            "Whether the session store (Redis) answered the last ping: 1 yes, 0 no (readiness check session_store)",
+            m.store_up.clone(),
         );
         for (name, help, c) in [
             ("sec_session_created", "Sessions created", &m.created),
@@ -287,6 +295,9 @@ pub struct Stats {
     pub active: u64,
     pub by_client: BTreeMap<String, u64>,
 }
+
+/// Longest a store ping may take (readiness gives each check 2 s).
+pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 pub struct Engine {
     store: Arc<dyn SessionStore>,
@@ -746,8 +757,16 @@ impl Engine {
         Ok(self.store.import(handle, &r, self.now_ms()).await?)
     }
 
+    /// Pings the store and records the answer in `sec_session_store_up`. Bounded by
+    /// [`PING_TIMEOUT`], under the readiness check's own timeout, so a Redis that hangs
+    /// is recorded as down here rather than abandoned by the caller.
     pub async fn ping(&self) -> std::result::Result<(), String> {
-        self.store.ping().await.map_err(|e| e.to_string())
+        let r = match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("session store: ping timed out".to_owned()),
+        };
+        self.metrics.store_up.set(i64::from(r.is_ok()));
+        r
     }
 }
 

@@ -54,6 +54,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     calls: &[],
     config: &[ConfigSection::of::<SessionConfig>()],
     preflight: no_preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 
@@ -99,10 +100,6 @@ pub async fn run(
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let store = session_store(&platform.config, &cfg)?;
-    // A Redis that is down at start is not fatal: readiness says so until it is back.
-    if let Err(e) = store.ping().await {
-        tracing::warn!(error = %e, "session store not reachable at start");
-    }
     let metrics = engine::SessionMetrics::register(&mut host.registry);
     let emitter = platform.clone();
     let gauge_every = Duration::from_secs(cfg.gauge_refresh_seconds);
@@ -113,6 +110,11 @@ pub async fn run(
         cfg,
         metrics,
     ));
+    // A Redis that is down at start is not fatal: readiness (and sec_session_store_up)
+    // say so until it is back.
+    if let Err(e) = engine.ping().await {
+        tracing::warn!(error = %e, "session store not reachable at start");
+    }
     host.readiness
         .add_check("session_store", Arc::new(StoreReady(engine.clone())));
 
@@ -136,10 +138,13 @@ pub async fn run(
     result
 }
 
-/// Recomputes the active-session gauges every `every`.
+/// Recomputes the active-session gauges every `every`, and pings the store so that
+/// `sec_session_store_up` is current even when nothing polls readiness.
 async fn gauge_loop(engine: Arc<engine::Engine>, every: Duration, stop: CancellationToken) {
     loop {
-        if let Err(e) = engine.refresh_gauges().await {
+        if let Err(e) = engine.ping().await {
+            tracing::warn!(error = %e, "session store not reachable");
+        } else if let Err(e) = engine.refresh_gauges().await {
             tracing::warn!(error = %e.error, "refreshing session gauges failed");
         }
         tokio::select! {

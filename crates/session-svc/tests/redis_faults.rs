@@ -136,10 +136,12 @@ async fn outage_fails_fast_then_recovers_with_sessions_kept_by_aof() {
     let (id, _, _) = e.create(session("amy")).await.unwrap();
     e.access(&id, "", "", true).await.unwrap();
     assert!(e.ping().await.is_ok());
+    assert_eq!(e.metrics.store_up.get(), 1);
 
     server.kill();
     // Every operation fails with UNAVAILABLE: never a panic, never a session granted.
     assert!(e.ping().await.is_err(), "readiness goes false");
+    assert_eq!(e.metrics.store_up.get(), 0, "sec_session_store_up follows");
     for _ in 0..3 {
         let err = e.access(&id, "", "", false).await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::Unavailable);
@@ -167,8 +169,40 @@ async fn outage_fails_fast_then_recovers_with_sessions_kept_by_aof() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(back, "readiness recovers");
+    assert_eq!(e.metrics.store_up.get(), 1);
     let (_, r, _) = e.access(&id, "", "", false).await.unwrap();
     assert_eq!(r.user, "amy");
+}
+
+/// A Redis that accepts connections and never answers: the ping gives up within
+/// `PING_TIMEOUT` even with a longer per-call timeout configured, so readiness gets an
+/// answer and `sec_session_store_up` drops to 0 instead of keeping its last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_store_is_recorded_down_within_the_ping_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let pool = RedisPool::from_url(&format!("redis://127.0.0.1:{port}")).unwrap();
+    let e = engine(
+        RedisSessionStore::new(pool, "t:session:".into()).with_timeout(Duration::from_secs(30)),
+    );
+    e.metrics.store_up.set(1);
+    let started = std::time::Instant::now();
+    let err = e.ping().await.unwrap_err();
+    let took = started.elapsed();
+    assert!(err.contains("timed out"), "{err}");
+    // The Redis client may give up first (its connection setup is bounded too); never later.
+    assert!(
+        took < session_svc::engine::PING_TIMEOUT + Duration::from_millis(500),
+        "{took:?}"
+    );
+    assert_eq!(e.metrics.store_up.get(), 0);
+    held.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

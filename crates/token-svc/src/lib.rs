@@ -63,6 +63,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     calls: &["crypto"],
     config: &[ConfigSection::of::<TokenConfig>()],
     preflight: no_preflight,
+    migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
 };
 

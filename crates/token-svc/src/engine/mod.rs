@@ -271,6 +271,7 @@ impl Engine {
     ) -> anyhow::Result<Self> {
         let default_alg = Alg::parse(&cfg.algorithm)
             .ok_or_else(|| anyhow::anyhow!("token.algorithm is not supported"))?;
+        metrics.bind(clock.clone(), cfg.rotation_period_seconds);
         Ok(Self {
             store,
             sealer,
@@ -511,6 +512,11 @@ impl Engine {
             // Private keys of keys that no longer sign are dropped (aws-lc wipes them).
             signers.retain(|kid, _| current.as_ref().is_some_and(|(c, _)| &c.kid == kid));
         }
+        self.metrics.set_signing_key_activated(
+            current
+                .as_ref()
+                .map(|(k, _)| k.activated_at.unwrap_or(k.created_at)),
+        );
         self.revocations.set_revoked_kids(
             rows.iter()
                 .filter(|r| r.state == KeyState::Revoked)

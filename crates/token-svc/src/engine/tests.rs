@@ -810,3 +810,62 @@ async fn stats_count_per_client_and_reason() {
     assert_eq!(s.total.issued, 0);
     assert!(e.stats(86_401, "").await.is_err());
 }
+
+/// The value of an unlabelled sample in Prometheus text, if present.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+/// The inputs of the rotation-overdue alert (`age > 1.5 * interval`): the age of the
+/// key that signs follows the clock, restarts at each rotation (automatic or on demand),
+/// and a replica reports the key its own ring holds until it reloads.
+#[tokio::test]
+async fn signing_key_age_and_rotation_interval_are_exported() {
+    let env = env().await;
+    let cfg = TokenConfig::default();
+    let period = cfg.rotation_period_seconds;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = TokenMetrics::register(&mut registry);
+    let text = || {
+        let mut t = String::new();
+        prometheus_client::encoding::text::encode(&mut t, &registry).unwrap();
+        t
+    };
+    let e = Engine::new(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.clock.clone(),
+        Arc::new(|_| {}),
+        cfg.clone(),
+        metrics.clone(),
+    )
+    .unwrap();
+    let interval = "sec_token_signing_key_rotation_interval_seconds";
+    let age = "sec_token_signing_key_age_seconds";
+    assert_eq!(sample(&text(), interval), Some(period as f64));
+    assert_eq!(sample(&text(), age), None, "no signing key yet: no sample");
+
+    e.start().await.unwrap();
+    assert_eq!(sample(&text(), age), Some(0.0));
+    env.clock
+        .advance(Duration::milliseconds(5 * 3_600_000 + 250));
+    assert_eq!(sample(&text(), age), Some(18_000.25));
+
+    // Due: the next key signs and the age starts again from its activation.
+    env.clock
+        .advance(Duration::seconds(period as i64) - Duration::milliseconds(5 * 3_600_000 + 250));
+    assert_eq!(sample(&text(), age), Some(period as f64));
+    assert_eq!(e.maintain_keys().await.unwrap().len(), 1);
+    assert_eq!(sample(&text(), age), Some(0.0));
+
+    // Another replica rotates on demand: this one reports its old key until it reloads.
+    let other = env.engine(cfg.clone()).await;
+    env.clock.advance(Duration::seconds(90));
+    other.rotate_now(None).await.unwrap();
+    assert_eq!(sample(&text(), age), Some(90.0));
+    e.maintain_keys().await.unwrap();
+    assert_eq!(sample(&text(), age), Some(0.0));
+    assert_eq!(metrics.signing_key_age_seconds(), Some(0.0));
+}
