@@ -44,10 +44,10 @@ pub async fn identify(
     next: Next,
 ) -> Response {
     let credentials = basic_credentials(&server, &req);
-    if let Some((id, secret)) = credentials {
-        if let Some(identity) = verified_identity(&server, &id, &secret).await {
-            req.extensions_mut().insert(identity);
-        }
+    if let Some((id, secret)) = credentials
+        && let Some(identity) = verified_identity(&server, &id, &secret).await
+    {
+        req.extensions_mut().insert(identity);
     }
     next.run(req).await
 }
@@ -84,11 +84,11 @@ pub async fn report_failures(
 ) -> Response {
     let ip = req.extensions().get::<ClientIp>().map(|c| c.0);
     let resp = next.run(req).await;
-    if let (Some(ip), Some(AuthFailure(why))) = (ip, resp.extensions().get::<AuthFailure>()) {
-        if let Err(e) = edge.record_failure(ip, *why).await {
-            // The failure is still counted locally; only the shared block write failed.
-            tracing::warn!(error = %e, reason = why.as_str(), "recording an auto-block failed");
-        }
+    if let (Some(ip), Some(AuthFailure(why))) = (ip, resp.extensions().get::<AuthFailure>())
+        && let Err(e) = edge.record_failure(ip, *why).await
+    {
+        // The failure is still counted locally; only the shared block write failed.
+        tracing::warn!(error = %e, reason = why.as_str(), "recording an auto-block failed");
     }
     resp
 }
