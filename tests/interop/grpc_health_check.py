@@ -39,6 +39,10 @@ SERVICES = {
     "gdpr": "sec.gdpr.v1.GdprService",
     "assess": "sec.assess.v1.AssessService",
 }
+# Further services a process serves next to its own (auth-svc hosts edge protection).
+ALSO_SERVES = {
+    "auth": ["sec.edge.v1.EdgeService"],
+}
 HEALTH = "grpc.health.v1.Health"
 UNKNOWN = "sec.interop.v1.NoSuchService"
 # grpcio-reflection only ships v1alpha messages; v1 is the same wire format under a
@@ -129,7 +133,11 @@ def check_reflection(name, full, channel):
             fail(name, str(e))
         if full not in listed:
             fail(name, f"reflection {version} lists {listed}, missing {full}")
-        others = [s for s in listed if s.startswith("sec.") and s != full]
+        also = ALSO_SERVES.get(name, [])
+        missing = [s for s in also if s not in listed]
+        if missing:
+            fail(name, f"reflection {version} lists {listed}, missing {missing}")
+        others = [s for s in listed if s.startswith("sec.") and s != full and s not in also]
         if others:
             fail(name, f"reflection {version} lists other platform services {others}")
         if HEALTH not in listed:
