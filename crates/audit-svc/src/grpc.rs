@@ -4,17 +4,24 @@ use std::sync::Arc;
 
 use sec_common::error::Error;
 use sec_proto::audit::v1::audit_service_server::AuditService;
-use sec_proto::audit::v1::{ListEventsRequest, ListEventsResponse};
+use sec_proto::audit::v1::{
+    GetChainHeadRequest, GetChainHeadResponse, ListEventsRequest, ListEventsResponse,
+    VerifyChainRequest, VerifyChainResponse,
+};
 use sec_proto::common::v1::PageResponse;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Cursor, EventQuery, EventStore};
+use crate::chain::{Checkpoint, hex};
+use crate::checkpointer::Checkpointer;
+use crate::store::{AuditStore, Cursor, EventQuery};
+use crate::verify::VerifyError;
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
 
 pub struct AuditApi {
-    pub store: Arc<dyn EventStore>,
+    pub store: Arc<dyn AuditStore>,
+    pub chain: Arc<Checkpointer>,
 }
 
 fn micros(t: &prost_types::Timestamp, field: &str) -> Result<i64, Error> {
@@ -82,6 +89,77 @@ impl AuditService for AuditApi {
                 next_page_token: next.map(|c| c.encode()).unwrap_or_default(),
             }),
         }))
+    }
+
+    async fn verify_chain(
+        &self,
+        request: Request<VerifyChainRequest>,
+    ) -> Result<Response<VerifyChainResponse>, Status> {
+        let r = request.into_inner();
+        if r.to_seq != 0 && r.to_seq < r.from_seq {
+            return Err(Error::invalid("to_seq", "to_seq must not be before from_seq").into());
+        }
+        let report = self
+            .chain
+            .verify(r.from_seq, r.to_seq)
+            .await
+            .map_err(|e| match e {
+                VerifyError::Signer(e) => {
+                    Error::unavailable("the checkpoint key in crypto-svc is unreachable", &e)
+                }
+                VerifyError::Store(e) => Error::unavailable("reading the audit chain failed", &e),
+            })?;
+        let failure = report.failure.clone();
+        Ok(Response::new(VerifyChainResponse {
+            ok: failure.is_none(),
+            from_seq: report.from_seq,
+            to_seq: report.to_seq,
+            records_checked: report.records,
+            checkpoints_checked: report.checkpoints,
+            anchor_seq: report.anchor_seq.unwrap_or(0),
+            hash: hex(&report.hash),
+            problem: failure
+                .as_ref()
+                .map(|f| f.problem.as_str().to_owned())
+                .unwrap_or_default(),
+            first_bad_seq: failure.as_ref().map_or(0, |f| f.seq),
+            detail: failure.map(|f| f.detail).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_chain_head(
+        &self,
+        _request: Request<GetChainHeadRequest>,
+    ) -> Result<Response<GetChainHeadResponse>, Status> {
+        let unavailable = |e: crate::store::StoreError| {
+            Status::from(Error::unavailable("reading the audit chain failed", &e))
+        };
+        let head = self.store.head().await.map_err(unavailable)?;
+        let latest = self
+            .store
+            .checkpoint_at_or_before(head.seq)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(GetChainHeadResponse {
+            seq: head.seq,
+            hash: hex(&head.hash),
+            latest_checkpoint: latest.map(checkpoint_proto),
+        }))
+    }
+}
+
+fn checkpoint_proto(c: Checkpoint) -> sec_proto::audit::v1::Checkpoint {
+    let note = c.note();
+    sec_proto::audit::v1::Checkpoint {
+        seq: c.seq,
+        head_hash: hex(&c.head_hash),
+        time: chrono::DateTime::from_timestamp_micros(c.time_us)
+            .map(sec_common::events::to_timestamp),
+        origin: c.origin,
+        key_name: c.key_name,
+        key_version: c.key_version,
+        signature: c.signature,
+        note,
     }
 }
 

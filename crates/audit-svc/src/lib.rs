@@ -5,9 +5,13 @@
 //! backend and the contract suite; `grpc.rs` the API; `pipeline.rs` the background work;
 //! `run` wires them onto a [`ServiceHost`].
 
+pub mod chain;
+pub mod checkpointer;
 pub mod grpc;
 pub mod pipeline;
+pub mod signer;
 pub mod store;
+pub mod verify;
 
 use std::sync::Arc;
 
@@ -16,6 +20,7 @@ use sec_common::clock::SharedClock;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::{Db, Migrations};
+use sec_common::supervise::Supervisor;
 use sec_proto::audit::v1::audit_service_server::AuditServiceServer;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +29,11 @@ pub const NAME: &str = "audit";
 /// The audit trail names every actor and subject on the platform: admin only.
 pub const ACCESS: AccessTable = AccessTable {
     service: "sec.audit.v1.AuditService",
-    methods: &[("ListEvents", Access::Admin)],
+    methods: &[
+        ("ListEvents", Access::Admin),
+        ("VerifyChain", Access::Admin),
+        ("GetChainHead", Access::Admin),
+    ],
 };
 
 /// audit-svc as every launcher sees it.
@@ -33,7 +42,8 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     default_ports: (50054, 9104),
     http_facade: false,
     access: &[ACCESS],
-    calls: &[],
+    // Checkpoints are signed with audit-svc's own crypto-svc key.
+    calls: &["crypto"],
     config: &[],
     preflight: no_preflight,
     migrations: Some(&MIGRATIONS),
@@ -46,7 +56,7 @@ pub static MIGRATIONS: Migrations = Migrations {
 };
 
 /// The store for the configured backend; `clock` stamps each event's receipt time.
-pub fn event_store(db: &Db, clock: SharedClock) -> Arc<dyn store::EventStore> {
+pub fn event_store(db: &Db, clock: SharedClock) -> Arc<dyn store::AuditStore> {
     match db {
         Db::Postgres(p) => Arc::new(store::postgres::PgEventStore::new(p.clone(), clock)),
         Db::Sqlite(p) => Arc::new(store::sqlite::SqliteEventStore::new(p.clone(), clock)),
@@ -62,6 +72,28 @@ pub async fn run(
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let store = event_store(&db, platform.clock.clone());
+    let chained = store.chain_legacy_rows().await?;
+    if chained > 0 {
+        tracing::info!(
+            events = chained,
+            "chained the events stored before the hash chain existed"
+        );
+    }
+    let (instance, _) = sec_common::storage::ensure_instance(&db, platform.clock.now()).await?;
+    let chain = checkpointer::Checkpointer::new(
+        store.clone(),
+        format!("sec-audit/{instance}"),
+        &platform,
+        &mut host.registry,
+    )?;
+    let mut tasks = Supervisor::new(NAME, &mut host.registry, host.readiness.clone(), &shutdown);
+    {
+        let (chain, stop) = (chain.clone(), shutdown.clone());
+        tasks.spawn("checkpoint", move || {
+            let (chain, stop) = (chain.clone(), stop.clone());
+            async move { chain.run(stop).await }
+        });
+    }
 
     let metrics = pipeline::IngestMetrics::register(&mut host.registry);
     let ingest_stop = CancellationToken::new();
@@ -73,7 +105,10 @@ pub async fn run(
         ingest_stop.clone(),
     ));
 
-    let api = AuditServiceServer::new(grpc::AuditApi { store });
+    let api = AuditServiceServer::new(grpc::AuditApi {
+        store: store.clone(),
+        chain: chain.clone(),
+    });
     let serve = Serve {
         routes: tonic::service::Routes::new(api),
         http: None,
@@ -90,6 +125,9 @@ pub async fn run(
         .await;
     ingest_stop.cancel();
     let _ = ingest.await;
+    tasks.stop().await;
+    // Sign what was stored last, so the next start verifies it from a checkpoint.
+    chain.final_checkpoint().await;
     db.close().await;
     served
 }

@@ -879,6 +879,28 @@ impl Engine {
     /// usable by it alone; created on the first call, returned as is afterwards. Confined
     /// to the caller's namespace, so a service cannot reach another's keys this way.
     pub async fn ensure_service_key(&self, who: &Caller, purpose: &str) -> Result<KeyView, Error> {
+        self.ensure_service_key_of(who, purpose, KeyType::Aes256Gcm)
+            .await
+    }
+
+    /// [`Engine::ensure_service_key`] for a key of type `key_type` (an audit trail's
+    /// checkpoint-signing key, say). Backup-only wrapping types are refused: their private
+    /// half is for RestoreKey, not for a service.
+    pub async fn ensure_service_key_of(
+        &self,
+        who: &Caller,
+        purpose: &str,
+        key_type: KeyType,
+    ) -> Result<KeyView, Error> {
+        if matches!(
+            key_type,
+            KeyType::Rsa3072Wrapping | KeyType::Rsa4096Wrapping
+        ) {
+            return Err(Error::invalid(
+                "type",
+                "wrapping keys only receive backups; a service key cannot be one",
+            ));
+        }
         let Some(identity) = who.service_identity() else {
             return Err(Error::denied(
                 "EnsureServiceKey is for services (their own namespace); the admin uses CreateKey",
@@ -898,7 +920,7 @@ impl Engine {
             match self.get_key(&name).await {
                 Ok(view) => {
                     let p = &view.record.policy;
-                    if view.key_type != KeyType::Aes256Gcm || p.allowed_services != [identity] {
+                    if view.key_type != key_type || p.allowed_services != [identity] {
                         return Err(Error::precondition(
                             "a key of that name exists with another type or audience",
                         ));
@@ -912,10 +934,7 @@ impl Engine {
                 allowed_services: vec![identity.to_owned()],
                 ..KeyPolicy::default()
             };
-            match self
-                .create_key(who, &name, KeyType::Aes256Gcm, policy)
-                .await
-            {
+            match self.create_key(who, &name, key_type, policy).await {
                 Ok(view) => return Ok(view),
                 // Two replicas asked at once: the other created it; read it back.
                 Err(e) if e.code == ErrorCode::AlreadyExists => continue,

@@ -148,8 +148,16 @@ impl CryptoService for CryptoApi {
     ) -> Result<Response<pb::Key>, Status> {
         let who = Caller::of(&req)?;
         let r = req.into_inner();
+        // Unspecified: the sealing key every service had before the field existed.
+        let key_type = if r.r#type == pb::KeyType::Unspecified as i32 {
+            KeyType::Aes256Gcm
+        } else {
+            key_type_from_proto(r.r#type)?
+        };
         Ok(Response::new(key_to_proto(
-            self.engine.ensure_service_key(&who, &r.purpose).await?,
+            self.engine
+                .ensure_service_key_of(&who, &r.purpose, key_type)
+                .await?,
         )))
     }
 

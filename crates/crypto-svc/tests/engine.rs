@@ -3359,4 +3359,27 @@ async fn ensure_service_key_is_idempotent_and_confined_to_the_caller() {
         code(f.engine.ensure_service_key(&token, "other").await),
         ErrorCode::FailedPrecondition
     );
+    // Another type: its own key; asking for the same purpose with another type is refused.
+    let signing = f
+        .engine
+        .ensure_service_key_of(&token, "checkpoints", KeyType::Ed25519)
+        .await
+        .unwrap();
+    assert_eq!(signing.key_type, KeyType::Ed25519);
+    assert_eq!(
+        code(
+            f.engine
+                .ensure_service_key_of(&token, "checkpoints", KeyType::Aes256Gcm)
+                .await
+        ),
+        ErrorCode::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            f.engine
+                .ensure_service_key_of(&token, "backup", KeyType::Rsa3072Wrapping)
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
 }

@@ -1,11 +1,11 @@
-//! `secctl audit list`: recent security events.
+//! `secctl audit list|verify|head`: recent security events and the hash chain.
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use sec_common::config::Config;
-use sec_proto::audit::v1::ListEventsRequest;
 use sec_proto::audit::v1::audit_service_client::AuditServiceClient;
+use sec_proto::audit::v1::{GetChainHeadRequest, ListEventsRequest, VerifyChainRequest};
 use sec_proto::common::v1::PageRequest;
 
 use crate::output::{Output, event_json, print_json};
@@ -61,6 +61,103 @@ pub async fn list(
                     j["severity"].as_str().unwrap_or_default(),
                     e.subject
                 );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of `verify` when the chain does not verify (1 is a failed call).
+pub const EXIT_TAMPERED: u8 = 3;
+
+pub async fn verify(
+    config: &Config,
+    output: Output,
+    from: u64,
+    to: u64,
+) -> anyhow::Result<ExitCode> {
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    let r = client
+        .verify_chain(VerifyChainRequest {
+            from_seq: from,
+            to_seq: to,
+        })
+        .await
+        .rpc()?;
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "ok": r.ok,
+            "from_seq": r.from_seq,
+            "to_seq": r.to_seq,
+            "records_checked": r.records_checked,
+            "checkpoints_checked": r.checkpoints_checked,
+            "anchor_seq": r.anchor_seq,
+            "hash": r.hash,
+            "problem": (!r.ok).then_some(r.problem.as_str()),
+            "first_bad_seq": (!r.ok).then_some(r.first_bad_seq),
+            "detail": (!r.ok).then_some(r.detail.as_str()),
+        }))?,
+        Output::Table => {
+            let anchor = if r.anchor_seq == 0 {
+                "the start".to_owned()
+            } else {
+                format!("the checkpoint at {}", r.anchor_seq)
+            };
+            if r.ok {
+                println!(
+                    "ok: {} records ({}..{}) and {} checkpoints verified from {anchor}; hash {}",
+                    r.records_checked, r.from_seq, r.to_seq, r.checkpoints_checked, r.hash
+                );
+            } else {
+                println!(
+                    "TAMPERED: {} at position {}: {}",
+                    r.problem, r.first_bad_seq, r.detail
+                );
+                println!(
+                    "({} records and {} checkpoints verified from {anchor} before it)",
+                    r.records_checked, r.checkpoints_checked
+                );
+            }
+        }
+    }
+    Ok(if r.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_TAMPERED)
+    })
+}
+
+pub async fn head(config: &Config, output: Output) -> anyhow::Result<ExitCode> {
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    let r = client.get_chain_head(GetChainHeadRequest {}).await.rpc()?;
+    let cp = r.latest_checkpoint.as_ref();
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "seq": r.seq,
+            "hash": r.hash,
+            "latest_checkpoint": cp.map(|c| serde_json::json!({
+                "seq": c.seq,
+                "head_hash": c.head_hash,
+                "time": crate::output::time(c.time.as_ref()),
+                "origin": c.origin,
+                "key_name": c.key_name,
+                "key_version": c.key_version,
+                "signature": c.signature,
+                "note": c.note,
+            })),
+        }))?,
+        Output::Table => {
+            println!("head: {} {}", r.seq, r.hash);
+            match cp {
+                Some(c) => println!(
+                    "checkpoint: {} {} at {} signed by {} v{}",
+                    c.seq,
+                    c.head_hash,
+                    crate::output::time(c.time.as_ref()),
+                    c.key_name,
+                    c.key_version
+                ),
+                None => println!("checkpoint: none yet"),
             }
         }
     }

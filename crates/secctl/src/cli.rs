@@ -123,6 +123,19 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Recompute the tamper-evident hash chain and check its signed checkpoints; exits 3
+    /// and names the first bad position when the trail was altered.
+    Verify {
+        /// First position to check (default: the start). Checking starts from the newest
+        /// signed checkpoint before it, so `--from <last checked + 1>` checks only what is new.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Last position to check (default: the head).
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+    },
+    /// The chain's head and its newest signed checkpoint.
+    Head,
 }
 
 #[derive(Debug, Subcommand)]

@@ -70,6 +70,12 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                     limit,
                 },
         } => audit::list(&config, out, event_type, since, limit).await,
+        Command::Audit {
+            command: AuditCommand::Verify { from, to },
+        } => audit::verify(&config, out, from, to).await,
+        Command::Audit {
+            command: AuditCommand::Head,
+        } => audit::head(&config, out).await,
         Command::Key { command } => keys::run(&config, out, command).await,
         Command::Kek { command } => keys::kek(&config, out, command).await,
         Command::Encrypt(args) => crypt::encrypt(&config, out, args).await,

@@ -111,6 +111,7 @@ pub async fn run(
                     let k = client
                         .ensure_service_key(EnsureServiceKeyRequest {
                             purpose: SEALING_KEY_PURPOSE.into(),
+                            ..Default::default()
                         })
                         .await?
                         .into_inner();

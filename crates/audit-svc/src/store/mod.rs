@@ -4,10 +4,15 @@
 pub mod postgres;
 pub mod sqlite;
 
+#[cfg(test)]
+pub mod chain_tests;
+
 use async_trait::async_trait;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use sec_common::events::{ActorKind, Outcome, SecurityEvent, Severity};
+
+use crate::chain::{Chained, Checkpoint, Hash, Head};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,9 +75,84 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError>;
 }
 
+/// The tamper-evidence side of the store (see [`crate::chain`]).
+#[async_trait]
+pub trait ChainStore: Send + Sync + 'static {
+    async fn head(&self) -> Result<Head, StoreError>;
+    /// Records with `from <= seq <= to`, in order of position, at most `limit`.
+    async fn chained(&self, from: u64, to: u64, limit: u32) -> Result<Vec<Chained>, StoreError>;
+    /// A record outside the chain, if any: one without a position (its id), else one
+    /// positioned beyond `head_seq` (its position).
+    async fn outside_chain(&self, head_seq: u64) -> Result<Option<Outside>, StoreError>;
+    /// Gives the rows stored before the chain existed their positions, oldest receipt
+    /// first; does nothing after the first successful call. Returns how many it chained.
+    async fn chain_legacy_rows(&self) -> Result<u64, StoreError>;
+    async fn add_checkpoint(&self, c: &Checkpoint) -> Result<(), StoreError>;
+    /// The newest checkpoint at or before `seq`.
+    async fn checkpoint_at_or_before(&self, seq: u64) -> Result<Option<Checkpoint>, StoreError>;
+    /// Checkpoints with `from <= seq <= to`, in order, at most `limit`.
+    async fn checkpoints(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError>;
+}
+
+/// Both sides: what audit-svc runs on.
+pub trait AuditStore: EventStore + ChainStore {}
+impl<T: EventStore + ChainStore> AuditStore for T {}
+
+/// A record found outside the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outside {
+    Unpositioned(uuid::Uuid),
+    BeyondHead(u64),
+}
+
+/// A row with its position and hash, ready to insert.
+pub(crate) type Positioned = (u64, Hash, Row);
+
+/// Positions and hashes for the new rows of a batch, after `head`. `stored` are the ids
+/// of the batch already in the store (redeliveries); an id twice in one batch is kept
+/// once. Returns the rows to insert, each with its position and hash, and the new head.
+pub(crate) fn chain_batch(
+    head: Head,
+    rows: Vec<Row>,
+    stored: &std::collections::HashSet<uuid::Uuid>,
+) -> Result<(Vec<Positioned>, Head), StoreError> {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    let mut out = Vec::with_capacity(rows.len());
+    let mut h = head;
+    for r in rows {
+        if stored.contains(&r.id) || !seen.insert(r.id) {
+            continue;
+        }
+        let seq = h.seq + 1;
+        let hash = crate::chain::next_hash(&h.hash, seq, &r)?;
+        h = Head { seq, hash };
+        out.push((seq, hash, r));
+    }
+    Ok((out, h))
+}
+
+pub(crate) fn to_hash(bytes: &[u8]) -> Result<Hash, StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("hash of {} bytes", bytes.len())))
+}
+
+pub(crate) fn seq_u64(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("position {v}")))
+}
+
+pub(crate) fn seq_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// Row form shared by both backends: the envelope flattened into columns.
 #[derive(Debug, Clone)]
-pub(crate) struct Row {
+pub struct Row {
     pub id: uuid::Uuid,
     pub event_type: String,
     pub time_us: i64,
@@ -86,6 +166,8 @@ pub(crate) struct Row {
     pub severity: String,
     pub details: String,
     pub trace_id: String,
+    /// When audit-svc stored it (its clock), microseconds since the epoch.
+    pub received_us: i64,
 }
 
 pub(crate) fn time_us(e: &SecurityEvent) -> i64 {
@@ -94,7 +176,8 @@ pub(crate) fn time_us(e: &SecurityEvent) -> i64 {
         .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
 }
 
-pub(crate) fn to_row(e: &SecurityEvent) -> Result<Row, StoreError> {
+/// The stored form of `e`, received at `received_us`.
+pub(crate) fn to_row(e: &SecurityEvent, received_us: i64) -> Result<Row, StoreError> {
     let id = uuid::Uuid::parse_str(&e.id)
         .map_err(|_| StoreError::Corrupt(format!("event id `{}` is not a UUID", e.id)))?;
     let actor = e.actor.clone().unwrap_or_default();
@@ -123,8 +206,15 @@ pub(crate) fn to_row(e: &SecurityEvent) -> Result<Row, StoreError> {
         outcome: outcome_name(Outcome::try_from(e.outcome).unwrap_or(Outcome::Unspecified)).into(),
         severity: severity_name(Severity::try_from(e.severity).unwrap_or(Severity::Unspecified))
             .into(),
-        details: serde_json::to_string(&e.details).unwrap_or_else(|_| "{}".into()),
+        // Sorted keys: the same event always gives the same text.
+        details: serde_json::to_string(
+            &e.details
+                .iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .unwrap_or_else(|_| "{}".into()),
         trace_id: e.trace_id.clone(),
+        received_us,
     })
 }
 

@@ -8,8 +8,10 @@ use sec_common::events::SecurityEvent;
 use sqlx::PgPool;
 
 use super::{
-    Cursor, EventQuery, EventStore, Row, StoreError, cursor_after, from_row, like_prefix, to_row,
+    ChainStore, Cursor, EventQuery, EventStore, Outside, Row, StoreError, chain_batch,
+    cursor_after, from_row, like_prefix, seq_i64, seq_u64, to_hash, to_row,
 };
+use crate::chain::{Chained, Checkpoint, Head};
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
@@ -30,6 +32,10 @@ fn ts(us: i64) -> Result<DateTime<Utc>, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("time out of range".into()))
 }
 
+/// The columns of [`PgRow`], in order.
+const COLUMNS: &str = r#"id, event_type, "timestamp", service, user_id, actor_kind, actor_id, subject,
+    host(ip_address), outcome, severity, details::text, trace_id, received_at"#;
+
 type PgRow = (
     uuid::Uuid,
     String,
@@ -44,7 +50,62 @@ type PgRow = (
     String,
     String,
     String,
+    DateTime<Utc>,
 );
+
+fn row_of(r: PgRow) -> Row {
+    Row {
+        id: r.0,
+        event_type: r.1,
+        time_us: r.2.timestamp_micros(),
+        service: r.3,
+        user_id: r.4,
+        actor_kind: r.5,
+        actor_id: r.6,
+        subject: r.7,
+        ip_address: r.8,
+        outcome: r.9,
+        severity: r.10,
+        details: r.11,
+        trace_id: r.12,
+        received_us: r.13.timestamp_micros(),
+    }
+}
+
+type CheckpointRow = (i64, Vec<u8>, DateTime<Utc>, String, String, i32, String);
+
+fn checkpoint_of(r: CheckpointRow) -> Result<Checkpoint, StoreError> {
+    Ok(Checkpoint {
+        seq: seq_u64(r.0)?,
+        head_hash: to_hash(&r.1)?,
+        time_us: r.2.timestamp_micros(),
+        origin: r.3,
+        key_name: r.4,
+        key_version: u32::try_from(r.5).map_err(|_| StoreError::Corrupt("key version".into()))?,
+        signature: r.6,
+    })
+}
+
+/// Locks the chain head for the rest of `tx` (the sequencer, see [`crate::chain`]).
+async fn lock_head(tx: &mut sqlx::PgConnection) -> Result<Head, StoreError> {
+    let (seq, hash): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT seq, hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+    Ok(Head {
+        seq: seq_u64(seq)?,
+        hash: to_hash(&hash)?,
+    })
+}
+
+async fn set_head(tx: &mut sqlx::PgConnection, head: Head) -> Result<(), StoreError> {
+    sqlx::query("UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(seq_i64(head.seq))
+        .bind(head.hash.to_vec())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
 
 #[async_trait]
 impl EventStore for PgEventStore {
@@ -52,46 +113,78 @@ impl EventStore for PgEventStore {
         if events.is_empty() {
             return Ok(0);
         }
-        let rows = events.iter().map(to_row).collect::<Result<Vec<Row>, _>>()?;
-        let times = rows
+        let received = self.clock.now().timestamp_micros();
+        let rows = events
             .iter()
-            .map(|r| ts(r.time_us))
+            .map(|e| to_row(e, received))
+            .collect::<Result<Vec<Row>, _>>()?;
+        let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
+        let mut tx = self.pool.begin().await?;
+        let head = lock_head(&mut tx).await?;
+        let stored: Vec<(uuid::Uuid,)> =
+            sqlx::query_as("SELECT id FROM security_events WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        let stored = stored.into_iter().map(|(id,)| id).collect();
+        let (new, head) = chain_batch(head, rows, &stored)?;
+        if new.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let times = new
+            .iter()
+            .map(|(_, _, r)| ts(r.time_us))
             .collect::<Result<Vec<_>, _>>()?;
-        let col = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        let col = |f: fn(&Row) -> String| new.iter().map(|(_, _, r)| f(r)).collect::<Vec<String>>();
         let result = sqlx::query(
             r#"INSERT INTO security_events
                  (id, event_type, "timestamp", service, user_id, actor_kind, actor_id, subject,
-                  ip_address, outcome, severity, details, trace_id, received_at)
+                  ip_address, outcome, severity, details, trace_id, received_at, seq, hash)
                SELECT id, event_type, ts, service, user_id, actor_kind, actor_id, subject,
-                      ip::inet, outcome, severity, details::jsonb, trace_id, $14::timestamptz
+                      ip::inet, outcome, severity, details::jsonb, trace_id, $14::timestamptz,
+                      seq, hash
                FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::uuid[],
                            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
-                           $11::text[], $12::text[], $13::text[])
+                           $11::text[], $12::text[], $13::text[], $15::bigint[], $16::bytea[])
                  AS t(id, event_type, ts, service, user_id, actor_kind, actor_id, subject,
-                      ip, outcome, severity, details, trace_id)
+                      ip, outcome, severity, details, trace_id, seq, hash)
                ON CONFLICT (id) DO NOTHING"#,
         )
-        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(new.iter().map(|(_, _, r)| r.id).collect::<Vec<_>>())
         .bind(col(|r| r.event_type.clone()))
         .bind(times)
         .bind(col(|r| r.service.clone()))
-        .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|(_, _, r)| r.user_id).collect::<Vec<_>>())
         .bind(col(|r| r.actor_kind.clone()))
         .bind(col(|r| r.actor_id.clone()))
         .bind(col(|r| r.subject.clone()))
         .bind(
-            rows.iter()
-                .map(|r| r.ip_address.clone())
+            new.iter()
+                .map(|(_, _, r)| r.ip_address.clone())
                 .collect::<Vec<_>>(),
         )
         .bind(col(|r| r.outcome.clone()))
         .bind(col(|r| r.severity.clone()))
         .bind(col(|r| r.details.clone()))
         .bind(col(|r| r.trace_id.clone()))
-        .bind(self.clock.now())
-        .execute(&self.pool)
+        .bind(ts(received)?)
+        .bind(new.iter().map(|(s, _, _)| seq_i64(*s)).collect::<Vec<_>>())
+        .bind(new.iter().map(|(_, h, _)| h.to_vec()).collect::<Vec<_>>())
+        .execute(&mut *tx)
         .await?;
-        Ok(result.rows_affected())
+        // Under the head lock nothing else can have stored these ids meanwhile; a row
+        // skipped anyway would leave a hole in the chain, so refuse the batch instead.
+        if result.rows_affected() != new.len() as u64 {
+            return Err(StoreError::Corrupt(format!(
+                "{} of {} new events were already stored",
+                new.len() as u64 - result.rows_affected(),
+                new.len()
+            )));
+        }
+        set_head(&mut tx, head).await?;
+        tx.commit().await?;
+        Ok(new.len() as u64)
     }
 
     async fn list(
@@ -102,9 +195,8 @@ impl EventStore for PgEventStore {
         let since = q.since_us.map(ts).transpose()?;
         let until = q.until_us.map(ts).transpose()?;
         let after_t = q.after.map(|c| ts(c.time_us)).transpose()?;
-        let rows: Vec<PgRow> = sqlx::query_as(
-            r#"SELECT id, event_type, "timestamp", service, user_id, actor_kind, actor_id, subject,
-                      host(ip_address), outcome, severity, details::text, trace_id
+        let rows: Vec<PgRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            r#"SELECT {COLUMNS}
                FROM security_events
                WHERE ($1::text IS NULL OR event_type = $1)
                  AND ($2::text IS NULL OR event_type LIKE $2 ESCAPE '\')
@@ -112,8 +204,8 @@ impl EventStore for PgEventStore {
                  AND ($4::timestamptz IS NULL OR "timestamp" < $4)
                  AND ($5::timestamptz IS NULL OR ("timestamp", id) < ($5, $6::uuid))
                ORDER BY "timestamp" DESC, id DESC
-               LIMIT $7"#,
-        )
+               LIMIT $7"#
+        )))
         .bind(q.event_type.as_deref())
         .bind(q.type_prefix.as_deref().map(like_prefix))
         .bind(since)
@@ -127,26 +219,166 @@ impl EventStore for PgEventStore {
         let events = rows
             .into_iter()
             .take(limit as usize)
-            .map(|r| {
-                from_row(Row {
-                    id: r.0,
-                    event_type: r.1,
-                    time_us: r.2.timestamp_micros(),
-                    service: r.3,
-                    user_id: r.4,
-                    actor_kind: r.5,
-                    actor_id: r.6,
-                    subject: r.7,
-                    ip_address: r.8,
-                    outcome: r.9,
-                    severity: r.10,
-                    details: r.11,
-                    trace_id: r.12,
-                })
-            })
+            .map(|r| from_row(row_of(r)))
             .collect::<Result<Vec<_>, _>>()?;
         let cursor = cursor_after(more, &events);
         Ok((events, cursor))
+    }
+}
+
+#[async_trait]
+impl ChainStore for PgEventStore {
+    async fn head(&self) -> Result<Head, StoreError> {
+        let (seq, hash): (i64, Vec<u8>) =
+            sqlx::query_as("SELECT seq, hash FROM audit_chain_head WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Head {
+            seq: seq_u64(seq)?,
+            hash: to_hash(&hash)?,
+        })
+    }
+
+    async fn chained(&self, from: u64, to: u64, limit: u32) -> Result<Vec<Chained>, StoreError> {
+        let q = format!(
+            "SELECT seq, hash, {COLUMNS} FROM security_events
+             WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(seq_i64(from))
+            .bind(seq_i64(to))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                use sqlx::Row as _;
+                let seq: i64 = r.try_get(0)?;
+                let hash: Option<Vec<u8>> = r.try_get(1)?;
+                let row = row_of((
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    r.try_get(5)?,
+                    r.try_get(6)?,
+                    r.try_get(7)?,
+                    r.try_get(8)?,
+                    r.try_get(9)?,
+                    r.try_get(10)?,
+                    r.try_get(11)?,
+                    r.try_get(12)?,
+                    r.try_get(13)?,
+                    r.try_get(14)?,
+                    r.try_get(15)?,
+                ));
+                Ok(Chained {
+                    seq: seq_u64(seq)?,
+                    hash: hash.unwrap_or_default(),
+                    row,
+                })
+            })
+            .collect()
+    }
+
+    async fn outside_chain(&self, head_seq: u64) -> Result<Option<Outside>, StoreError> {
+        let unpositioned: Option<(uuid::Uuid,)> =
+            sqlx::query_as("SELECT id FROM security_events WHERE seq IS NULL LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        if let Some((id,)) = unpositioned {
+            return Ok(Some(Outside::Unpositioned(id)));
+        }
+        let beyond: Option<(i64,)> =
+            sqlx::query_as("SELECT seq FROM security_events WHERE seq > $1 ORDER BY seq LIMIT 1")
+                .bind(seq_i64(head_seq))
+                .fetch_optional(&self.pool)
+                .await?;
+        beyond
+            .map(|(s,)| Ok(Outside::BeyondHead(seq_u64(s)?)))
+            .transpose()
+    }
+
+    async fn chain_legacy_rows(&self) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let head = lock_head(&mut tx).await?;
+        let (done,): (bool,) =
+            sqlx::query_as("SELECT legacy_chained FROM audit_chain_head WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        if done {
+            return Ok(0);
+        }
+        let rows: Vec<PgRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM security_events WHERE seq IS NULL ORDER BY received_at, id"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        let (new, head) = chain_batch(
+            head,
+            rows.into_iter().map(row_of).collect(),
+            &Default::default(),
+        )?;
+        for (seq, hash, r) in &new {
+            sqlx::query("UPDATE security_events SET seq = $1, hash = $2 WHERE id = $3")
+                .bind(seq_i64(*seq))
+                .bind(hash.to_vec())
+                .bind(r.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        set_head(&mut tx, head).await?;
+        sqlx::query("UPDATE audit_chain_head SET legacy_chained = true WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(new.len() as u64)
+    }
+
+    async fn add_checkpoint(&self, c: &Checkpoint) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_checkpoints
+               (seq, head_hash, created_at, origin, key_name, key_version, signature)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(seq_i64(c.seq))
+        .bind(c.head_hash.to_vec())
+        .bind(ts(c.time_us)?)
+        .bind(&c.origin)
+        .bind(&c.key_name)
+        .bind(i32::try_from(c.key_version).unwrap_or(i32::MAX))
+        .bind(&c.signature)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn checkpoint_at_or_before(&self, seq: u64) -> Result<Option<Checkpoint>, StoreError> {
+        let r: Option<CheckpointRow> = sqlx::query_as(
+            "SELECT seq, head_hash, created_at, origin, key_name, key_version, signature
+             FROM audit_checkpoints WHERE seq <= $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(seq_i64(seq))
+        .fetch_optional(&self.pool)
+        .await?;
+        r.map(checkpoint_of).transpose()
+    }
+
+    async fn checkpoints(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows: Vec<CheckpointRow> = sqlx::query_as(
+            "SELECT seq, head_hash, created_at, origin, key_name, key_version, signature
+             FROM audit_checkpoints WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(seq_i64(from))
+        .bind(seq_i64(to))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(checkpoint_of).collect()
     }
 }
 
@@ -191,5 +423,46 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
+    }
+
+    async fn fresh_schema() -> Option<(sqlx::PgPool, String)> {
+        let url = backend_url(Backend::Postgres)?;
+        let schema = format!("audit_t{}", uuid::Uuid::new_v4().simple());
+        let pool = sec_common::storage::connect_postgres(&url, &schema, 8)
+            .await
+            .unwrap();
+        crate::MIGRATIONS.postgres.run(&pool).await.unwrap();
+        Some((pool, schema))
+    }
+
+    async fn drop_schema(pool: &sqlx::PgPool, schema: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn chain_postgres() {
+        let Some((pool, schema)) = fresh_schema().await else {
+            return;
+        };
+        let store =
+            std::sync::Arc::new(PgEventStore::new(pool.clone(), sec_common::clock::system()));
+        crate::store::chain_tests::run(store, sec_common::storage::Db::Postgres(pool.clone()))
+            .await;
+        drop_schema(&pool, &schema).await;
+    }
+
+    #[tokio::test]
+    async fn legacy_rows_postgres() {
+        let Some((pool, schema)) = fresh_schema().await else {
+            return;
+        };
+        let store =
+            std::sync::Arc::new(PgEventStore::new(pool.clone(), sec_common::clock::system()));
+        crate::store::chain_tests::legacy(store, sec_common::storage::Db::Postgres(pool.clone()))
+            .await;
+        drop_schema(&pool, &schema).await;
     }
 }
