@@ -58,6 +58,41 @@ async fn exec(db: &sec_common::storage::Db, sql: &str) {
     }
 }
 
+/// The outside verifier (`tests/interop/audit/verify_chain.py`, Python standard library
+/// only) over the embedded database: its JSON verdict and exit code, or `None` when there
+/// is no python3 (fatal with `SEC_TEST_INTEROP=required`).
+fn outside_verifier(db: &std::path::Path) -> Option<(i32, serde_json::Value)> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/interop/audit/verify_chain.py"
+    );
+    match std::process::Command::new("python3")
+        .arg(script)
+        .arg(db)
+        .output()
+    {
+        Ok(out) => Some((
+            out.status.code().unwrap_or(-1),
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "verifier output ({e}): {} {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            }),
+        )),
+        Err(e) => {
+            assert_ne!(
+                std::env::var("SEC_TEST_INTEROP").as_deref(),
+                Ok("required"),
+                "python3: {e}"
+            );
+            eprintln!("*** SKIPPED the outside chain verifier: no python3 ({e}) ***");
+            None
+        }
+    }
+}
+
 async fn chain_end_to_end(backends: Backends) {
     let Some(seed) = TestPlatform::seed(backends) else {
         return;
@@ -136,6 +171,14 @@ async fn chain_end_to_end(backends: Backends) {
         table.contains(&format!("checkpoint: {}", cp.seq)),
         "{table}"
     );
+    let sqlite = data.path().join("audit.db");
+    if backends == Backends::Embedded
+        && let Some((code, v)) = outside_verifier(&sqlite)
+    {
+        assert_eq!(code, 0, "{v}");
+        assert!(v["records"].as_u64().unwrap() >= cp.seq, "{v}");
+        assert!(v["checkpoints"].as_u64().unwrap() >= 1, "{v}");
+    }
 
     // Behind the service's back: an edited row...
     let db = sec_common::storage::connect_db(&tp.config, "audit", &audit_svc::MIGRATIONS)
@@ -163,6 +206,15 @@ async fn chain_end_to_end(backends: Backends) {
     let j = run.json();
     assert_eq!(j["problem"], "modified");
     assert_eq!(j["first_bad_seq"], 3);
+    if backends == Backends::Embedded
+        && let Some((code, v)) = outside_verifier(&sqlite)
+    {
+        assert_eq!(code, 3, "{v}");
+        assert_eq!(
+            (v["problem"].as_str(), v["first_bad_seq"].as_u64()),
+            (Some("modified"), Some(3))
+        );
+    }
     let run = env.run(&["audit", "verify"], b"").await;
     assert_eq!(run.code, 3);
     assert!(
