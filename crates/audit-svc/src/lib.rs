@@ -33,6 +33,8 @@ pub const ACCESS: AccessTable = AccessTable {
         ("ListEvents", Access::Admin),
         ("VerifyChain", Access::Admin),
         ("GetChainHead", Access::Admin),
+        ("SearchEvents", Access::Admin),
+        ("ExportEvents", Access::Admin),
     ],
 };
 

@@ -4,7 +4,6 @@
 use std::io::Write as _;
 
 use clap::ValueEnum;
-use sec_proto::common::v1::SecurityEvent;
 use sec_proto::crypto::v1::Key;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -173,36 +172,7 @@ pub fn print_key(output: Output, k: &Key) -> anyhow::Result<()> {
     }
 }
 
-pub fn event_json(e: &SecurityEvent) -> serde_json::Value {
-    use sec_proto::common::v1::{Outcome, Severity};
-    let outcome = Outcome::try_from(e.outcome)
-        .map(|o| {
-            o.as_str_name()
-                .trim_start_matches("OUTCOME_")
-                .to_lowercase()
-        })
-        .unwrap_or_default();
-    let severity = Severity::try_from(e.severity)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("SEVERITY_")
-                .to_lowercase()
-        })
-        .unwrap_or_default();
-    serde_json::json!({
-        "id": e.id,
-        "type": e.r#type,
-        "time": time(e.time.as_ref()),
-        "service": e.service,
-        "actor": e.actor.as_ref().map(|a| a.id.clone()),
-        "subject": e.subject,
-        "source_ip": e.source_ip,
-        "outcome": outcome,
-        "severity": severity,
-        "details": e.details,
-        "trace_id": e.trace_id,
-    })
-}
+pub use sec_common::events::json::event_json;
 
 #[cfg(test)]
 mod tests {

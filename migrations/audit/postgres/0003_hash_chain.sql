@@ -29,3 +29,11 @@ CREATE TABLE audit_checkpoints (
     key_version INTEGER      NOT NULL,
     signature   TEXT         NOT NULL
 );
+
+-- Search (SearchEvents): the common filters each have an index that also serves the
+-- newest-first order; addresses and CIDR blocks go through GiST, detail matches through
+-- GIN (`details @> '{"key": "value"}'`).
+CREATE INDEX security_events_actor_time_idx ON security_events (actor_id, "timestamp" DESC, id DESC);
+CREATE INDEX security_events_subject_time_idx ON security_events (subject, "timestamp" DESC, id DESC);
+CREATE INDEX security_events_ip_idx ON security_events USING gist (ip_address inet_ops);
+CREATE INDEX security_events_details_idx ON security_events USING gin (details jsonb_path_ops);

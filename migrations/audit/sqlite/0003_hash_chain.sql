@@ -22,3 +22,10 @@ CREATE TABLE audit_checkpoints (
     key_version INTEGER NOT NULL,
     signature   TEXT    NOT NULL
 );
+
+-- Search: the address as 16 bytes (IPv4 mapped into IPv6), so a CIDR block is a byte
+-- range; the other common filters get an index that also serves the time order.
+ALTER TABLE security_events ADD COLUMN ip_bytes BLOB;
+CREATE INDEX security_events_ip_idx ON security_events (ip_bytes);
+CREATE INDEX security_events_actor_time_idx ON security_events (actor_id, ts_us DESC, id DESC);
+CREATE INDEX security_events_subject_time_idx ON security_events (subject, ts_us DESC, id DESC);

@@ -304,3 +304,169 @@ pub async fn legacy(store: Arc<dyn AuditStore>, db: Db) {
     writer.await.unwrap();
     assert_eq!(store.head().await.unwrap().seq, 155);
 }
+
+/// SearchEvents' filters and both orders, on a small trail.
+pub async fn search(store: Arc<dyn AuditStore>) {
+    use super::{EventQuery, TypeMatch};
+    use sec_common::events::{Actor, ActorKind, Outcome, Severity};
+    let clock = ManualClock::new(
+        chrono::DateTime::parse_from_rfc3339("2026-07-01T00:00:00Z")
+            .unwrap()
+            .to_utc(),
+    );
+    let mut all = Vec::new();
+    for i in 0..30_u32 {
+        let ty = [
+            "sec.auth.login.failed",
+            "sec.auth.login.succeeded",
+            "sec.crypto.key.deleted",
+        ][i as usize % 3];
+        let svc = ty.split('.').nth(1).unwrap();
+        let mut e = new_event(clock.as_ref(), svc, ty);
+        e.actor = Some(Actor {
+            kind: ActorKind::User as i32,
+            id: format!("user-{}", i % 5),
+        });
+        e.subject = format!("key:k{}", i % 2);
+        e.source_ip = match i % 3 {
+            0 => format!("192.0.2.{i}"),
+            1 => format!("2001:db8::{i:x}"),
+            _ => "198.51.100.9".into(),
+        };
+        e.severity = if i % 10 == 0 {
+            Severity::High
+        } else {
+            Severity::Info
+        } as i32;
+        e.outcome = if i % 4 == 0 {
+            Outcome::Denied
+        } else {
+            Outcome::Success
+        } as i32;
+        e.details.insert("client_id".into(), format!("c{}", i % 7));
+        all.push(e);
+        clock.advance(chrono::Duration::seconds(1));
+    }
+    store.insert_batch(&all).await.unwrap();
+    let ids = |q: EventQuery| {
+        let store = store.clone();
+        async move {
+            let mut q = EventQuery { limit: 7, ..q };
+            let mut out = Vec::new();
+            loop {
+                let (page, next) = store.list(&q).await.unwrap();
+                out.extend(page.into_iter().map(|e| e.id));
+                match next {
+                    Some(c) => q.after = Some(c),
+                    None => return out,
+                }
+            }
+        }
+    };
+    let want = |f: &dyn Fn(usize) -> bool, newest_first: bool| {
+        let mut v: Vec<String> = (0..30)
+            .filter(|i| f(*i))
+            .map(|i| all[i].id.clone())
+            .collect();
+        if newest_first {
+            v.reverse();
+        }
+        v
+    };
+    let q = EventQuery::default;
+    assert_eq!(ids(q()).await, want(&|_| true, true));
+    assert_eq!(
+        ids(EventQuery {
+            oldest_first: true,
+            ..q()
+        })
+        .await,
+        want(&|_| true, false),
+        "oldest first, paged"
+    );
+    assert_eq!(
+        ids(EventQuery {
+            actor_id: Some("user-3".into()),
+            ..q()
+        })
+        .await,
+        want(&|i| i % 5 == 3, true)
+    );
+    assert_eq!(
+        ids(EventQuery {
+            subject: Some("key:k1".into()),
+            service: Some("auth".into()),
+            ..q()
+        })
+        .await,
+        want(&|i| i % 2 == 1 && i % 3 != 2, true)
+    );
+    assert_eq!(
+        ids(EventQuery {
+            ip: Some("192.0.2.0/24".parse().unwrap()),
+            ..q()
+        })
+        .await,
+        want(&|i| i % 3 == 0, true),
+        "IPv4 CIDR"
+    );
+    assert_eq!(
+        ids(EventQuery {
+            ip: Some("2001:db8::/32".parse().unwrap()),
+            ..q()
+        })
+        .await,
+        want(&|i| i % 3 == 1, true),
+        "IPv6 CIDR"
+    );
+    assert_eq!(
+        ids(EventQuery {
+            ip: Some("198.51.100.9/32".parse().unwrap()),
+            ..q()
+        })
+        .await,
+        want(&|i| i % 3 == 2, true),
+        "one address"
+    );
+    assert_eq!(
+        ids(EventQuery {
+            severities: vec!["high".into()],
+            outcomes: vec!["denied".into(), "failure".into()],
+            ..q()
+        })
+        .await,
+        want(&|i| i % 10 == 0 && i % 4 == 0, true)
+    );
+    assert_eq!(
+        ids(EventQuery {
+            details: vec![("client_id".into(), "c4".into())],
+            ..q()
+        })
+        .await,
+        want(&|i| i % 7 == 4, true),
+        "detail match"
+    );
+    assert_eq!(
+        ids(EventQuery {
+            types: vec![
+                TypeMatch::Exact("sec.crypto.key.deleted".into()),
+                TypeMatch::Prefix("sec.auth.login.s".into())
+            ],
+            oldest_first: true,
+            ..q()
+        })
+        .await,
+        want(&|i| i % 3 != 0, false)
+    );
+    let t10 = super::time_us(&all[10]);
+    assert_eq!(
+        ids(EventQuery {
+            since_us: Some(t10),
+            until_us: Some(super::time_us(&all[20])),
+            details: vec![("client_id".into(), "nope".into())],
+            ..q()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+}

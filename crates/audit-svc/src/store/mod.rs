@@ -59,8 +59,43 @@ pub struct EventQuery {
     pub since_us: Option<i64>,
     /// Exclusive upper bound.
     pub until_us: Option<i64>,
+    /// Any of these types (SearchEvents).
+    pub types: Vec<TypeMatch>,
+    pub actor_id: Option<String>,
+    pub subject: Option<String>,
+    /// An address is a /32 or /128.
+    pub ip: Option<ipnet::IpNet>,
+    /// Any of these (stored names: `high`, `denied`, ...).
+    pub severities: Vec<String>,
+    pub outcomes: Vec<String>,
+    pub service: Option<String>,
+    /// Details that must be equal: (key, value). Keys are `[A-Za-z0-9_.-]{1,64}`.
+    pub details: Vec<(String, String)>,
+    /// Oldest first (the cursor then moves forward in time).
+    pub oldest_first: bool,
     pub after: Option<Cursor>,
     pub limit: u32,
+}
+
+/// One accepted event type: exact, or a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// The 16-byte form of an address (IPv4 mapped into IPv6), whose byte order is the
+/// address order: a CIDR block is a contiguous range of them.
+pub(crate) fn ip_bytes(ip: std::net::IpAddr) -> [u8; 16] {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// First and last 16-byte forms inside `net`.
+pub(crate) fn ip_range(net: &ipnet::IpNet) -> ([u8; 16], [u8; 16]) {
+    (ip_bytes(net.network()), ip_bytes(net.broadcast()))
 }
 
 #[async_trait]

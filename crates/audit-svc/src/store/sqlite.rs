@@ -6,7 +6,7 @@ use sec_common::events::SecurityEvent;
 use sqlx::SqlitePool;
 
 use super::{
-    ChainStore, Cursor, EventQuery, EventStore, Outside, Row, StoreError, chain_batch,
+    ChainStore, Cursor, EventQuery, EventStore, Outside, Row, StoreError, TypeMatch, chain_batch,
     cursor_after, from_row, like_prefix, seq_i64, seq_u64, to_hash, to_row,
 };
 use crate::chain::{Chained, Checkpoint, Head};
@@ -80,6 +80,12 @@ fn checkpoint_of(r: CheckpointRow) -> Result<Checkpoint, StoreError> {
     })
 }
 
+/// The `ip_bytes` column of a stored address.
+fn ip_column(ip: Option<&str>) -> Option<Vec<u8>> {
+    ip.and_then(|s| s.parse().ok())
+        .map(|ip| super::ip_bytes(ip).to_vec())
+}
+
 /// A write transaction that holds SQLite's write lock from its first statement: the
 /// chain head read inside it cannot change before the commit.
 async fn begin_write(
@@ -150,7 +156,8 @@ impl EventStore for SqliteEventStore {
             let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO security_events
                    (id, event_type, ts_us, service, user_id, actor_kind, actor_id, subject,
-                    ip_address, outcome, severity, details, trace_id, received_us, seq, hash) ",
+                    ip_address, outcome, severity, details, trace_id, received_us, seq, hash,
+                    ip_bytes) ",
             );
             q.push_values(chunk, |mut b, (seq, hash, r)| {
                 b.push_bind(r.id.to_string())
@@ -168,7 +175,8 @@ impl EventStore for SqliteEventStore {
                     .push_bind(r.trace_id.clone())
                     .push_bind(r.received_us)
                     .push_bind(seq_i64(*seq))
-                    .push_bind(hash.to_vec());
+                    .push_bind(hash.to_vec())
+                    .push_bind(ip_column(r.ip_address.as_deref()));
             });
             q.build().execute(&mut *tx).await?;
         }
@@ -182,26 +190,87 @@ impl EventStore for SqliteEventStore {
         q: &EventQuery,
     ) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
         let limit = i64::from(q.limit.max(1));
-        let rows: Vec<SqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            r"SELECT {COLUMNS}
-              FROM security_events
-              WHERE (?1 IS NULL OR event_type = ?1)
-                AND (?2 IS NULL OR event_type LIKE ?2 ESCAPE '\')
-                AND (?3 IS NULL OR ts_us >= ?3)
-                AND (?4 IS NULL OR ts_us < ?4)
-                AND (?5 IS NULL OR (ts_us, id) < (?5, ?6))
-              ORDER BY ts_us DESC, id DESC
-              LIMIT ?7"
-        )))
-        .bind(q.event_type.as_deref())
-        .bind(q.type_prefix.as_deref().map(like_prefix))
-        .bind(q.since_us)
-        .bind(q.until_us)
-        .bind(q.after.map(|c| c.time_us))
-        .bind(q.after.map(|c| c.id.to_string()))
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut b = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "SELECT {COLUMNS} FROM security_events WHERE 1"
+        ));
+        if let Some(t) = &q.event_type {
+            b.push(" AND event_type = ").push_bind(t.clone());
+        }
+        if let Some(p) = &q.type_prefix {
+            b.push(" AND event_type LIKE ")
+                .push_bind(like_prefix(p))
+                .push(r" ESCAPE '\'");
+        }
+        if !q.types.is_empty() {
+            b.push(" AND (");
+            for (i, t) in q.types.iter().enumerate() {
+                if i > 0 {
+                    b.push(" OR ");
+                }
+                match t {
+                    TypeMatch::Exact(t) => b.push("event_type = ").push_bind(t.clone()),
+                    TypeMatch::Prefix(p) => b
+                        .push("event_type LIKE ")
+                        .push_bind(like_prefix(p))
+                        .push(r" ESCAPE '\'"),
+                };
+            }
+            b.push(")");
+        }
+        if let Some(t) = q.since_us {
+            b.push(" AND ts_us >= ").push_bind(t);
+        }
+        if let Some(t) = q.until_us {
+            b.push(" AND ts_us < ").push_bind(t);
+        }
+        for (col, v) in [
+            ("actor_id", &q.actor_id),
+            ("subject", &q.subject),
+            ("service", &q.service),
+        ] {
+            if let Some(v) = v {
+                b.push(format!(" AND {col} = ")).push_bind(v.clone());
+            }
+        }
+        if let Some(net) = &q.ip {
+            let (lo, hi) = super::ip_range(net);
+            b.push(" AND ip_bytes BETWEEN ")
+                .push_bind(lo.to_vec())
+                .push(" AND ")
+                .push_bind(hi.to_vec());
+        }
+        for (col, values) in [("severity", &q.severities), ("outcome", &q.outcomes)] {
+            if !values.is_empty() {
+                b.push(format!(" AND {col} IN ("));
+                let mut list = b.separated(", ");
+                for v in values {
+                    list.push_bind(v.clone());
+                }
+                b.push(")");
+            }
+        }
+        for (k, v) in &q.details {
+            // Keys are validated to `[A-Za-z0-9_.-]`: quoting them makes a literal key.
+            b.push(" AND json_extract(details, ")
+                .push_bind(format!("$.\"{k}\""))
+                .push(") = ")
+                .push_bind(v.clone());
+        }
+        let (cmp, dir) = if q.oldest_first {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
+        if let Some(c) = q.after {
+            b.push(format!(" AND (ts_us, id) {cmp} ("))
+                .push_bind(c.time_us)
+                .push(", ")
+                .push_bind(c.id.to_string())
+                .push(")");
+        }
+        b.push(format!(" ORDER BY ts_us {dir}, id {dir} LIMIT "))
+            .push_bind(limit + 1);
+        let rows: Vec<SqlRow> = b.build_query_as().fetch_all(&self.pool).await?;
         let more = rows.len() as i64 > limit;
         let events = rows
             .into_iter()
@@ -301,12 +370,15 @@ impl ChainStore for SqliteEventStore {
             .collect::<Result<Vec<_>, _>>()?;
         let (new, head) = chain_batch(head, rows, &Default::default())?;
         for (seq, hash, r) in &new {
-            sqlx::query("UPDATE security_events SET seq = ?1, hash = ?2 WHERE id = ?3")
-                .bind(seq_i64(*seq))
-                .bind(hash.to_vec())
-                .bind(r.id.to_string())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE security_events SET seq = ?1, hash = ?2, ip_bytes = ?4 WHERE id = ?3",
+            )
+            .bind(seq_i64(*seq))
+            .bind(hash.to_vec())
+            .bind(r.id.to_string())
+            .bind(ip_column(r.ip_address.as_deref()))
+            .execute(&mut *tx)
+            .await?;
         }
         set_head(&mut tx, head).await?;
         sqlx::query("UPDATE audit_chain_head SET legacy_chained = 1 WHERE id = 1")
@@ -429,5 +501,12 @@ mod tests {
             sec_common::clock::system(),
         ));
         crate::store::chain_tests::legacy(store, sec_common::storage::Db::Sqlite(pool)).await;
+    }
+
+    #[tokio::test]
+    async fn search_sqlite() {
+        let (_dir, pool) = fresh().await;
+        let store = std::sync::Arc::new(SqliteEventStore::new(pool, sec_common::clock::system()));
+        crate::store::chain_tests::search(store).await;
     }
 }

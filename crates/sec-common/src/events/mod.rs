@@ -36,6 +36,7 @@
 //! the event is durably stored; an unacknowledged event is delivered again.
 
 pub mod aggregate;
+pub mod json;
 pub mod memory;
 pub mod nats;
 pub mod subscribe;
