@@ -32,9 +32,11 @@ const PAGE_SIZE: u32 = 200;
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub(crate) struct Facade {
-    auth: Arc<Authenticator>,
+    pub(crate) auth: Arc<Authenticator>,
     /// Lazily connecting: crypto-svc may start after (or restart independently of) us.
     crypto: Channel,
+    /// Lazily connecting, like `crypto`.
+    pub(crate) audit: Channel,
 }
 
 /// The facade's routes: the admin JSON here, the protocol endpoints of [`crate::oauth`]
@@ -76,20 +78,26 @@ fn admin_router(platform: &Platform) -> anyhow::Result<Router> {
         &cfg.service_addrs("crypto")?.endpoint_url(cfg.tls.enabled()),
         &cfg.tls,
     )?;
+    let audit = channel(
+        &cfg.service_addrs("audit")?.endpoint_url(cfg.tls.enabled()),
+        &cfg.tls,
+    )?;
     let state = Arc::new(Facade {
         auth: Arc::clone(&platform.auth),
         crypto,
+        audit,
     });
     Ok(Router::new()
         .route("/healthz", get(healthz))
         .route("/security/keys", get(list_keys))
+        .route("/security/audit", get(crate::facade_audit::search))
         .with_state(state)
         .layer(sec_common::telemetry::TraceContextLayer))
 }
 
 /// An error response: the platform's JSON body, a `WWW-Authenticate` challenge on 401
 /// (RFC 6750 §3), and `Cache-Control: no-store`.
-fn error_response(e: Error, challenge: &'static str) -> Response {
+pub(crate) fn error_response(e: Error, challenge: &'static str) -> Response {
     let unauthenticated = e.code == ErrorCode::Unauthenticated;
     let mut resp = e.into_response();
     if unauthenticated {
@@ -101,7 +109,7 @@ fn error_response(e: Error, challenge: &'static str) -> Response {
     no_store(resp)
 }
 
-fn no_store(mut resp: Response) -> Response {
+pub(crate) fn no_store(mut resp: Response) -> Response {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
@@ -109,7 +117,10 @@ fn no_store(mut resp: Response) -> Response {
 
 /// The admin token from `Authorization: Bearer …`, checked: one SHA-256 and a
 /// constant-time compare, so a flood of bogus tokens costs the facade nothing.
-async fn require_admin(auth: &Arc<Authenticator>, headers: &HeaderMap) -> Result<String, Response> {
+pub(crate) async fn require_admin(
+    auth: &Arc<Authenticator>,
+    headers: &HeaderMap,
+) -> Result<String, Response> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(error_response(
             Error::new(
@@ -131,7 +142,7 @@ async fn require_admin(auth: &Arc<Authenticator>, headers: &HeaderMap) -> Result
     match auth.authenticate_token(token).await {
         Ok(Caller::Admin) => Ok(token.to_owned()),
         Ok(_) => Err(error_response(
-            Error::denied("listing keys needs the admin credential"),
+            Error::denied("this endpoint needs the admin credential"),
             "Bearer",
         )),
         Err(e) if e.code == ErrorCode::Unauthenticated => Err(invalid("invalid credentials")),
@@ -139,15 +150,16 @@ async fn require_admin(auth: &Arc<Authenticator>, headers: &HeaderMap) -> Result
     }
 }
 
-/// A failed crypto-svc call as the facade's caller sees it: the same code, crypto-svc's
-/// caller-facing message, and bland messages where the cause is ours to log.
-fn from_status(status: &tonic::Status) -> Error {
+/// A failed call to a peer service (`peer`: `crypto-svc`, `audit-svc`) as the facade's
+/// caller sees it: the same code, the peer's caller-facing message, and bland messages
+/// where the cause is ours to log.
+pub(crate) fn from_status(peer: &'static str, status: &tonic::Status) -> Error {
     match ErrorCode::from_grpc(status.code()) {
-        ErrorCode::Unavailable => Error::unavailable("crypto-svc unreachable", status),
-        ErrorCode::Internal => Error::internal("crypto-svc ListKeys failed", status),
+        ErrorCode::Unavailable => Error::unavailable(peer, status),
+        ErrorCode::Internal => Error::internal(peer, status),
         ErrorCode::DeadlineExceeded => Error::new(
             ErrorCode::DeadlineExceeded,
-            "crypto-svc did not answer in time",
+            format!("{peer} did not answer in time"),
         ),
         code => Error::new(code, status.message().to_owned()),
     }
@@ -208,7 +220,7 @@ pub(crate) async fn list_keys(State(f): State<Arc<Facade>>, headers: HeaderMap) 
                     }),
                 })
                 .await
-                .map_err(|s| from_status(&s))?
+                .map_err(|s| from_status("crypto-svc", &s))?
                 .into_inner();
             let got = resp.keys.len();
             keys.extend(resp.keys);
@@ -345,15 +357,22 @@ mod tests {
 
     #[test]
     fn grpc_errors_keep_their_code_and_hide_internal_causes() {
-        let e = from_status(&tonic::Status::unavailable(
-            "tcp connect error 10.0.0.7:50055",
-        ));
+        let e = from_status(
+            "crypto-svc",
+            &tonic::Status::unavailable("tcp connect error 10.0.0.7:50055"),
+        );
         assert_eq!(e.code.http(), http_status(503));
         assert!(!e.message.contains("10.0.0.7"));
-        let e = from_status(&tonic::Status::internal("sqlite: disk I/O error"));
+        let e = from_status(
+            "crypto-svc",
+            &tonic::Status::internal("sqlite: disk I/O error"),
+        );
         assert_eq!(e.code.http(), http_status(500));
         assert_eq!(e.message, "internal error");
-        let e = from_status(&tonic::Status::permission_denied("admin only"));
+        let e = from_status(
+            "crypto-svc",
+            &tonic::Status::permission_denied("admin only"),
+        );
         assert_eq!(e.code.http(), http_status(403));
         assert_eq!(e.message, "admin only");
     }
@@ -370,14 +389,16 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut config = sec_common::config::Config::default();
         config.auth.admin_token_hash = Some(sec_common::config::Secret::new(hash_token(&token)));
-        config.services.insert(
-            "crypto".into(),
-            sec_common::config::ServiceAddrs {
-                grpc_addr: closed.local_addr().unwrap(),
-                admin_addr: closed.local_addr().unwrap(),
-                endpoint: None,
-            },
-        );
+        for peer in ["crypto", "audit"] {
+            config.services.insert(
+                peer.into(),
+                sec_common::config::ServiceAddrs {
+                    grpc_addr: closed.local_addr().unwrap(),
+                    admin_addr: closed.local_addr().unwrap(),
+                    endpoint: None,
+                },
+            );
+        }
         drop(closed);
         let auth = Authenticator::from_config(&config)
             .unwrap()

@@ -12,6 +12,7 @@ pub mod config;
 pub mod edge;
 pub mod engine;
 pub mod facade;
+mod facade_audit;
 pub mod grpc;
 pub mod oauth;
 pub mod pages;
@@ -73,7 +74,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     default_ports: (50051, 9101),
     http_facade: true,
     access: &[ACCESS, sec_edge::ACCESS],
-    calls: &["crypto", "token", "session"],
+    calls: &["crypto", "token", "session", "audit"],
     config: &[
         ConfigSection::named::<OAuthConfig>(SECTION),
         ConfigSection::named::<sec_edge::EdgeConfig>(EDGE_SECTION),

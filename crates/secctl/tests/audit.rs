@@ -93,6 +93,104 @@ fn outside_verifier(db: &std::path::Path) -> Option<(i32, serde_json::Value)> {
     }
 }
 
+/// `GET /security/audit` through the facade and `ExportEvents`, on the five keys made.
+async fn search_and_export(tp: &TestPlatform) {
+    let auth = format!("Bearer {}", tp.token);
+    let get = |path: String, token: Option<String>| async move {
+        let headers: Vec<(&str, &str)> = token
+            .as_deref()
+            .map(|t| vec![("authorization", t)])
+            .unwrap_or_default();
+        let r = sec_tests::http_request(tp.http, "GET", &path, &headers, b"")
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+        (r.status, body)
+    };
+    // Paged, oldest first, following next_cursor; the key names are in the subjects.
+    let mut seen = Vec::new();
+    let mut path = "/security/audit?type=sec.crypto.key.created&order=oldest&limit=2".to_owned();
+    loop {
+        let (status, v) = get(path.clone(), Some(auth.clone())).await;
+        assert_eq!(status, 200, "{v}");
+        let events = v["events"].as_array().unwrap();
+        assert!(events.len() <= 2);
+        for e in events {
+            assert_eq!(e["type"], "sec.crypto.key.created");
+            seen.push(e["subject"].as_str().unwrap().to_owned());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => {
+                path = format!(
+                    "/security/audit?type=sec.crypto.key.created&order=oldest&limit=2&cursor={c}"
+                );
+            }
+            None => break,
+        }
+    }
+    let ours: Vec<_> = seen.iter().filter(|s| s.contains("chain-")).collect();
+    assert_eq!(ours.len(), 5, "{seen:?}");
+    assert!(
+        ours[0].contains("chain-0") && ours[4].contains("chain-4"),
+        "{ours:?}"
+    );
+    let subject = ours[3].clone();
+    let (status, v) = get(
+        format!("/security/audit?subject={subject}&type=sec.crypto.*"),
+        Some(auth.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["events"].as_array().unwrap().len(), 1, "{v}");
+    assert!(v["next_cursor"].is_null());
+    // Refusals: no credential, a service credential, an unknown or malformed parameter.
+    assert_eq!(get("/security/audit".into(), None).await.0, 401);
+    let service = format!("Bearer {}", tp.service_token);
+    assert_eq!(get("/security/audit".into(), Some(service)).await.0, 403);
+    let (status, v) = get("/security/audit?actr=alice".into(), Some(auth.clone())).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error_description"].as_str().unwrap().contains("actr"),
+        "{v}"
+    );
+    assert_eq!(
+        get("/security/audit?ip=300.1.1.1".into(), Some(auth.clone()))
+            .await
+            .0,
+        400
+    );
+
+    // ExportEvents: the same events as CSV, header first, one record each.
+    use futures::StreamExt as _;
+    use sec_proto::audit::v1::{EventFilter, ExportEventsRequest, ExportFormat};
+    let mut stream = tp
+        .audit()
+        .export_events(ExportEventsRequest {
+            filter: Some(EventFilter {
+                event_types: vec!["sec.crypto.key.created".into()],
+                ..Default::default()
+            }),
+            format: ExportFormat::Csv as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut csv = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        csv.extend(chunk.unwrap().data);
+    }
+    let csv = String::from_utf8(csv).unwrap();
+    let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
+    assert!(lines[0].starts_with("id,type,time,"), "{csv}");
+    assert_eq!(lines.len(), seen.len() + 1, "{csv}");
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.contains(",sec.crypto.key.created,"))
+    );
+}
+
 async fn chain_end_to_end(backends: Backends) {
     let Some(seed) = TestPlatform::seed(backends) else {
         return;
@@ -114,6 +212,8 @@ async fn chain_end_to_end(backends: Backends) {
             .await
             .unwrap();
     }
+    search_and_export(&tp).await;
+
     // The first checkpoint comes a few seconds after the start (the seven
     // `service.started` events are stored by then).
     let head = checkpoint_covering(&tp, 7).await;

@@ -93,6 +93,7 @@ impl Modify for SecuritySchemes {
         // -- facade.rs --
         crate::facade::healthz,
         crate::facade::list_keys,
+        crate::facade_audit::search,
         // -- oauth (token, revocation, introspection, userinfo) --
         super::token::token,
         super::token::security_auth,
@@ -260,6 +261,7 @@ mod tests {
             ("/security", "get"),
             ("/healthz", "get"),
             ("/security/keys", "get"),
+            ("/security/audit", "get"),
         ] {
             assert!(d["paths"][path][method].is_object(), "{method} {path}");
         }
