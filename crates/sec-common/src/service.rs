@@ -562,3 +562,43 @@ pub async fn drain_events(platform: &Platform) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn connect(data_dir: &std::path::Path, name: &str) -> anyhow::Result<Platform> {
+        let config = Config {
+            data_dir: data_dir.to_owned(),
+            ..Config::default()
+        };
+        let auth = Authenticator::from_config(&config)?;
+        Platform::connect(config, auth, crate::clock::system(), name).await
+    }
+
+    #[tokio::test]
+    async fn each_process_gets_its_own_locked_outbox_under_data_dir() {
+        let data = tempfile::tempdir().unwrap();
+        let secd = connect(data.path(), "secd").await.unwrap();
+        let dir = data.path().join("outbox").join("secd");
+        assert_eq!(
+            secd.config.events.outbox_dir.as_deref(),
+            Some(dir.as_path())
+        );
+        assert!(dir.join("LOCK").exists());
+        // Standalone services sharing a data_dir each have their own.
+        let crypto = connect(data.path(), "crypto-svc").await.unwrap();
+        assert!(data.path().join("outbox").join("crypto-svc").is_dir());
+        // A second process of the same name on the same data is refused, by name.
+        let err = connect(data.path(), "secd").await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&dir.display().to_string()) && msg.contains("in use"),
+            "{msg}"
+        );
+        drop((secd, crypto));
+        connect(data.path(), "secd").await.unwrap();
+        assert_eq!(outbox_dir_name("a b/../c"), "a_b____c");
+        assert_eq!(outbox_dir_name(""), "process");
+    }
+}

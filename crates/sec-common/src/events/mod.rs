@@ -7,6 +7,41 @@
 //! An event is only ever dropped loudly: when the spool is full `publish` returns
 //! [`PublishError::SpoolFull`] and `sec_events_spool_rejected_total` counts it.
 //!
+//! # Durability: the outbox
+//!
+//! A service's bus ([`EventBus::with_outbox`], which `Platform::connect` uses with
+//! `events.outbox_dir`, by default `<data_dir>/outbox/<process>`) also writes every event
+//! it accepts to a local on-disk [`outbox`] before `publish` returns: `publish` first
+//! reserves the event's place in the spool (so an event refused for a full spool is never
+//! on disk and never comes back), then appends the record (one `write`, a few µs; with
+//! `events.outbox_fsync` also a `sync_data`, slow), then hands it to the worker. The
+//! worker settles the record once the event left the spool: stored by the broker, or
+//! dead-lettered. If the process dies (`kill -9`, OOM, a panic that aborts) while the
+//! broker is down, the next process on the same outbox replays every record that was not
+//! settled, oldest first, as the worker's first backlog (`replaying N events from the
+//! outbox`, `sec_events_outbox_replayed_total`), counted in [`EventBus::pending`] so
+//! [`EventBus::flush`] waits for them. Redelivery is harmless: the broker drops a
+//! `Nats-Msg-Id` (= event id) it saw within its duplicate window and audit-svc inserts
+//! with `ON CONFLICT (id) DO NOTHING`. A record can be replayed although it was
+//! delivered (settlements are counted in memory, not written, so a crash replays the
+//! whole of each segment still owed something): at most one segment, 4 MiB.
+//!
+//! The outbox is bounded by `events.outbox_max_bytes` (`sec_events_outbox_bytes` shows
+//! its size); beyond it, or when the disk fails, `publish` refuses
+//! ([`PublishError::OutboxFull`], [`PublishError::Outbox`], both counted as
+//! `sec_events_rejected_total{reason="outbox"}`): an event is never reported as safe when
+//! it is not. One process per outbox directory: it is locked, and a second bus on it
+//! fails to start. [`EventBus::new`], [`EventBus::with_clock`] and
+//! [`EventBus::in_process`] have no outbox (memory only, as in tests).
+//!
+//! The in-process transport is not [durable](EventTransport::durable): an event it
+//! "stored" is in this process's memory only. With it, the bus settles a record when the
+//! consumer acks the event (the transport calls the hook given to
+//! [`EventTransport::set_ack_hook`]), not when the transport takes it, so `secd dev`
+//! does not lose the events audit-svc had not stored yet either. The segment of each
+//! event travels beside it in the spool rather than in [`Outgoing`] (a deviation from the
+//! design brief): transports and their tests build `Outgoing`s themselves.
+//!
 //! `publish` also refuses at once, counted in `sec_events_rejected_total{reason}`: a bad
 //! type or id (`invalid`), more than [`MAX_DETAILS`] details (`too_many_details`), an event
 //! larger than `events.max_event_bytes` (`too_large`), and an event whose type already fills
@@ -1776,6 +1811,12 @@ mod tests {
         assert_eq!(EventsConfig::default().max_event_bytes, 64 * 1024);
         assert_eq!(EventsConfig::default().max_type_share_percent, 25);
         assert_eq!(EventsConfig::default().dead_letter_file, None);
+        assert_eq!(EventsConfig::default().outbox_dir, None);
+        assert_eq!(EventsConfig::default().outbox_max_bytes, 256 * 1024 * 1024);
+        assert!(!EventsConfig::default().outbox_fsync);
+        assert!(with(&|e| e.outbox_max_bytes = 1024 * 1024).is_ok());
+        let err = with(&|e| e.outbox_max_bytes = 1024 * 1024 - 1).unwrap_err();
+        assert!(err.contains("events.outbox_max_bytes"), "{err}");
 
         // What secd and operators set, through the environment overlay.
         let vars: std::collections::BTreeMap<String, String> = [
@@ -1785,6 +1826,9 @@ mod tests {
             ),
             ("SEC_EVENTS__MAX_EVENT_BYTES", "131072"),
             ("SEC_EVENTS__MAX_TYPE_SHARE_PERCENT", "10"),
+            ("SEC_EVENTS__OUTBOX_DIR", "/var/lib/sec/outbox"),
+            ("SEC_EVENTS__OUTBOX_MAX_BYTES", "1073741824"),
+            ("SEC_EVENTS__OUTBOX_FSYNC", "true"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -1796,5 +1840,11 @@ mod tests {
         );
         assert_eq!(c.events.max_event_bytes, 128 * 1024);
         assert_eq!(c.events.max_type_share_percent, 10);
+        assert_eq!(
+            c.events.outbox_dir.as_deref(),
+            Some(Path::new("/var/lib/sec/outbox"))
+        );
+        assert_eq!(c.events.outbox_max_bytes, 1024 * 1024 * 1024);
+        assert!(c.events.outbox_fsync);
     }
 }
