@@ -382,12 +382,17 @@ mod tests {
     }
 
     /// A facade whose crypto-svc endpoint is a port nothing listens on, with an admin
-    /// token and an in-process service credential.
-    async fn facade() -> (Router, String) {
+    /// token and an in-process service credential. Its data (the event outbox) lives in
+    /// the returned directory, not in the crate's working directory.
+    async fn facade() -> (Router, String, tempfile::TempDir) {
         use sec_common::auth::{generate_token, hash_token};
         let token = generate_token().unwrap();
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut config = sec_common::config::Config::default();
+        let data = tempfile::tempdir().unwrap();
+        let mut config = sec_common::config::Config {
+            data_dir: data.path().to_owned(),
+            ..sec_common::config::Config::default()
+        };
         config.auth.admin_token_hash = Some(sec_common::config::Secret::new(hash_token(&token)));
         for peer in ["crypto", "audit"] {
             config.services.insert(
@@ -406,7 +411,7 @@ mod tests {
         let platform = Platform::connect(config, auth, sec_common::clock::system(), "t")
             .await
             .unwrap();
-        (admin_router(&platform).unwrap(), token)
+        (admin_router(&platform).unwrap(), token, data)
     }
 
     async fn get(app: &Router, auth: Option<&str>) -> (u16, HeaderMap, serde_json::Value) {
@@ -430,7 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn refusals_and_an_unreachable_crypto_svc() {
-        let (app, token) = facade().await;
+        let (app, token, _data) = facade().await;
         let (status, headers, body) = get(&app, None).await;
         assert_eq!(status, 401);
         assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");

@@ -109,6 +109,19 @@ pub struct EventsConfig {
     /// Share of the spool one event type may fill; beyond it that type is refused while
     /// other types still get in, so one noisy producer cannot silence the others.
     pub max_type_share_percent: u8,
+    /// Directory of this process's durable outbox: every accepted event is written there
+    /// before `publish` returns and replayed at the next start if it was not delivered
+    /// (a crash while the broker is down loses nothing). One process per directory (it is
+    /// locked). Unset: the spool is in memory only. Services set
+    /// `<data_dir>/outbox/<process>` (see `Platform::connect`).
+    pub outbox_dir: Option<PathBuf>,
+    /// Most bytes the outbox may hold on disk; beyond it `publish` refuses (counted in
+    /// `sec_events_rejected_total{reason="outbox"}`). At least 1 MiB.
+    pub outbox_max_bytes: u64,
+    /// `sync_data` after every append: events also survive a power loss or kernel crash,
+    /// not only the death of the process. Slow (a disk flush per event, milliseconds on
+    /// most disks, against a few microseconds without); off by default.
+    pub outbox_fsync: bool,
 }
 
 impl Default for EventsConfig {
@@ -123,6 +136,9 @@ impl Default for EventsConfig {
             dead_letter_file: None,
             max_event_bytes: 64 * 1024,
             max_type_share_percent: 25,
+            outbox_dir: None,
+            outbox_max_bytes: 256 * 1024 * 1024,
+            outbox_fsync: false,
         }
     }
 }
@@ -582,6 +598,12 @@ impl Config {
         }
         if !(1..=100).contains(&self.events.max_type_share_percent) {
             return invalid("events.max_type_share_percent", "must be between 1 and 100");
+        }
+        if self.events.outbox_max_bytes < 1024 * 1024 {
+            return invalid(
+                "events.outbox_max_bytes",
+                "must be at least 1 MiB (1048576)",
+            );
         }
         if self.storage.max_connections == 0 {
             return invalid("storage.max_connections", "must be at least 1");

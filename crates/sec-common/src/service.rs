@@ -50,7 +50,9 @@ impl std::fmt::Debug for Platform {
 
 impl Platform {
     /// Connects the event bus: NATS JetStream when `events.nats_url` is set, else the
-    /// in-process bus.
+    /// in-process bus; either way with the durable outbox in `events.outbox_dir`, by
+    /// default `<data_dir>/outbox/<client_name>`. Fails when that outbox is held by
+    /// another process.
     pub async fn connect(
         mut config: Config,
         auth: Authenticator,
@@ -60,6 +62,16 @@ impl Platform {
         // An event the broker refuses for good is kept here rather than blocking the bus.
         if config.events.dead_letter_file.is_none() {
             config.events.dead_letter_file = Some(config.data_dir.join("events.deadletter"));
+        }
+        // Accepted events survive a crash of this process. One directory per process (it
+        // is locked): standalone services may share a data_dir, as their SQLite files do.
+        if config.events.outbox_dir.is_none() {
+            config.events.outbox_dir = Some(
+                config
+                    .data_dir
+                    .join("outbox")
+                    .join(outbox_dir_name(client_name)),
+            );
         }
         let transport: Arc<dyn crate::events::EventTransport> = match &config.events.nats_url {
             Some(url) => Arc::new(
@@ -75,7 +87,7 @@ impl Platform {
                 config.events.spool_capacity,
             )),
         };
-        let events = EventBus::with_clock(transport, &config.events, clock.clone());
+        let events = EventBus::with_outbox(transport, &config.events, clock.clone())?;
         Ok(Self {
             config: Arc::new(config),
             clock,
@@ -108,6 +120,25 @@ impl Platform {
     /// The addresses of `service` (this one, or a peer it calls) from the configuration.
     pub fn addrs(&self, service: &str) -> anyhow::Result<&ServiceAddrs> {
         Ok(self.config.service_addrs(service)?)
+    }
+}
+
+/// `client_name` as a directory name: letters, digits, `-` and `_` kept, the rest `_`.
+fn outbox_dir_name(client_name: &str) -> String {
+    let name: String = client_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "process".into()
+    } else {
+        name
     }
 }
 
@@ -529,5 +560,45 @@ pub async fn drain_events(platform: &Platform) {
             pending = left,
             "exiting with security events the broker has not stored"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn connect(data_dir: &std::path::Path, name: &str) -> anyhow::Result<Platform> {
+        let config = Config {
+            data_dir: data_dir.to_owned(),
+            ..Config::default()
+        };
+        let auth = Authenticator::from_config(&config)?;
+        Platform::connect(config, auth, crate::clock::system(), name).await
+    }
+
+    #[tokio::test]
+    async fn each_process_gets_its_own_locked_outbox_under_data_dir() {
+        let data = tempfile::tempdir().unwrap();
+        let secd = connect(data.path(), "secd").await.unwrap();
+        let dir = data.path().join("outbox").join("secd");
+        assert_eq!(
+            secd.config.events.outbox_dir.as_deref(),
+            Some(dir.as_path())
+        );
+        assert!(dir.join("LOCK").exists());
+        // Standalone services sharing a data_dir each have their own.
+        let crypto = connect(data.path(), "crypto-svc").await.unwrap();
+        assert!(data.path().join("outbox").join("crypto-svc").is_dir());
+        // A second process of the same name on the same data is refused, by name.
+        let err = connect(data.path(), "secd").await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&dir.display().to_string()) && msg.contains("in use"),
+            "{msg}"
+        );
+        drop((secd, crypto));
+        connect(data.path(), "secd").await.unwrap();
+        assert_eq!(outbox_dir_name("a b/../c"), "a_b____c");
+        assert_eq!(outbox_dir_name(""), "process");
     }
 }

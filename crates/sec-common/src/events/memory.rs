@@ -1,6 +1,8 @@
 //! The in-process broker: one durable consumer group, de-duplication by event id,
 //! redelivery of events that were nacked. Same contract as the NATS transport, but the
-//! events live only as long as the process.
+//! events live only as long as the process: it is not
+//! [`durable`](super::EventTransport::durable), so a bus with an outbox keeps each event
+//! there until its consumer acks it, and learns of the ack through the hook.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,7 +12,9 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use super::subscribe::{SubscribeError, Subscribers, Subscription, TypeFilter};
-use super::{Delivery, DeliveryHandle, EventTransport, Outgoing, SecurityEvent, TransportError};
+use super::{
+    AckHook, Delivery, DeliveryHandle, EventTransport, Outgoing, SecurityEvent, TransportError,
+};
 
 /// How many recent ids are remembered for de-duplication (the broker's dedup window).
 const DEDUP_WINDOW: usize = 100_000;
@@ -36,6 +40,8 @@ pub struct MemoryTransport {
     capacity: usize,
     /// Live subscribers: offered every event as it is stored.
     subscribers: Subscribers,
+    /// Told of every acknowledged event (the bus settles its outbox record then).
+    ack_hook: Mutex<Option<AckHook>>,
 }
 
 impl std::fmt::Debug for MemoryTransport {
@@ -53,6 +59,7 @@ impl MemoryTransport {
             available: Notify::new(),
             capacity,
             subscribers: Subscribers::default(),
+            ack_hook: Mutex::new(None),
         })
     }
 
@@ -61,7 +68,25 @@ impl MemoryTransport {
     }
 
     pub(super) fn ack(&self, id: &str) {
-        self.lock().in_flight.remove(id);
+        if self.lock().in_flight.remove(id).is_some() {
+            self.tell_acked(&[id]);
+        }
+    }
+
+    fn tell_acked(&self, ids: &[&str]) {
+        if ids.is_empty() {
+            return;
+        }
+        let hook = self
+            .ack_hook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(hook) = hook {
+            for id in ids {
+                hook(id);
+            }
+        }
     }
 
     pub(super) fn nack(&self, id: &str) {
@@ -83,11 +108,19 @@ impl EventTransport for Arc<MemoryTransport> {
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>> {
         let mut s = self.lock();
         let mut stored = Vec::new();
+        // Duplicates of events already consumed: no ack will ever come for them.
+        let mut consumed = Vec::new();
         let results = batch
             .iter()
             .map(|o| {
                 if s.seen.contains(&o.event.id) {
-                    return Ok(()); // duplicate: already stored once, like Nats-Msg-Id dedup
+                    // Duplicate: already stored once, like Nats-Msg-Id dedup.
+                    if !s.in_flight.contains_key(&o.event.id)
+                        && !s.queue.iter().any(|q| q.event.id == o.event.id)
+                    {
+                        consumed.push(o.event.id.as_str());
+                    }
+                    return Ok(());
                 }
                 if s.queue.len() + s.in_flight.len() >= self.capacity {
                     return Err(TransportError::Unavailable(
@@ -112,6 +145,7 @@ impl EventTransport for Arc<MemoryTransport> {
         drop(s);
         self.available.notify_one();
         self.subscribers.offer(&stored);
+        self.tell_acked(&consumed);
         results
     }
 
@@ -144,6 +178,14 @@ impl EventTransport for Arc<MemoryTransport> {
 
     async fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    fn durable(&self) -> bool {
+        false
+    }
+
+    fn set_ack_hook(&self, hook: AckHook) {
+        *self.ack_hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);
     }
 
     async fn subscribe(

@@ -7,6 +7,41 @@
 //! An event is only ever dropped loudly: when the spool is full `publish` returns
 //! [`PublishError::SpoolFull`] and `sec_events_spool_rejected_total` counts it.
 //!
+//! # Durability: the outbox
+//!
+//! A service's bus ([`EventBus::with_outbox`], which `Platform::connect` uses with
+//! `events.outbox_dir`, by default `<data_dir>/outbox/<process>`) also writes every event
+//! it accepts to a local on-disk [`outbox`] before `publish` returns: `publish` first
+//! reserves the event's place in the spool (so an event refused for a full spool is never
+//! on disk and never comes back), then appends the record (one `write`, a few µs; with
+//! `events.outbox_fsync` also a `sync_data`, slow), then hands it to the worker. The
+//! worker settles the record once the event left the spool: stored by the broker, or
+//! dead-lettered. If the process dies (`kill -9`, OOM, a panic that aborts) while the
+//! broker is down, the next process on the same outbox replays every record that was not
+//! settled, oldest first, as the worker's first backlog (`replaying N events from the
+//! outbox`, `sec_events_outbox_replayed_total`), counted in [`EventBus::pending`] so
+//! [`EventBus::flush`] waits for them. Redelivery is harmless: the broker drops a
+//! `Nats-Msg-Id` (= event id) it saw within its duplicate window and audit-svc inserts
+//! with `ON CONFLICT (id) DO NOTHING`. A record can be replayed although it was
+//! delivered (settlements are counted in memory, not written, so a crash replays the
+//! whole of each segment still owed something): at most one segment, 4 MiB.
+//!
+//! The outbox is bounded by `events.outbox_max_bytes` (`sec_events_outbox_bytes` shows
+//! its size); beyond it, or when the disk fails, `publish` refuses
+//! ([`PublishError::OutboxFull`], [`PublishError::Outbox`], both counted as
+//! `sec_events_rejected_total{reason="outbox"}`): an event is never reported as safe when
+//! it is not. One process per outbox directory: it is locked, and a second bus on it
+//! fails to start. [`EventBus::new`], [`EventBus::with_clock`] and
+//! [`EventBus::in_process`] have no outbox (memory only, as in tests).
+//!
+//! The in-process transport is not [durable](EventTransport::durable): an event it
+//! "stored" is in this process's memory only. With it, the bus settles a record when the
+//! consumer acks the event (the transport calls the hook given to
+//! [`EventTransport::set_ack_hook`]), not when the transport takes it, so `secd dev`
+//! does not lose the events audit-svc had not stored yet either. The segment of each
+//! event travels beside it in the spool rather than in [`Outgoing`] (a deviation from the
+//! design brief): transports and their tests build `Outgoing`s themselves.
+//!
 //! `publish` also refuses at once, counted in `sec_events_rejected_total{reason}`: a bad
 //! type or id (`invalid`), more than [`MAX_DETAILS`] details (`too_many_details`), an event
 //! larger than `events.max_event_bytes` (`too_large`), and an event whose type already fills
@@ -39,6 +74,7 @@ pub mod aggregate;
 pub mod json;
 pub mod memory;
 pub mod nats;
+pub mod outbox;
 pub mod subscribe;
 
 pub use subscribe::{Notice, SubscribeError, Subscription, TypeFilter};
@@ -50,6 +86,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_trait::async_trait;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
@@ -107,6 +144,18 @@ impl Outgoing {
     }
 }
 
+/// An event in the spool, with the outbox segment holding it (if the bus has an outbox).
+/// Not a field of [`Outgoing`]: transports and their tests build `Outgoing`s, and the
+/// segment is the bus's business.
+#[derive(Debug)]
+struct Spooled {
+    out: Outgoing,
+    segment: Option<u64>,
+}
+
+/// Told the id of each event a consumer acknowledged (see [`EventTransport::durable`]).
+pub type AckHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Why the transport did not store an event. Decides what the bus does next.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -132,6 +181,19 @@ pub trait EventTransport: Send + Sync + 'static {
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError>;
     /// Whether the broker is reachable now (readiness).
     async fn ready(&self) -> Result<(), String>;
+    /// Whether an event the transport stored survives the death of this process (a
+    /// broker: yes). For a transport that is not durable (the in-process one), the bus
+    /// keeps an event in its outbox until a consumer acknowledges it, and learns of the
+    /// acknowledgement through [`EventTransport::set_ack_hook`].
+    fn durable(&self) -> bool {
+        true
+    }
+    /// Only for transports that are not [`durable`](EventTransport::durable): call `hook`
+    /// with the event id when a consumer acks an event, and for an event published again
+    /// after its first copy was acknowledged (a duplicate that will never be acked).
+    fn set_ack_hook(&self, hook: AckHook) {
+        let _ = hook;
+    }
     /// A live, non-durable subscription to the events matching `filters`, buffered up to
     /// `capacity` (see [`subscribe`]). Transports without one refuse.
     async fn subscribe(
@@ -244,6 +306,14 @@ pub enum PublishError {
          waiting for the broker); event refused"
     )]
     TypeQuota { event_type: String, limit: usize },
+    #[error(
+        "the event outbox holds {max_bytes} bytes waiting for the broker \
+         (events.outbox_max_bytes); event refused"
+    )]
+    OutboxFull { max_bytes: u64 },
+    /// The outbox could not write the event (disk full, I/O error): it is not safe.
+    #[error("event refused: {0}")]
+    Outbox(String),
 }
 
 /// Label of `sec_events_rejected_total`: a fixed set of reasons.
@@ -260,11 +330,23 @@ struct BusMetrics {
     refused: Family<RejectReason, Counter>,
     dead_lettered: Counter,
     depth: Gauge,
+    outbox_replayed: Counter,
+    /// The outbox's own gauge when there is one.
+    outbox_bytes: Gauge,
 }
 
 struct BusInner {
-    tx: mpsc::Sender<Outgoing>,
+    tx: mpsc::Sender<Spooled>,
     transport: Arc<dyn EventTransport>,
+    /// `transport.durable()`, asked once.
+    durable: bool,
+    /// Every accepted event until it left the spool (or, with a transport that is not
+    /// durable, until it was consumed); `None`: memory only.
+    outbox: Option<outbox::Outbox>,
+    /// Transports that are not durable only: the outbox segments of events stored but
+    /// not yet acknowledged by their consumer, by event id (a list: the same id may have
+    /// been published twice).
+    awaiting_ack: Mutex<HashMap<String, Vec<u64>>>,
     clock: SharedClock,
     subject_prefix: String,
     capacity: usize,
@@ -296,7 +378,8 @@ impl std::fmt::Debug for EventBus {
 }
 
 impl EventBus {
-    /// Starts the delivery worker on the current tokio runtime.
+    /// Starts the delivery worker on the current tokio runtime. The spool is in memory
+    /// only, whatever `cfg.outbox_dir` says: see [`EventBus::with_outbox`].
     pub fn new(transport: Arc<dyn EventTransport>, cfg: &EventsConfig) -> Self {
         Self::with_clock(transport, cfg, Arc::new(SystemClock))
     }
@@ -308,11 +391,54 @@ impl EventBus {
         cfg: &EventsConfig,
         clock: SharedClock,
     ) -> Self {
+        Self::build(transport, cfg, clock, None)
+    }
+
+    /// The bus of a service process: [`EventBus::with_clock`] plus, when
+    /// `cfg.outbox_dir` is set, the durable outbox there (see [`outbox`]). Its unsettled
+    /// events from an earlier run are delivered first. Fails when the outbox cannot be
+    /// opened, e.g. because another process holds it.
+    pub fn with_outbox(
+        transport: Arc<dyn EventTransport>,
+        cfg: &EventsConfig,
+        clock: SharedClock,
+    ) -> anyhow::Result<Self> {
+        let opened = match &cfg.outbox_dir {
+            None => None,
+            Some(dir) => Some(
+                outbox::Outbox::open(dir, cfg.outbox_max_bytes, cfg.outbox_fsync)
+                    .context("opening the event outbox (events.outbox_dir)")?,
+            ),
+        };
+        Ok(Self::build(transport, cfg, clock, opened))
+    }
+
+    fn build(
+        transport: Arc<dyn EventTransport>,
+        cfg: &EventsConfig,
+        clock: SharedClock,
+        opened: Option<(outbox::Outbox, Vec<outbox::Replayed>)>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(cfg.spool_capacity.max(1));
         let share = usize::from(cfg.max_type_share_percent.clamp(1, 100));
+        let (outbox, replayed) = match opened {
+            Some((o, r)) => (Some(o), r),
+            None => (None, Vec::new()),
+        };
+        let metrics = BusMetrics {
+            outbox_bytes: outbox
+                .as_ref()
+                .map(outbox::Outbox::bytes_gauge)
+                .unwrap_or_default(),
+            ..BusMetrics::default()
+        };
+        let durable = transport.durable();
         let inner = Arc::new(BusInner {
             tx,
             transport,
+            durable,
+            outbox,
+            awaiting_ack: Mutex::new(HashMap::new()),
             clock,
             subject_prefix: cfg.subject_prefix.clone(),
             capacity: cfg.spool_capacity,
@@ -329,9 +455,44 @@ impl EventBus {
             dead_letter_file: cfg.dead_letter_file.clone(),
             pending: AtomicI64::new(0),
             drained: Notify::new(),
-            metrics: BusMetrics::default(),
+            metrics,
         });
-        tokio::spawn(deliver(Arc::downgrade(&inner), rx));
+        if inner.outbox.is_some() && !inner.durable {
+            let bus = Arc::downgrade(&inner);
+            inner.transport.set_ack_hook(Arc::new(move |id: &str| {
+                if let Some(bus) = bus.upgrade() {
+                    bus.acked(id);
+                }
+            }));
+        }
+        // The previous run's unsettled events: the worker's first backlog, outside the
+        // bounded channel (they were accepted once already), and waited for by `flush`.
+        let backlog: std::collections::VecDeque<Spooled> = replayed
+            .into_iter()
+            .map(|r| {
+                let mut out = r.out;
+                // The prefix may have been reconfigured since: publish where events go now.
+                if let Ok(subject) = subject_for(&inner.subject_prefix, &out.event) {
+                    out.subject = subject;
+                }
+                Spooled {
+                    out,
+                    segment: Some(r.segment),
+                }
+            })
+            .collect();
+        if !backlog.is_empty() {
+            let n = backlog.len();
+            tracing::info!(
+                dir = %inner.outbox.as_ref().map(|o| o.dir().display().to_string()).unwrap_or_default(),
+                "replaying {n} events from the outbox"
+            );
+            let n64 = i64::try_from(n).unwrap_or(i64::MAX);
+            inner.pending.fetch_add(n64, Ordering::SeqCst);
+            inner.metrics.depth.inc_by(n64);
+            inner.metrics.outbox_replayed.inc_by(n as u64);
+        }
+        tokio::spawn(deliver(Arc::downgrade(&inner), rx, backlog));
         Self { inner }
     }
 
@@ -426,7 +587,7 @@ impl EventBus {
         );
         registry.register(
             "sec_events_rejected",
-            "Events refused by publish: invalid, too_many_details, too_large, type_quota",
+            "Events refused by publish: invalid, too_many_details, too_large, type_quota, outbox",
             m.refused.clone(),
         );
         registry.register(
@@ -438,6 +599,16 @@ impl EventBus {
             "sec_events_spool_depth",
             "Events waiting in the spool for the broker",
             m.depth.clone(),
+        );
+        registry.register(
+            "sec_events_outbox_replayed",
+            "Events found in the outbox at start (not settled by the previous run), delivered again",
+            m.outbox_replayed.clone(),
+        );
+        registry.register(
+            "sec_events_outbox_bytes",
+            "Bytes of the event outbox on disk",
+            m.outbox_bytes.clone(),
         );
     }
 }
@@ -469,36 +640,48 @@ impl BusInner {
         }
         self.admit_type(&event.r#type)
             .map_err(|e| self.refuse("type_quota", e))?;
+        // A place in the spool first, then the outbox: an event refused for a full spool
+        // must never be on disk, or a restart would deliver an event `publish` refused.
+        let permit = match self.tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(e) => {
+                self.release_types([event.r#type.as_str()]);
+                tracing::error!(event_id = %event.id, event_type = %event.r#type, "security event refused: spool full or closed");
+                self.metrics.rejected.inc();
+                return Err(match e {
+                    mpsc::error::TrySendError::Full(()) => PublishError::SpoolFull(self.capacity),
+                    mpsc::error::TrySendError::Closed(()) => PublishError::Closed,
+                });
+            }
+        };
         let out = Outgoing {
             subject,
             event,
             trace_headers,
         };
+        let segment = match &self.outbox {
+            None => None,
+            Some(outbox) => match outbox.append(&out) {
+                Ok(segment) => Some(segment),
+                Err(e) => {
+                    drop(permit);
+                    self.release_types([out.event.r#type.as_str()]);
+                    tracing::error!(event_id = %out.event.id, event_type = %out.event.r#type, error = %e, "security event refused: the outbox cannot keep it");
+                    let refused = match e {
+                        outbox::AppendError::Full { max_bytes } => {
+                            PublishError::OutboxFull { max_bytes }
+                        }
+                        outbox::AppendError::Io { .. } => PublishError::Outbox(e.to_string()),
+                    };
+                    return Err(self.refuse("outbox", refused));
+                }
+            },
+        };
         // Count before sending so the worker's decrement can never run first.
         self.pending.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(out) {
-            Ok(()) => {
-                self.metrics.depth.inc();
-                Ok(())
-            }
-            Err(e) => {
-                self.pending.fetch_sub(1, Ordering::SeqCst);
-                let ev = match &e {
-                    mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => {
-                        &o.event
-                    }
-                };
-                self.release_types([ev.r#type.as_str()]);
-                tracing::error!(event_id = %ev.id, event_type = %ev.r#type, "security event refused: spool full or closed");
-                self.metrics.rejected.inc();
-                match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        Err(PublishError::SpoolFull(self.capacity))
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Err(PublishError::Closed),
-                }
-            }
-        }
+        permit.send(Spooled { out, segment });
+        self.metrics.depth.inc();
+        Ok(())
     }
 
     fn refuse(&self, reason: &'static str, error: PublishError) -> PublishError {
@@ -546,17 +729,73 @@ impl BusInner {
         }
     }
 
-    /// Events that left the spool (`stored` of them stored, the rest dead-lettered).
-    fn settle(&self, stored: u64, left: &[String]) {
-        if left.is_empty() {
+    /// `gone` events left the spool (`stored` of them stored, the rest dead-lettered);
+    /// `types` are those of them that were admitted by `publish` in this run (replayed ones
+    /// never took a type's share), `segments` the outbox records to settle now.
+    fn settle(&self, stored: u64, gone: usize, types: &[String], segments: &mut [u64]) {
+        if let Some(outbox) = &self.outbox {
+            segments.sort_unstable();
+            for run in segments.chunk_by(|a, b| a == b) {
+                outbox.settle(run[0], run.len() as u64);
+            }
+        }
+        if gone == 0 {
             return;
         }
-        let n = i64::try_from(left.len()).unwrap_or(i64::MAX);
+        let n = i64::try_from(gone).unwrap_or(i64::MAX);
         self.metrics.published.inc_by(stored);
         self.metrics.depth.dec_by(n);
-        self.release_types(left.iter().map(String::as_str));
+        self.release_types(types.iter().map(String::as_str));
         if self.pending.fetch_sub(n, Ordering::SeqCst) == n {
             self.drained.notify_waiters();
+        }
+    }
+
+    /// Transports that are not durable: the outbox records of these events are settled
+    /// when their consumer acks them. Registered before the events are handed over, so
+    /// an ack can never come first.
+    fn await_acks(&self, batch: &[Outgoing], meta: &[Meta]) {
+        let mut waiting = self
+            .awaiting_ack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (out, m) in batch.iter().zip(meta) {
+            if let Some(segment) = m.segment {
+                waiting
+                    .entry(out.event.id.clone())
+                    .or_default()
+                    .push(segment);
+            }
+        }
+    }
+
+    /// Undoes [`BusInner::await_acks`] for an event the transport did not store.
+    fn forget_ack(&self, id: &str, segment: u64) {
+        let mut waiting = self
+            .awaiting_ack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(segments) = waiting.get_mut(id) {
+            if let Some(i) = segments.iter().position(|s| *s == segment) {
+                segments.swap_remove(i);
+            }
+            if segments.is_empty() {
+                waiting.remove(id);
+            }
+        }
+    }
+
+    /// A consumer acknowledged event `id` (transports that are not durable).
+    fn acked(&self, id: &str) {
+        let segments = self
+            .awaiting_ack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        if let (Some(outbox), Some(segments)) = (&self.outbox, segments) {
+            for segment in segments {
+                outbox.settle(segment, 1);
+            }
         }
     }
 
@@ -731,31 +970,63 @@ fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishErr
     Ok(format!("{prefix}.{rest}"))
 }
 
-/// The delivery worker. Each attempt publishes the events still failing first, then new
-/// events from the spool, so a failing event never holds back the ones behind it.
-async fn deliver(bus: std::sync::Weak<BusInner>, mut rx: mpsc::Receiver<Outgoing>) {
+/// What the worker keeps beside each event of its batch.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    /// Attempts it failed while an event after it was stored.
+    strikes: u32,
+    /// Its outbox record, if the bus has an outbox.
+    segment: Option<u64>,
+    /// Replayed from the outbox at start: it never took a type's share of the spool.
+    replayed: bool,
+}
+
+/// The delivery worker. Each attempt publishes the events still failing first, then the
+/// events replayed from the outbox, then new events from the spool, so a failing event
+/// never holds back the ones behind it.
+async fn deliver(
+    bus: std::sync::Weak<BusInner>,
+    mut rx: mpsc::Receiver<Spooled>,
+    mut backlog: std::collections::VecDeque<Spooled>,
+) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(PUBLISH_BATCH);
-    // Per event in `batch`: attempts it failed while an event after it was stored.
-    let mut strikes: Vec<u32> = Vec::with_capacity(PUBLISH_BATCH);
+    let mut meta: Vec<Meta> = Vec::with_capacity(PUBLISH_BATCH);
     let mut backoff = MIN_BACKOFF;
+    let push = |batch: &mut Vec<Outgoing>, meta: &mut Vec<Meta>, s: Spooled, replayed: bool| {
+        batch.push(s.out);
+        meta.push(Meta {
+            strikes: 0,
+            segment: s.segment,
+            replayed,
+        });
+    };
     loop {
         if batch.is_empty() {
-            // Runs until every sender (every EventBus clone) is gone and the spool is empty.
-            let Some(first) = rx.recv().await else { return };
-            batch.push(first);
-            strikes.push(0);
+            if let Some(first) = backlog.pop_front() {
+                push(&mut batch, &mut meta, first, true);
+            } else {
+                // Runs until every sender (every EventBus clone) is gone and the spool is
+                // empty.
+                let Some(first) = rx.recv().await else { return };
+                push(&mut batch, &mut meta, first, false);
+            }
             backoff = MIN_BACKOFF;
         }
         while batch.len() < PUBLISH_BATCH {
+            let Some(s) = backlog.pop_front() else { break };
+            push(&mut batch, &mut meta, s, true);
+        }
+        while batch.len() < PUBLISH_BATCH {
             match rx.try_recv() {
-                Ok(o) => {
-                    batch.push(o);
-                    strikes.push(0);
-                }
+                Ok(s) => push(&mut batch, &mut meta, s, false),
                 Err(_) => break,
             }
         }
         let Some(inner) = bus.upgrade() else { return };
+        let settle_on_ack = inner.outbox.is_some() && !inner.durable;
+        if settle_on_ack {
+            inner.await_acks(&batch, &meta);
+        }
         let mut results = inner.transport.publish(&batch).await;
         results.resize_with(batch.len(), || {
             Err(TransportError::Unavailable(
@@ -766,28 +1037,41 @@ async fn deliver(bus: std::sync::Weak<BusInner>, mut rx: mpsc::Receiver<Outgoing
         // after it look like an outage (or a full in-process queue) and never count.
         let last_stored = results.iter().rposition(Result::is_ok);
         let mut retry = Vec::new();
-        let mut retry_strikes = Vec::new();
+        let mut retry_meta = Vec::new();
         let mut dead = Vec::new();
-        let mut left = Vec::new();
+        let mut types = Vec::new();
+        let mut segments = Vec::new();
+        let mut gone = 0_usize;
         let mut stored = 0_u64;
         let mut first_error = None;
-        for (i, ((out, n), res)) in batch
-            .drain(..)
-            .zip(strikes.drain(..))
-            .zip(results)
-            .enumerate()
-        {
+        for (i, ((out, m), res)) in batch.drain(..).zip(meta.drain(..)).zip(results).enumerate() {
+            if res.is_err()
+                && settle_on_ack
+                && let Some(segment) = m.segment
+            {
+                inner.forget_ack(&out.event.id, segment);
+            }
             match res {
                 Ok(()) => {
                     stored += 1;
-                    left.push(out.event.r#type);
+                    gone += 1;
+                    if !m.replayed {
+                        types.push(out.event.r#type);
+                    }
+                    // Stored by a broker: safe. In process: safe once consumed (`acked`).
+                    if let Some(segment) = m.segment
+                        && !settle_on_ack
+                    {
+                        segments.push(segment);
+                    }
                 }
-                Err(TransportError::Rejected(reason)) => dead.push((out, reason)),
+                Err(TransportError::Rejected(reason)) => dead.push((out, m, reason)),
                 Err(TransportError::Unavailable(reason)) => {
-                    let n = n + u32::from(last_stored.is_some_and(|last| last > i));
+                    let n = m.strikes + u32::from(last_stored.is_some_and(|last| last > i));
                     if n >= MAX_STRIKES {
                         dead.push((
                             out,
+                            m,
                             format!(
                                 "failed {n} times while events after it were stored; \
                                  last error: {reason}"
@@ -796,7 +1080,7 @@ async fn deliver(bus: std::sync::Weak<BusInner>, mut rx: mpsc::Receiver<Outgoing
                     } else {
                         first_error.get_or_insert(reason);
                         retry.push(out);
-                        retry_strikes.push(n);
+                        retry_meta.push(Meta { strikes: n, ..m });
                     }
                 }
             }
@@ -804,11 +1088,15 @@ async fn deliver(bus: std::sync::Weak<BusInner>, mut rx: mpsc::Receiver<Outgoing
         let progress = stored > 0 || !dead.is_empty();
         // Dead-letter (and enqueue the summaries) before settling, so `flush` also waits
         // for the summaries.
-        for (out, reason) in dead {
-            left.push(out.event.r#type.clone());
+        for (out, m, reason) in dead {
+            gone += 1;
+            if !m.replayed {
+                types.push(out.event.r#type.clone());
+            }
+            segments.extend(m.segment);
             inner.dead_letter(out, reason).await;
         }
-        inner.settle(stored, &left);
+        inner.settle(stored, gone, &types, &mut segments);
         if retry.is_empty() {
             continue;
         }
@@ -824,7 +1112,7 @@ async fn deliver(bus: std::sync::Weak<BusInner>, mut rx: mpsc::Receiver<Outgoing
             "event publish failed, keeping events in the spool"
         );
         batch = retry;
-        strikes = retry_strikes;
+        meta = retry_meta;
         drop(inner);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -1524,6 +1812,12 @@ mod tests {
         assert_eq!(EventsConfig::default().max_event_bytes, 64 * 1024);
         assert_eq!(EventsConfig::default().max_type_share_percent, 25);
         assert_eq!(EventsConfig::default().dead_letter_file, None);
+        assert_eq!(EventsConfig::default().outbox_dir, None);
+        assert_eq!(EventsConfig::default().outbox_max_bytes, 256 * 1024 * 1024);
+        assert!(!EventsConfig::default().outbox_fsync);
+        assert!(with(&|e| e.outbox_max_bytes = 1024 * 1024).is_ok());
+        let err = with(&|e| e.outbox_max_bytes = 1024 * 1024 - 1).unwrap_err();
+        assert!(err.contains("events.outbox_max_bytes"), "{err}");
 
         // What secd and operators set, through the environment overlay.
         let vars: std::collections::BTreeMap<String, String> = [
@@ -1533,6 +1827,9 @@ mod tests {
             ),
             ("SEC_EVENTS__MAX_EVENT_BYTES", "131072"),
             ("SEC_EVENTS__MAX_TYPE_SHARE_PERCENT", "10"),
+            ("SEC_EVENTS__OUTBOX_DIR", "/var/lib/sec/outbox"),
+            ("SEC_EVENTS__OUTBOX_MAX_BYTES", "1073741824"),
+            ("SEC_EVENTS__OUTBOX_FSYNC", "true"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -1544,5 +1841,11 @@ mod tests {
         );
         assert_eq!(c.events.max_event_bytes, 128 * 1024);
         assert_eq!(c.events.max_type_share_percent, 10);
+        assert_eq!(
+            c.events.outbox_dir.as_deref(),
+            Some(Path::new("/var/lib/sec/outbox"))
+        );
+        assert_eq!(c.events.outbox_max_bytes, 1024 * 1024 * 1024);
+        assert!(c.events.outbox_fsync);
     }
 }
