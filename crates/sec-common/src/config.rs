@@ -109,6 +109,9 @@ pub struct EventsConfig {
     /// Share of the spool one event type may fill; beyond it that type is refused while
     /// other types still get in, so one noisy producer cannot silence the others.
     pub max_type_share_percent: u8,
+    /// audit-svc republishes messages it can never store to
+    /// `<dead_letter_subject>.<reason>`, kept in the stream `<stream>_DLQ`.
+    pub dead_letter_subject: String,
 }
 
 impl Default for EventsConfig {
@@ -123,6 +126,7 @@ impl Default for EventsConfig {
             dead_letter_file: None,
             max_event_bytes: 64 * 1024,
             max_type_share_percent: 25,
+            dead_letter_subject: "sec.deadletter".into(),
         }
     }
 }
@@ -638,6 +642,25 @@ impl Config {
             || self.events.subject_prefix.contains(['*', '>', ' '])
         {
             return invalid("events.subject_prefix", "must be a literal NATS subject");
+        }
+        let (dl, events) = (
+            &self.events.dead_letter_subject,
+            &self.events.subject_prefix,
+        );
+        if dl.is_empty() || dl.contains(['*', '>', ' ']) {
+            return invalid(
+                "events.dead_letter_subject",
+                "must be a literal NATS subject",
+            );
+        }
+        if dl == events
+            || dl.starts_with(&format!("{events}."))
+            || events.starts_with(&format!("{dl}."))
+        {
+            return invalid(
+                "events.dead_letter_subject",
+                "must not overlap events.subject_prefix (the dead-letter stream is separate)",
+            );
         }
         if !self
             .storage
