@@ -5,14 +5,17 @@
 //! backend and the contract suite; `grpc.rs` the API; `pipeline.rs` the background work;
 //! `run` wires them onto a [`ServiceHost`].
 
+pub mod config;
 pub mod grpc;
 pub mod pipeline;
 pub mod store;
 
 use std::sync::Arc;
 
+pub use config::AuditConfig;
 use sec_common::auth::{Access, AccessTable};
 use sec_common::clock::SharedClock;
+use sec_common::config::ConfigSection;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::{Db, Migrations};
@@ -34,7 +37,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     http_facade: false,
     access: &[ACCESS],
     calls: &[],
-    config: &[],
+    config: &[ConfigSection::of::<AuditConfig>()],
     preflight: no_preflight,
     migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
@@ -53,12 +56,24 @@ pub fn event_store(db: &Db, clock: SharedClock) -> Arc<dyn store::EventStore> {
     }
 }
 
+/// The dead-letter table for the configured backend.
+pub fn dead_letter_store(
+    db: &Db,
+    clock: SharedClock,
+) -> Arc<dyn store::dead_letter::DeadLetterStore> {
+    match db {
+        Db::Postgres(p) => Arc::new(store::dead_letter::PgDeadLetters::new(p.clone(), clock)),
+        Db::Sqlite(p) => Arc::new(store::dead_letter::SqliteDeadLetters::new(p.clone(), clock)),
+    }
+}
+
 /// Runs audit-svc until `shutdown`, then stops serving and drains the bus into the store.
 pub async fn run(
     platform: Platform,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let cfg = platform.config.section::<AuditConfig>(NAME)?.clone();
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let store = event_store(&db, platform.clock.clone());
@@ -66,10 +81,17 @@ pub async fn run(
     let metrics = pipeline::IngestMetrics::register(&mut host.registry);
     let ingest_stop = CancellationToken::new();
     let ingest = tokio::spawn(pipeline::run(
-        platform.events.clone(),
-        store.clone(),
-        metrics,
-        platform.clock.clone(),
+        pipeline::Ingest {
+            bus: platform.events.clone(),
+            store: store.clone(),
+            dead_letters: dead_letter_store(&db, platform.clock.clone()),
+            metrics,
+            clock: platform.clock.clone(),
+            limits: pipeline::Limits {
+                subject_prefix: platform.config.events.subject_prefix.clone(),
+                max_details_bytes: cfg.max_details_bytes,
+            },
+        },
         ingest_stop.clone(),
     ));
 

@@ -305,11 +305,10 @@ impl Delivery {
     /// Sets the message aside for good. NATS: the original payload and headers are
     /// republished to `<events.dead_letter_subject>.<reason>` (stream `<stream>_DLQ`,
     /// `Nats-Msg-Id` `dlq-<stream sequence>`), the publish ack awaited, and only then the
-    /// original terminated; if the copy fails the original is left for redelivery and
-    /// the error returned (the caller nacks nothing more: the message comes back after
-    /// the ack wait, or call [`Delivery::nack`]). In process: acked; the consumer keeps
-    /// the event itself (audit-svc's `dead_letters` table). `detail` is a short,
-    /// content-free description of the failure.
+    /// original terminated; if the copy fails the original is nacked (retried later) and
+    /// the error returned. In process: acked; the consumer keeps the event itself
+    /// (audit-svc's `dead_letters` table). `detail` is a short, content-free description
+    /// of the failure.
     pub async fn dead_letter(
         self,
         reason: DeadLetterReason,

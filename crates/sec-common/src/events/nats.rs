@@ -138,16 +138,37 @@ impl Received {
             .map_err(|e| TransportError::Unavailable(e.to_string()))
     }
 
-    pub(crate) async fn nack(self) -> Result<(), TransportError> {
+    pub(crate) async fn nack(&self) -> Result<(), TransportError> {
         self.msg
             .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
             .await
             .map_err(|e| TransportError::Unavailable(e.to_string()))
     }
 
-    /// Copy to the dead-letter stream, await its ack, then terminate the original.
+    /// Copy to the dead-letter stream, await its ack, then terminate the original. If
+    /// the copy fails the original is nacked (redelivered later), never terminated.
     pub(crate) async fn dead_letter(
         self,
+        reason: DeadLetterReason,
+        detail: &str,
+    ) -> Result<(), TransportError> {
+        match self.copy_to_dead_letters(reason, detail).await {
+            Ok(()) => self
+                .msg
+                .ack_with(jetstream::AckKind::Term)
+                .await
+                .map_err(|e| TransportError::Unavailable(e.to_string())),
+            Err(e) => {
+                if let Err(nack) = self.nack().await {
+                    tracing::warn!(error = %nack, "nack failed; the message comes back after the ack wait");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn copy_to_dead_letters(
+        &self,
         reason: DeadLetterReason,
         detail: &str,
     ) -> Result<(), TransportError> {
@@ -175,10 +196,7 @@ impl Received {
             .await
             .map_err(|e| classify(&e))?;
         ack.await.map_err(|e| classify(&e))?;
-        self.msg
-            .ack_with(jetstream::AckKind::Term)
-            .await
-            .map_err(|e| TransportError::Unavailable(e.to_string()))
+        Ok(())
     }
 }
 
