@@ -719,3 +719,713 @@ mod tests {
         assert_eq!(metrics.lag_seconds(), 0.0);
     }
 }
+
+#[cfg(test)]
+mod ingest_tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::Mutex;
+
+    use prost::Message as _;
+    use sec_common::clock::system;
+    use sec_common::config::EventsConfig;
+    use sec_common::events::memory::MemoryTransport;
+    use sec_common::events::{EventTransport, Outgoing, new_event};
+
+    use super::*;
+    use crate::store::dead_letter::Recorded;
+    use crate::store::{Cursor, EventQuery};
+
+    const PREFIX: &str = "sec.events";
+
+    fn limits() -> Limits {
+        Limits {
+            subject_prefix: PREFIX.into(),
+            max_details_bytes: 16 * 1024,
+        }
+    }
+
+    fn good() -> SecurityEvent {
+        new_event(system().as_ref(), "crypto", "sec.crypto.key.created")
+    }
+
+    fn check(e: &SecurityEvent, subject: Option<&str>) -> Result<(), DeadLetterReason> {
+        validate(e, subject, &limits()).map_err(|(r, _)| r)
+    }
+
+    #[test]
+    fn validation_maps_each_defect_to_its_reason() {
+        use DeadLetterReason::*;
+        let ok = good();
+        assert_eq!(check(&ok, None), Ok(()));
+        assert_eq!(check(&ok, Some("sec.events.crypto.key.created")), Ok(()));
+        let with = |f: &dyn Fn(&mut SecurityEvent)| {
+            let mut e = good();
+            f(&mut e);
+            e
+        };
+        assert_eq!(check(&with(&|e| e.id = "nope".into()), None), Err(Invalid));
+        assert_eq!(check(&with(&|e| e.id.clear()), None), Err(Invalid));
+        for bad_type in [
+            "crypto.key.created",
+            "sec.crypto",
+            "sec.Crypto.key.created",
+            "sec.crypto..created",
+            "sec.crypto.key.created\u{0}",
+        ] {
+            assert_eq!(
+                check(&with(&|e| e.r#type = bad_type.into()), None),
+                Err(Invalid),
+                "{bad_type:?}"
+            );
+        }
+        assert_eq!(
+            check(&with(&|e| e.service = "token".into()), None),
+            Err(Invalid),
+            "type of another service"
+        );
+        assert_eq!(
+            check(&ok, Some("sec.events.crypto.key.rotated")),
+            Err(Invalid),
+            "subject is not the type's"
+        );
+        assert_eq!(
+            check(&ok, Some("other.crypto.key.created")),
+            Err(Invalid),
+            "another prefix"
+        );
+        assert_eq!(
+            check(
+                &with(&|e| e.time = Some(prost_types::Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 0
+                })),
+                None
+            ),
+            Err(Invalid),
+            "time out of range"
+        );
+        assert_eq!(
+            check(
+                &with(&|e| e.r#type = "sec.crypto.key.exploded".into()),
+                None
+            ),
+            Err(UnknownType)
+        );
+        assert_eq!(
+            check(
+                &with(&|e| {
+                    e.r#type = "sec.audit.test.happened".into();
+                    e.service = "audit".into();
+                }),
+                None
+            ),
+            Err(UnknownType)
+        );
+        assert_eq!(
+            check(
+                &with(&|e| {
+                    e.details.insert("blob".into(), "x".repeat(16 * 1024));
+                }),
+                None
+            ),
+            Err(TooLarge),
+            "key + value over 16 KiB"
+        );
+        assert_eq!(
+            check(
+                &with(&|e| {
+                    e.details.insert("blob".into(), "x".repeat(16 * 1024 - 4));
+                }),
+                None
+            ),
+            Ok(()),
+            "exactly 16 KiB"
+        );
+        assert_eq!(
+            check(
+                &with(&|e| {
+                    for i in 0..=MAX_DETAILS {
+                        e.details.insert(format!("k{i}"), "v".into());
+                    }
+                }),
+                None
+            ),
+            Err(TooLarge),
+            "too many details"
+        );
+        // Invalid wins over unknown type: the cheaper, more precise reason.
+        assert_eq!(
+            check(
+                &with(&|e| {
+                    e.id = "nope".into();
+                    e.r#type = "sec.crypto.key.exploded".into();
+                }),
+                None
+            ),
+            Err(Invalid)
+        );
+        // The reason names are the fixed set (metric labels, DLQ subjects).
+        let names: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "undecodable",
+                "invalid",
+                "unknown_type",
+                "too_large",
+                "unstorable"
+            ]
+        );
+        for r in DeadLetterReason::ALL {
+            assert_eq!(DeadLetterReason::parse(r.as_str()), Some(r));
+        }
+    }
+
+    #[test]
+    fn only_data_errors_are_per_row() {
+        assert!(is_data_error(&StoreError::Corrupt("id".into())));
+        assert!(!is_data_error(&StoreError::Db(sqlx::Error::PoolTimedOut)));
+        assert!(!is_data_error(&StoreError::Db(sqlx::Error::Io(
+            std::io::Error::other("connection reset")
+        ))));
+        assert!(!is_data_error(&StoreError::Db(sqlx::Error::PoolClosed)));
+    }
+
+    /// Refuses (as a data error) any batch holding a poisoned id, all or nothing;
+    /// refuses everything as an outage while `down`.
+    #[derive(Default)]
+    struct Picky {
+        poison: HashSet<String>,
+        down: std::sync::atomic::AtomicBool,
+        stored: Mutex<Vec<String>>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl EventStore for Picky {
+        async fn insert_batch(&self, events: &[SecurityEvent]) -> Result<u64, StoreError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.calls.fetch_add(1, SeqCst);
+            if self.down.load(SeqCst) {
+                return Err(StoreError::Db(sqlx::Error::PoolTimedOut));
+            }
+            if events.iter().any(|e| self.poison.contains(&e.id)) {
+                return Err(StoreError::Corrupt("poison".into()));
+            }
+            let mut s = self.stored.lock().unwrap();
+            let before = s.len();
+            for e in events {
+                if !s.contains(&e.id) {
+                    s.push(e.id.clone());
+                }
+            }
+            Ok((s.len() - before) as u64)
+        }
+        async fn list(
+            &self,
+            _: &EventQuery,
+        ) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
+            Ok((Vec::new(), None))
+        }
+    }
+
+    #[tokio::test]
+    async fn bisection_isolates_poison_rows_and_outages_store_nothing_more() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let events: Vec<SecurityEvent> = (0..100).map(|_| good()).collect();
+        let store = Picky {
+            poison: [events[7].id.clone(), events[64].id.clone()].into(),
+            ..Picky::default()
+        };
+        let out = insert_bisecting(&store, &events).await;
+        assert!(out.outage.is_none());
+        let bad: Vec<usize> = out.unstorable.iter().map(|(i, _)| *i).collect();
+        assert_eq!(bad, [7, 64]);
+        assert_eq!(out.new, 98);
+        assert_eq!(out.committed.iter().filter(|c| **c).count(), 98);
+        assert!(!out.committed[7] && !out.committed[64]);
+        assert!(
+            store.calls.load(SeqCst) <= 2 * 2 * 8 + 1,
+            "O(k log n) statements: {}",
+            store.calls.load(SeqCst)
+        );
+
+        let down = Picky::default();
+        down.down.store(true, SeqCst);
+        let out = insert_bisecting(&down, &events).await;
+        assert!(out.outage.is_some());
+        assert!(out.unstorable.is_empty(), "an outage dead-letters nothing");
+        assert!(out.committed.iter().all(|c| !c));
+        assert_eq!(down.calls.load(SeqCst), 1, "no bisection on an outage");
+    }
+
+    fn metric_text(registry: &Registry) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, registry).unwrap();
+        s
+    }
+
+    async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn all_events(store: &dyn EventStore) -> Vec<SecurityEvent> {
+        store
+            .list(&EventQuery {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .0
+    }
+
+    /// The bad events of both scenarios, by what they should be dead-lettered as.
+    fn bad_events() -> Vec<(SecurityEvent, DeadLetterReason)> {
+        let mut non_uuid = good();
+        non_uuid.id = "not-a-uuid".into();
+        let mut unknown = good();
+        unknown.r#type = "sec.crypto.key.exploded".into();
+        let mut big = good();
+        big.details.insert("blob".into(), "x".repeat(20 * 1024));
+        let mut foreign = good();
+        foreign.service = "token".into();
+        vec![
+            (non_uuid, DeadLetterReason::Invalid),
+            (unknown, DeadLetterReason::UnknownType),
+            (big, DeadLetterReason::TooLarge),
+            (foreign, DeadLetterReason::Invalid),
+        ]
+    }
+
+    fn with_nul() -> SecurityEvent {
+        let mut e = good();
+        e.details.insert("note".into(), "a\u{0}b".into());
+        e
+    }
+
+    fn subject_of(prefix: &str, e: &SecurityEvent) -> String {
+        format!(
+            "{prefix}.{}",
+            e.r#type.strip_prefix("sec.").unwrap_or(&e.r#type)
+        )
+    }
+
+    fn by_event_id(rows: &[Recorded]) -> BTreeMap<Option<uuid::Uuid>, Vec<DeadLetterReason>> {
+        let mut m: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for r in rows {
+            m.entry(r.row.event_id).or_default().push(r.row.reason);
+        }
+        m
+    }
+
+    /// In process (memory bus + SQLite): what applies there (no subjects, no foreign
+    /// bytes; SQLite stores a NUL character).
+    #[tokio::test]
+    async fn embedded_bad_events_are_dead_lettered_and_good_ones_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4)
+            .await
+            .unwrap();
+        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
+        let db = sec_common::storage::Db::Sqlite(pool);
+        let store = crate::event_store(&db, system());
+        let dead_letters = crate::dead_letter_store(&db, system());
+        let cfg = EventsConfig::default();
+        let transport = MemoryTransport::new(10_000);
+        let bus = EventBus::with_clock(Arc::new(transport.clone()), &cfg, system());
+        let mut registry = Registry::default();
+        let metrics = IngestMetrics::register(&mut registry);
+
+        // Straight onto the broker: the bus's own publish would refuse most of these.
+        let raw = async |events: Vec<SecurityEvent>| {
+            let out: Vec<Outgoing> = events
+                .into_iter()
+                .map(|event| Outgoing {
+                    subject: subject_of(PREFIX, &event),
+                    event,
+                    trace_headers: vec![],
+                })
+                .collect();
+            assert!(transport.publish(&out).await.iter().all(Result::is_ok));
+        };
+        let bad = bad_events();
+        let nul = with_nul();
+        let mut goods = Vec::new();
+        let mut batch = Vec::new();
+        for i in 0..50 {
+            let e = good();
+            goods.push(e.id.clone());
+            batch.push(e);
+            if i % 10 == 3 && i / 10 < bad.len() {
+                batch.push(bad[i / 10].0.clone());
+            }
+        }
+        batch.insert(25, nul.clone());
+        raw(batch).await;
+
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Ingest {
+                bus: bus.clone(),
+                store: store.clone(),
+                dead_letters: dead_letters.clone(),
+                metrics: metrics.clone(),
+                clock: system(),
+                limits: limits(),
+            },
+            stop.clone(),
+        ));
+        // 50 good + the NUL one (SQLite takes it) + 4 announcements.
+        wait_for("stored events", async || {
+            all_events(store.as_ref()).await.len() >= 55
+        })
+        .await;
+        let stored = all_events(store.as_ref()).await;
+        let ids: HashSet<&str> = stored.iter().map(|e| e.id.as_str()).collect();
+        for id in &goods {
+            assert!(ids.contains(id.as_str()), "good event {id} stored");
+        }
+        assert!(
+            ids.contains(nul.id.as_str()),
+            "SQLite stores a NUL character"
+        );
+
+        let rows = dead_letters.recent(100).await.unwrap();
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        let got = by_event_id(&rows);
+        for (e, reason) in &bad {
+            let key = uuid::Uuid::parse_str(&e.id).ok();
+            assert!(got[&key].contains(reason), "{} → {reason}: {got:?}", e.id);
+        }
+        let big = rows
+            .iter()
+            .find(|r| r.row.reason == DeadLetterReason::TooLarge)
+            .unwrap();
+        assert_eq!(big.row.payload.len(), 16 * 1024, "payload cut at the limit");
+        assert_eq!(big.row.payload_size, bad[2].0.encoded_len());
+        assert!(!big.row.detail.contains("xxxx"), "no details in the detail");
+        let non_uuid = got[&None].clone();
+        assert_eq!(non_uuid, [DeadLetterReason::Invalid]);
+
+        let text = metric_text(&registry);
+        for (reason, n) in [
+            ("invalid", 2),
+            ("unknown_type", 1),
+            ("too_large", 1),
+            ("unstorable", 0),
+            ("undecodable", 0),
+        ] {
+            let line = format!("sec_audit_dead_lettered_total{{reason=\"{reason}\"}} {n}");
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        let announced: Vec<&SecurityEvent> = stored
+            .iter()
+            .filter(|e| e.r#type == DEAD_LETTERED)
+            .collect();
+        assert_eq!(announced.len(), 4);
+        for a in &announced {
+            assert_eq!(a.service, "audit");
+            assert_eq!(a.severity, Severity::High as i32);
+            assert!(
+                !a.details.contains_key("blob") && !a.details.values().any(|v| v.contains("xxxx"))
+            );
+        }
+        assert!(
+            announced
+                .iter()
+                .any(|a| a.subject == format!("event:{}", bad[1].0.id)
+                    && a.details["event_type"] == "sec.crypto.key.exploded"
+                    && a.details["reason"] == "unknown_type")
+        );
+
+        // Still consuming.
+        let more: Vec<SecurityEvent> = (0..10).map(|_| good()).collect();
+        raw(more.clone()).await;
+        wait_for("10 more", async || {
+            let stored = all_events(store.as_ref()).await;
+            more.iter().all(|m| stored.iter().any(|e| e.id == m.id))
+        })
+        .await;
+        assert!(!task.is_finished());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// Against real NATS and PostgreSQL: garbage bytes, a non-UUID id, an unknown type,
+    /// oversized details, a type of another service, an event on another subject and a
+    /// NUL character (PostgreSQL refuses it in JSONB) among 50 good events, published
+    /// with async_nats directly. The good ones are stored, each bad one is in
+    /// `dead_letters` with its reason and on the DLQ stream, the metric counts them, and
+    /// the consumer goes on.
+    #[tokio::test]
+    async fn nats_postgres_bad_events_are_dead_lettered_and_good_ones_stored() {
+        let (Some(nats), Some(pg)) = (
+            sec_testkit::backend_url(sec_testkit::Backend::Nats),
+            sec_testkit::backend_url(sec_testkit::Backend::Postgres),
+        ) else {
+            return;
+        };
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = EventsConfig {
+            stream: format!("AUDIT_INGEST_{run_id}"),
+            subject_prefix: format!("auditingest{run_id}"),
+            audit_consumer: format!("audit-{run_id}"),
+            dead_letter_subject: format!("auditingestdl{run_id}"),
+            ..EventsConfig::default()
+        };
+        let schema = format!("audit_ing{run_id}");
+        let pool = sec_common::storage::connect_postgres(&pg, &schema, 4)
+            .await
+            .unwrap();
+        crate::MIGRATIONS.postgres.run(&pool).await.unwrap();
+        let client = async_nats::connect(&nats).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let outcome =
+            futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(nats_scenario(
+                nats,
+                cfg.clone(),
+                sec_common::storage::Db::Postgres(pool.clone()),
+                js.clone(),
+            )))
+            .await;
+        let _ = js.delete_stream(&cfg.stream).await;
+        let _ = js
+            .delete_stream(sec_common::events::nats::dead_letter_stream(&cfg.stream))
+            .await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    async fn nats_scenario(
+        url: String,
+        cfg: EventsConfig,
+        db: sec_common::storage::Db,
+        js: async_nats::jetstream::Context,
+    ) {
+        let transport = sec_common::events::nats::NatsTransport::connect(&url, &cfg, "ingest-test")
+            .await
+            .unwrap();
+        let bus = EventBus::with_clock(Arc::new(transport), &cfg, system());
+        // Creates the streams and the consumer before anything is published.
+        assert!(
+            bus.fetch(1, Duration::from_millis(100))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let store = crate::event_store(&db, system());
+        let dead_letters = crate::dead_letter_store(&db, system());
+        let mut registry = Registry::default();
+        let metrics = IngestMetrics::register(&mut registry);
+        let limits = Limits {
+            subject_prefix: cfg.subject_prefix.clone(),
+            max_details_bytes: 16 * 1024,
+        };
+
+        let send = async |subject: String, payload: Vec<u8>| {
+            js.publish(subject, payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .sequence
+        };
+        let garbage: Vec<u8> = vec![0x0a, 0xff, 0x01, 0x02];
+        let nul = with_nul();
+        let wrong_subject = good();
+        let mut bad = bad_events();
+        bad.push((nul.clone(), DeadLetterReason::Unstorable));
+        let mut goods = Vec::new();
+        let mut garbage_seq = 0;
+        let mut wrong_seq = 0;
+        for i in 0..50 {
+            let e = good();
+            goods.push(e.id.clone());
+            send(subject_of(&cfg.subject_prefix, &e), e.encode_to_vec()).await;
+            if i % 8 == 3 && i / 8 < bad.len() {
+                let (b, _) = &bad[i / 8];
+                send(subject_of(&cfg.subject_prefix, b), b.encode_to_vec()).await;
+            }
+            if i == 20 {
+                garbage_seq = send(
+                    format!("{}.crypto.key.created", cfg.subject_prefix),
+                    garbage.clone(),
+                )
+                .await;
+            }
+            if i == 30 {
+                wrong_seq = send(
+                    format!("{}.crypto.key.rotated", cfg.subject_prefix),
+                    wrong_subject.encode_to_vec(),
+                )
+                .await;
+            }
+        }
+
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Ingest {
+                bus: bus.clone(),
+                store: store.clone(),
+                dead_letters: dead_letters.clone(),
+                metrics: metrics.clone(),
+                clock: system(),
+                limits,
+            },
+            stop.clone(),
+        ));
+        // 7 dead letters: 5 bad events, the garbage and the wrong subject.
+        wait_for("dead letters", async || {
+            dead_letters.recent(100).await.unwrap().len() >= 7
+        })
+        .await;
+        wait_for("good events and announcements", async || {
+            all_events(store.as_ref()).await.len() >= 57
+        })
+        .await;
+        let stored = all_events(store.as_ref()).await;
+        assert_eq!(stored.len(), 57, "50 good + 7 announcements, nothing else");
+        let ids: HashSet<&str> = stored.iter().map(|e| e.id.as_str()).collect();
+        for id in &goods {
+            assert!(ids.contains(id.as_str()), "good event {id} stored");
+        }
+        assert!(!ids.contains(nul.id.as_str()));
+
+        let rows = dead_letters.recent(100).await.unwrap();
+        assert_eq!(rows.len(), 7, "{rows:?}");
+        let got = by_event_id(&rows);
+        for (e, reason) in &bad {
+            let key = uuid::Uuid::parse_str(&e.id).ok();
+            assert!(got[&key].contains(reason), "{} → {reason}: {got:?}", e.id);
+        }
+        let wrong_id = uuid::Uuid::parse_str(&wrong_subject.id).ok();
+        assert_eq!(got[&wrong_id], [DeadLetterReason::Invalid]);
+        let mut no_id = got[&None].clone();
+        no_id.sort();
+        assert_eq!(
+            no_id,
+            [DeadLetterReason::Undecodable, DeadLetterReason::Invalid],
+            "the garbage and the non-UUID id"
+        );
+        let raw_row = rows
+            .iter()
+            .find(|r| r.row.reason == DeadLetterReason::Undecodable)
+            .unwrap();
+        assert_eq!(raw_row.row.payload, garbage, "the bytes as received");
+        assert_eq!(
+            raw_row.row.source_key.as_deref(),
+            Some(format!("{}:{garbage_seq}", cfg.stream).as_str())
+        );
+        let unstorable = rows
+            .iter()
+            .find(|r| r.row.reason == DeadLetterReason::Unstorable)
+            .unwrap();
+        assert!(
+            unstorable.row.detail.contains("22P05"),
+            "{}",
+            unstorable.row.detail
+        );
+
+        // The DLQ stream: one copy each, original bytes, the headers.
+        let dlq = js
+            .get_stream(sec_common::events::nats::dead_letter_stream(&cfg.stream))
+            .await
+            .unwrap();
+        let mut per_reason: BTreeMap<String, usize> = BTreeMap::new();
+        let mut seen_garbage = false;
+        let mut seen_wrong = false;
+        for seq in 1..=7 {
+            let m = dlq.get_raw_message(seq).await.unwrap();
+            let reason = m.subject.as_str().rsplit('.').next().unwrap().to_owned();
+            let h = |k: &str| m.headers.get(k).map(|v| v.as_str().to_owned());
+            assert_eq!(
+                h("Sec-Dead-Letter-Reason").as_deref(),
+                Some(reason.as_str())
+            );
+            let orig_seq: u64 = h("Sec-Original-Sequence").unwrap().parse().unwrap();
+            assert_eq!(
+                h("Nats-Msg-Id"),
+                Some(format!("dlq-{orig_seq}")),
+                "de-duplicated by stream position"
+            );
+            assert!(
+                h("Sec-Original-Subject")
+                    .unwrap()
+                    .starts_with(&cfg.subject_prefix)
+            );
+            if orig_seq == garbage_seq {
+                assert_eq!(m.payload.as_ref(), garbage.as_slice());
+                assert_eq!(reason, "undecodable");
+                seen_garbage = true;
+            }
+            if orig_seq == wrong_seq {
+                assert_eq!(
+                    h("Sec-Original-Subject"),
+                    Some(format!("{}.crypto.key.rotated", cfg.subject_prefix))
+                );
+                assert_eq!(m.payload.as_ref(), wrong_subject.encode_to_vec().as_slice());
+                seen_wrong = true;
+            }
+            *per_reason.entry(reason).or_default() += 1;
+        }
+        assert!(seen_garbage && seen_wrong);
+        assert!(dlq.get_raw_message(8).await.is_err(), "exactly 7 copies");
+        assert_eq!(
+            per_reason,
+            BTreeMap::from([
+                ("invalid".to_owned(), 3),
+                ("too_large".to_owned(), 1),
+                ("undecodable".to_owned(), 1),
+                ("unknown_type".to_owned(), 1),
+                ("unstorable".to_owned(), 1),
+            ])
+        );
+
+        let text = metric_text(&registry);
+        for (reason, n) in per_reason {
+            let line = format!("sec_audit_dead_lettered_total{{reason=\"{reason}\"}} {n}");
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        assert!(
+            text.contains("sec_audit_event_streams_unprotected 0"),
+            "{text}"
+        );
+
+        // Still consuming; nothing left pending or unacknowledged on the main stream.
+        let mut more = Vec::new();
+        for _ in 0..10 {
+            let e = good();
+            send(subject_of(&cfg.subject_prefix, &e), e.encode_to_vec()).await;
+            more.push(e.id);
+        }
+        wait_for("10 more", async || {
+            let stored = all_events(store.as_ref()).await;
+            more.iter().all(|m| stored.iter().any(|e| &e.id == m))
+        })
+        .await;
+        assert!(!task.is_finished());
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+            .get_stream(&cfg.stream)
+            .await
+            .unwrap()
+            .get_consumer(&cfg.audit_consumer)
+            .await
+            .unwrap();
+        wait_for("all acknowledged", async || {
+            let info = consumer.info().await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        })
+        .await;
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
