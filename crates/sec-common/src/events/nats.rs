@@ -7,7 +7,8 @@
 //! `<stream>_DLQ`, with `Sec-Dead-Letter-Reason`, `Sec-Original-Subject`,
 //! `Sec-Original-Sequence` and `Nats-Msg-Id: dlq-<stream sequence>` (so a crash between
 //! the copy and the ack does not copy it twice); the original is terminated only after
-//! the copy's publish ack.
+//! the copy's publish ack. The dead-letter stream is created at the first dead letter
+//! (a process that never dead-letters never creates it).
 //!
 //! Protection: both streams are created with `deny_delete` and `deny_purge` (no message
 //! can be deleted and the stream cannot be purged through the API; only `max_age` ages
@@ -384,11 +385,6 @@ impl NatsTransport {
 
     async fn consumer(&self) -> Result<&PullConsumer, TransportError> {
         self.ensure_stream().await?;
-        // The consumer is the one that dead-letters: have its stream ready (retried at
-        // the first dead letter if this fails).
-        if let Err(e) = self.dlq.ensure().await {
-            tracing::warn!(error = %e, "dead-letter stream not ready yet");
-        }
         self.consumer
             .get_or_try_init(|| async {
                 let stream = self
@@ -802,7 +798,7 @@ mod protection_tests {
         let transport = NatsTransport::connect(&url, &cfg, "events-prot-test")
             .await
             .unwrap();
-        // Creating the consumer ensures both streams.
+        // Creating the consumer ensures the main stream; the first dead letter, the other.
         assert!(
             transport
                 .fetch(1, Duration::from_millis(100))
@@ -810,6 +806,7 @@ mod protection_tests {
                 .unwrap()
                 .is_empty()
         );
+        transport.dlq.ensure().await.unwrap();
         assert!(transport.unprotected_streams().is_empty());
         let ack = js
             .publish(format!("{}.audit.x.y", cfg.subject_prefix), "x".into())
