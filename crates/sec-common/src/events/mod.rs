@@ -32,8 +32,12 @@
 //! never the details), and announced by a small `sec.<service>.event.dead_lettered` event.
 //! That summary is never itself summarised when it is dead-lettered, so this cannot loop.
 //!
-//! Consumers (audit-svc) call [`EventBus::fetch`] and must [`Delivery::ack`] only after
-//! the event is durably stored; an unacknowledged event is delivered again.
+//! Consumers (audit-svc) call [`EventBus::fetch`] (or [`EventBus::fetch_all`], which also
+//! hands over the messages that are not events at all) and must [`Delivery::ack`] only
+//! after the event is durably stored; an unacknowledged event is delivered again. What can
+//! never be stored goes to [`Delivery::dead_letter`] with a [`DeadLetterReason`] (on NATS:
+//! copied to the `<stream>_DLQ` stream, then terminated; see `nats.rs`). [`catalog`] lists
+//! every event type the platform emits.
 
 pub mod aggregate;
 pub mod catalog;
