@@ -846,3 +846,126 @@ mod protection_tests {
         assert_eq!(main.max_messages, 12_345, "existing settings kept");
     }
 }
+
+#[cfg(test)]
+mod dead_letter_tests {
+    use super::*;
+    use sec_testkit::{Backend, backend_url};
+
+    /// Against the real server: while the dead-letter stream cannot be created (another
+    /// stream holds its subjects), dead-lettering fails and the original comes back
+    /// (nacked, never terminated without its copy); once it can, the copy is made and
+    /// the original is gone from the consumer.
+    #[tokio::test]
+    async fn a_failed_copy_leaves_the_message_for_redelivery() {
+        let Some(url) = backend_url(Backend::Nats) else {
+            return;
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = EventsConfig {
+            stream: format!("EVENTS_DLT_{run}"),
+            subject_prefix: format!("eventsdlt{run}"),
+            audit_consumer: format!("audit-{run}"),
+            dead_letter_subject: format!("eventsdltdl{run}"),
+            ..EventsConfig::default()
+        };
+        let client = async_nats::connect(&url).await.unwrap();
+        let js = jetstream::new(client);
+        let blocker = format!("EVENTS_DLT_BLOCK_{run}");
+        js.create_stream(jetstream::stream::Config {
+            name: blocker.clone(),
+            subjects: vec![format!("{}.>", cfg.dead_letter_subject)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            dead_letter_scenario(url, cfg.clone(), js.clone(), blocker.clone()),
+        ))
+        .await;
+        let _ = js.delete_stream(&blocker).await;
+        let _ = js.delete_stream(dead_letter_stream(&cfg.stream)).await;
+        let deleted = js.delete_stream(&cfg.stream).await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+        deleted.unwrap();
+    }
+
+    async fn dead_letter_scenario(
+        url: String,
+        cfg: EventsConfig,
+        js: jetstream::Context,
+        blocker: String,
+    ) {
+        let transport = NatsTransport::connect(&url, &cfg, "events-dlt-test")
+            .await
+            .unwrap();
+        assert!(
+            transport
+                .fetch(1, Duration::from_millis(100))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        js.publish(
+            format!("{}.audit.x.y", cfg.subject_prefix),
+            "\u{a}\u{ff}".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let take = || async {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                got.extend(
+                    transport
+                        .fetch_all(10, Duration::from_millis(500))
+                        .await
+                        .unwrap()
+                        .undecodable,
+                );
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            got
+        };
+        let mut first = take().await;
+        assert_eq!(first.len(), 1);
+        let u = first.remove(0);
+        let key = u.source_key();
+        assert!(key.is_some());
+        assert!(
+            u.dead_letter("test").await.is_err(),
+            "no dead-letter stream: refused"
+        );
+        let mut again = take().await;
+        assert_eq!(again.len(), 1, "nacked, not terminated: redelivered");
+        let u = again.remove(0);
+        assert_eq!(u.source_key(), key);
+
+        js.delete_stream(&blocker).await.unwrap();
+        u.dead_letter("test").await.unwrap();
+        let dlq = js
+            .get_stream(dead_letter_stream(&cfg.stream))
+            .await
+            .unwrap();
+        let copy = dlq.get_raw_message(1).await.unwrap();
+        assert_eq!(copy.payload.as_ref(), "\u{a}\u{ff}".as_bytes());
+        assert_eq!(
+            copy.subject.as_str(),
+            format!("{}.undecodable", cfg.dead_letter_subject)
+        );
+        assert!(
+            transport
+                .fetch_all(10, Duration::from_secs(2))
+                .await
+                .unwrap()
+                .undecodable
+                .is_empty(),
+            "terminated after the copy"
+        );
+    }
+}
