@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use audit_svc::chain::{CheckpointSigner, SignError};
-use audit_svc::store::EventStore as _;
 use audit_svc::store::postgres::PgEventStore;
 use prometheus_client::registry::Registry;
 use sec_common::clock::system;
@@ -103,15 +102,27 @@ async fn run() {
     let metrics = audit_svc::pipeline::IngestMetrics::register(&mut Registry::default());
     let stop = CancellationToken::new();
     let ingest = tokio::spawn(audit_svc::pipeline::run(
-        bus.clone(),
-        store.clone(),
-        metrics,
-        system(),
+        audit_svc::pipeline::Ingest {
+            bus: bus.clone(),
+            store: store.clone(),
+            dead_letters: Arc::new(audit_svc::store::dead_letter::PgDeadLetters::new(
+                pool.clone(),
+                system(),
+            )),
+            metrics,
+            clock: system(),
+            limits: audit_svc::pipeline::Limits {
+                subject_prefix: cfg.subject_prefix.clone(),
+                max_details_bytes: 16 * 1024,
+            },
+        },
         stop.clone(),
     ));
 
     // The offered load: `rate` events/s in 5 ms ticks, each publish call timed.
-    println!("audit ingest bench: {rate} events/s offered for {secs} s (publisher -> NATS -> PostgreSQL, hash chain on)");
+    println!(
+        "audit ingest bench: {rate} events/s offered for {secs} s (publisher -> NATS -> PostgreSQL, hash chain on)"
+    );
     let per_tick = (rate / 200).max(1);
     let mut latencies: Vec<u32> = Vec::with_capacity((rate * secs) as usize);
     let mut accepted = Vec::with_capacity((rate * secs) as usize);
@@ -188,10 +199,16 @@ async fn run() {
         .unwrap();
     latencies.sort_unstable();
     let rate_stored = stored as f64 / total.as_secs_f64();
-    println!("  stored {stored} ({found} of the accepted ids, {} lost); chain head {}; chain {}",
+    println!(
+        "  stored {stored} ({found} of the accepted ids, {} lost); chain head {}; chain {}",
         accepted.len().saturating_sub(found),
         head.seq,
-        if verified.failure.is_none() { "verifies" } else { "DOES NOT VERIFY" });
+        if verified.failure.is_none() {
+            "verifies"
+        } else {
+            "DOES NOT VERIFY"
+        }
+    );
     println!(
         "  ingest: {rate_stored:.0} events/s (stored / {:.1} s from first publish to last store; drain after the window {:.1} s)",
         total.as_secs_f64(),

@@ -7,6 +7,7 @@
 
 pub mod chain;
 pub mod checkpointer;
+pub mod config;
 pub mod grpc;
 pub mod pipeline;
 pub mod signer;
@@ -15,8 +16,10 @@ pub mod verify;
 
 use std::sync::Arc;
 
+pub use config::AuditConfig;
 use sec_common::auth::{Access, AccessTable};
 use sec_common::clock::SharedClock;
+use sec_common::config::ConfigSection;
 use sec_common::service::{Listeners, Platform, Serve, ServiceHost};
 use sec_common::spec::{ServiceSpec, no_preflight};
 use sec_common::storage::{Db, Migrations};
@@ -46,7 +49,7 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     access: &[ACCESS],
     // Checkpoints are signed with audit-svc's own crypto-svc key.
     calls: &["crypto"],
-    config: &[],
+    config: &[ConfigSection::of::<AuditConfig>()],
     preflight: no_preflight,
     migrations: Some(&MIGRATIONS),
     run: |p, l, s| Box::pin(run(p, l, s)),
@@ -65,12 +68,24 @@ pub fn event_store(db: &Db, clock: SharedClock) -> Arc<dyn store::AuditStore> {
     }
 }
 
+/// The dead-letter table for the configured backend.
+pub fn dead_letter_store(
+    db: &Db,
+    clock: SharedClock,
+) -> Arc<dyn store::dead_letter::DeadLetterStore> {
+    match db {
+        Db::Postgres(p) => Arc::new(store::dead_letter::PgDeadLetters::new(p.clone(), clock)),
+        Db::Sqlite(p) => Arc::new(store::dead_letter::SqliteDeadLetters::new(p.clone(), clock)),
+    }
+}
+
 /// Runs audit-svc until `shutdown`, then stops serving and drains the bus into the store.
 pub async fn run(
     platform: Platform,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let cfg = platform.config.section::<AuditConfig>(NAME)?.clone();
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let store = event_store(&db, platform.clock.clone());
@@ -100,10 +115,17 @@ pub async fn run(
     let metrics = pipeline::IngestMetrics::register(&mut host.registry);
     let ingest_stop = CancellationToken::new();
     let ingest = tokio::spawn(pipeline::run(
-        platform.events.clone(),
-        store.clone(),
-        metrics,
-        platform.clock.clone(),
+        pipeline::Ingest {
+            bus: platform.events.clone(),
+            store: store.clone(),
+            dead_letters: dead_letter_store(&db, platform.clock.clone()),
+            metrics,
+            clock: platform.clock.clone(),
+            limits: pipeline::Limits {
+                subject_prefix: platform.config.events.subject_prefix.clone(),
+                max_details_bytes: cfg.max_details_bytes,
+            },
+        },
         ingest_stop.clone(),
     ));
 

@@ -122,6 +122,9 @@ pub struct EventsConfig {
     /// not only the death of the process. Slow (a disk flush per event, milliseconds on
     /// most disks, against a few microseconds without); off by default.
     pub outbox_fsync: bool,
+    /// audit-svc republishes messages it can never store to
+    /// `<dead_letter_subject>.<reason>`, kept in the stream `<stream>_DLQ`.
+    pub dead_letter_subject: String,
 }
 
 impl Default for EventsConfig {
@@ -139,6 +142,7 @@ impl Default for EventsConfig {
             outbox_dir: None,
             outbox_max_bytes: 256 * 1024 * 1024,
             outbox_fsync: false,
+            dead_letter_subject: "sec.deadletter".into(),
         }
     }
 }
@@ -660,6 +664,25 @@ impl Config {
             || self.events.subject_prefix.contains(['*', '>', ' '])
         {
             return invalid("events.subject_prefix", "must be a literal NATS subject");
+        }
+        let (dl, events) = (
+            &self.events.dead_letter_subject,
+            &self.events.subject_prefix,
+        );
+        if dl.is_empty() || dl.contains(['*', '>', ' ']) {
+            return invalid(
+                "events.dead_letter_subject",
+                "must be a literal NATS subject",
+            );
+        }
+        if dl == events
+            || dl.starts_with(&format!("{events}."))
+            || events.starts_with(&format!("{dl}."))
+        {
+            return invalid(
+                "events.dead_letter_subject",
+                "must not overlap events.subject_prefix (the dead-letter stream is separate)",
+            );
         }
         if !self
             .storage

@@ -1,6 +1,7 @@
 //! Where the audit trail lives. One trait, two implementations (PostgreSQL, SQLite),
 //! one contract suite ([`contract`]) that both must pass.
 
+pub mod dead_letter;
 pub mod postgres;
 pub mod sqlite;
 

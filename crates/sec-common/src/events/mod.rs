@@ -67,10 +67,15 @@
 //! never the details), and announced by a small `sec.<service>.event.dead_lettered` event.
 //! That summary is never itself summarised when it is dead-lettered, so this cannot loop.
 //!
-//! Consumers (audit-svc) call [`EventBus::fetch`] and must [`Delivery::ack`] only after
-//! the event is durably stored; an unacknowledged event is delivered again.
+//! Consumers (audit-svc) call [`EventBus::fetch`] (or [`EventBus::fetch_all`], which also
+//! hands over the messages that are not events at all) and must [`Delivery::ack`] only
+//! after the event is durably stored; an unacknowledged event is delivered again. What can
+//! never be stored goes to [`Delivery::dead_letter`] with a [`DeadLetterReason`] (on NATS:
+//! copied to the `<stream>_DLQ` stream, then terminated; see `nats.rs`). [`catalog`] lists
+//! every event type the platform emits.
 
 pub mod aggregate;
+pub mod catalog;
 pub mod json;
 pub mod memory;
 pub mod nats;
@@ -179,6 +184,20 @@ pub trait EventTransport: Send + Sync + 'static {
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>>;
     /// Up to `max` events for the durable consumer, waiting at most `wait` for the first.
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError>;
+    /// [`EventTransport::fetch`], plus the messages that are not events at all
+    /// ([`Undecodable`]), for a consumer that dead-letters them. Transports that cannot
+    /// carry foreign bytes (in-process) have none.
+    async fn fetch_all(&self, max: usize, wait: Duration) -> Result<Fetched, TransportError> {
+        Ok(Fetched {
+            deliveries: self.fetch(max, wait).await?,
+            undecodable: Vec::new(),
+        })
+    }
+    /// Streams found without `deny_delete`/`deny_purge` that could not be updated (see
+    /// `nats.rs`); empty when every stream is protected or the transport has none.
+    fn unprotected_streams(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Whether the broker is reachable now (readiness).
     async fn ready(&self) -> Result<(), String>;
     /// Whether an event the transport stored survives the death of this process (a
@@ -206,8 +225,109 @@ pub trait EventTransport: Send + Sync + 'static {
     }
 }
 
+/// Why a consumed message can never be stored. A fixed set: it is a metric label
+/// (`sec_audit_dead_lettered_total{reason}`), the last token of the dead-letter subject
+/// (`<events.dead_letter_subject>.<reason>`) and the `reason` column of audit-svc's
+/// `dead_letters` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeadLetterReason {
+    /// The payload is not a protobuf `SecurityEvent`.
+    Undecodable,
+    /// Id not a UUID, type not `sec.<service>[.<noun>].<verb>`, type of another service
+    /// than `event.service`, or published on another subject than its type's.
+    Invalid,
+    /// Well-formed, but not in [`catalog::EVENT_TYPES`].
+    UnknownType,
+    /// Details over the consumer's limit (count or bytes).
+    TooLarge,
+    /// The database refuses this one row (a data error, e.g. a NUL character).
+    Unstorable,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [Self; 5] = [
+        Self::Undecodable,
+        Self::Invalid,
+        Self::UnknownType,
+        Self::TooLarge,
+        Self::Unstorable,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Undecodable => "undecodable",
+            Self::Invalid => "invalid",
+            Self::UnknownType => "unknown_type",
+            Self::TooLarge => "too_large",
+            Self::Unstorable => "unstorable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one fetch returned: events, and messages that are not events at all.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub deliveries: Vec<Delivery>,
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// A message on the event stream that does not decode as a `SecurityEvent`. Never
+/// dropped: the consumer dead-letters it (or nacks it to retry later).
+#[derive(Debug)]
+pub struct Undecodable {
+    /// The decoder's complaint (about the bytes' shape, never their content).
+    pub error: String,
+    received: Box<nats::Received>,
+}
+
+impl Undecodable {
+    pub(crate) fn new(error: String, received: nats::Received) -> Self {
+        Self {
+            error,
+            received: Box::new(received),
+        }
+    }
+
+    /// The original payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        self.received.payload()
+    }
+
+    pub fn subject(&self) -> &str {
+        self.received.subject()
+    }
+
+    /// Identifies the message in its stream (`<stream>:<sequence>`): the same across
+    /// redeliveries.
+    pub fn source_key(&self) -> Option<String> {
+        self.received.source_key()
+    }
+
+    /// See [`Delivery::dead_letter`].
+    pub async fn dead_letter(self, detail: &str) -> Result<(), TransportError> {
+        self.received
+            .dead_letter(DeadLetterReason::Undecodable, detail)
+            .await
+    }
+
+    pub async fn nack(self) -> Result<(), TransportError> {
+        self.received.nack().await
+    }
+}
+
 /// One consumed event. Ack after it is stored; nack (or drop without ack, for NATS after
-/// the ack wait) to have it delivered again.
+/// the ack wait) to have it delivered again; [`Delivery::dead_letter`] when it can never
+/// be stored.
 #[derive(Debug)]
 pub struct Delivery {
     pub event: SecurityEvent,
@@ -218,11 +338,58 @@ pub struct Delivery {
 
 #[derive(Debug)]
 enum DeliveryHandle {
-    Nats(Box<async_nats::jetstream::Message>),
+    Nats(Box<nats::Received>),
     Memory(Arc<memory::MemoryTransport>),
 }
 
 impl Delivery {
+    /// The subject the message was published on (`None` in process, where there are none).
+    pub fn subject(&self) -> Option<&str> {
+        match &self.handle {
+            DeliveryHandle::Nats(r) => Some(r.subject()),
+            DeliveryHandle::Memory(_) => None,
+        }
+    }
+
+    /// The bytes as received: the original payload from NATS, the protobuf encoding in
+    /// process.
+    pub fn payload(&self) -> Vec<u8> {
+        match &self.handle {
+            DeliveryHandle::Nats(r) => r.payload().to_vec(),
+            DeliveryHandle::Memory(_) => self.event.encode_to_vec(),
+        }
+    }
+
+    /// Identifies the message in its stream (`<stream>:<sequence>`), the same across
+    /// redeliveries; `None` in process.
+    pub fn source_key(&self) -> Option<String> {
+        match &self.handle {
+            DeliveryHandle::Nats(r) => r.source_key(),
+            DeliveryHandle::Memory(_) => None,
+        }
+    }
+
+    /// Sets the message aside for good. NATS: the original payload and headers are
+    /// republished to `<events.dead_letter_subject>.<reason>` (stream `<stream>_DLQ`,
+    /// `Nats-Msg-Id` `dlq-<stream sequence>`), the publish ack awaited, and only then the
+    /// original terminated; if the copy fails the original is nacked (retried later) and
+    /// the error returned. In process: acked; the consumer keeps the event itself
+    /// (audit-svc's `dead_letters` table). `detail` is a short, content-free description
+    /// of the failure.
+    pub async fn dead_letter(
+        self,
+        reason: DeadLetterReason,
+        detail: &str,
+    ) -> Result<(), TransportError> {
+        match self.handle {
+            DeliveryHandle::Nats(r) => r.dead_letter(reason, detail).await,
+            DeliveryHandle::Memory(t) => {
+                t.ack(&self.event.id);
+                Ok(())
+            }
+        }
+    }
+
     /// The W3C trace id of the request that produced the event: the event's own
     /// `trace_id`, else the one of the `traceparent` header it travelled with (a producer
     /// may not have had its trace context at hand when it built the event).
@@ -248,10 +415,7 @@ impl Delivery {
 
     pub async fn ack(self) -> Result<(), TransportError> {
         match self.handle {
-            DeliveryHandle::Nats(m) => m
-                .ack()
-                .await
-                .map_err(|e| TransportError::Unavailable(e.to_string())),
+            DeliveryHandle::Nats(r) => r.ack().await,
             DeliveryHandle::Memory(t) => {
                 t.ack(&self.event.id);
                 Ok(())
@@ -261,12 +425,7 @@ impl Delivery {
 
     pub async fn nack(self) -> Result<(), TransportError> {
         match self.handle {
-            DeliveryHandle::Nats(m) => m
-                .ack_with(async_nats::jetstream::AckKind::Nak(Some(
-                    Duration::from_secs(1),
-                )))
-                .await
-                .map_err(|e| TransportError::Unavailable(e.to_string())),
+            DeliveryHandle::Nats(r) => r.nack().await,
             DeliveryHandle::Memory(t) => {
                 t.nack(&self.event.id);
                 Ok(())
@@ -517,6 +676,17 @@ impl EventBus {
     /// Events for the durable consumer (audit-svc).
     pub async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         self.inner.transport.fetch(max, wait).await
+    }
+
+    /// [`EventBus::fetch`] with the undecodable messages handed over too (audit-svc
+    /// dead-letters them).
+    pub async fn fetch_all(&self, max: usize, wait: Duration) -> Result<Fetched, TransportError> {
+        self.inner.transport.fetch_all(max, wait).await
+    }
+
+    /// Event streams that lack `deny_delete`/`deny_purge` and could not be updated.
+    pub fn unprotected_streams(&self) -> Vec<String> {
+        self.inner.transport.unprotected_streams()
     }
 
     pub async fn ready(&self) -> Result<(), String> {
@@ -937,13 +1107,10 @@ fn append_bounded(path: &Path, line: &[u8], max: u64) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// `sec.crypto.key.rotated` → `<prefix>.crypto.key.rotated`. Types are
-/// `sec.<service>.<noun>.<verb>`, or `sec.<service>.<verb>` where a service's contract
-/// names one so (`sec.token.revoked`).
-fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishError> {
-    let rest = event.r#type.strip_prefix("sec.").ok_or_else(|| {
-        PublishError::Invalid(format!("type `{}` must start with `sec.`", event.r#type))
-    })?;
+/// The service token of a well-formed type (`sec.<service>[.<noun>].<verb>`, tokens of
+/// `[a-z0-9_]`), `None` when the type is malformed.
+pub fn type_service(event_type: &str) -> Option<&str> {
+    let rest = event_type.strip_prefix("sec.")?;
     let tokens: Vec<&str> = rest.split('.').collect();
     if tokens.len() < 2
         || tokens.iter().any(|t| {
@@ -953,12 +1120,26 @@ fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishErr
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         })
     {
+        return None;
+    }
+    tokens.first().copied()
+}
+
+/// `sec.crypto.key.rotated` → `<prefix>.crypto.key.rotated`. Types are
+/// `sec.<service>.<noun>.<verb>`, or `sec.<service>.<verb>` where a service's contract
+/// names one so (`sec.token.revoked`). The id must be a UUID. audit-svc applies the same
+/// rule at ingest.
+pub fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, PublishError> {
+    let rest = event.r#type.strip_prefix("sec.").ok_or_else(|| {
+        PublishError::Invalid(format!("type `{}` must start with `sec.`", event.r#type))
+    })?;
+    let Some(service) = type_service(&event.r#type) else {
         return Err(PublishError::Invalid(format!(
             "type `{}` is not `sec.<service>[.<noun>].<verb>`",
             event.r#type
         )));
-    }
-    if tokens[0] != event.service {
+    };
+    if service != event.service {
         return Err(PublishError::Invalid(format!(
             "type `{}` does not belong to service `{}`",
             event.r#type, event.service

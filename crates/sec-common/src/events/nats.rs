@@ -1,7 +1,25 @@
 //! NATS JetStream transport: one stream for every security event, `Nats-Msg-Id` = event
 //! id (the broker drops duplicates within its window, so retries are safe), publish acks
 //! awaited, and a durable pull consumer for audit-svc with explicit acks.
+//!
+//! Dead letters: a consumed message that can never be stored is republished, original
+//! payload and headers, to `<events.dead_letter_subject>.<reason>` in its own stream
+//! `<stream>_DLQ`, with `Sec-Dead-Letter-Reason`, `Sec-Original-Subject`,
+//! `Sec-Original-Sequence` and `Nats-Msg-Id: dlq-<stream sequence>` (so a crash between
+//! the copy and the ack does not copy it twice); the original is terminated only after
+//! the copy's publish ack. The dead-letter stream is created at the first dead letter
+//! (a process that never dead-letters never creates it).
+//!
+//! Protection: both streams are created with `deny_delete` and `deny_purge` (no message
+//! can be deleted and the stream cannot be purged through the API; only `max_age` ages
+//! events out). A stream that exists without them is updated to set them (the server
+//! allows setting them, never clearing them). If the update is refused, an error names
+//! the stream and the `nats stream edit` command, and the stream is listed by
+//! [`EventTransport::unprotected_streams`] (audit-svc exports it as the
+//! `sec_audit_event_streams_unprotected` gauge).
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
@@ -12,7 +30,10 @@ use prost::Message;
 use tokio::sync::OnceCell;
 
 use super::subscribe::{SubscribeError, Subscription, TypeFilter};
-use super::{Delivery, DeliveryHandle, EventTransport, Outgoing, SecurityEvent, TransportError};
+use super::{
+    DeadLetterReason, Delivery, DeliveryHandle, EventTransport, Fetched, Outgoing, SecurityEvent,
+    TransportError, Undecodable,
+};
 use crate::config::EventsConfig;
 
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -70,11 +91,209 @@ fn classify(e: &PublishError) -> TransportError {
     }
 }
 
+/// The dead-letter stream of one event stream, shared by every message consumed from it.
+#[derive(Debug)]
+pub(crate) struct DeadLetterStream {
+    js: jetstream::Context,
+    config: jetstream::stream::Config,
+    /// `<events.dead_letter_subject>`: reasons are appended as the last token.
+    subject: String,
+    ensured: OnceCell<()>,
+    unprotected: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl DeadLetterStream {
+    async fn ensure(&self) -> Result<(), TransportError> {
+        self.ensured
+            .get_or_try_init(|| ensure_protected(&self.js, self.config.clone(), &self.unprotected))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A consumed message and where it goes if it is dead-lettered.
+#[derive(Debug)]
+pub(crate) struct Received {
+    msg: jetstream::Message,
+    dlq: Arc<DeadLetterStream>,
+}
+
+impl Received {
+    pub(crate) fn payload(&self) -> &[u8] {
+        self.msg.payload.as_ref()
+    }
+
+    pub(crate) fn subject(&self) -> &str {
+        self.msg.subject.as_str()
+    }
+
+    pub(crate) fn source_key(&self) -> Option<String> {
+        let info = self.msg.info().ok()?;
+        Some(format!("{}:{}", info.stream, info.stream_sequence))
+    }
+
+    pub(crate) async fn ack(self) -> Result<(), TransportError> {
+        self.msg
+            .ack()
+            .await
+            .map_err(|e| TransportError::Unavailable(e.to_string()))
+    }
+
+    pub(crate) async fn nack(&self) -> Result<(), TransportError> {
+        self.msg
+            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+            .await
+            .map_err(|e| TransportError::Unavailable(e.to_string()))
+    }
+
+    /// Copy to the dead-letter stream, await its ack, then terminate the original. If
+    /// the copy fails the original is nacked (redelivered later), never terminated.
+    pub(crate) async fn dead_letter(
+        self,
+        reason: DeadLetterReason,
+        detail: &str,
+    ) -> Result<(), TransportError> {
+        match self.copy_to_dead_letters(reason, detail).await {
+            Ok(()) => self
+                .msg
+                .ack_with(jetstream::AckKind::Term)
+                .await
+                .map_err(|e| TransportError::Unavailable(e.to_string())),
+            Err(e) => {
+                if let Err(nack) = self.nack().await {
+                    tracing::warn!(error = %nack, "nack failed; the message comes back after the ack wait");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn copy_to_dead_letters(
+        &self,
+        reason: DeadLetterReason,
+        detail: &str,
+    ) -> Result<(), TransportError> {
+        self.dlq.ensure().await?;
+        let sequence = self
+            .msg
+            .info()
+            .map_err(|e| TransportError::Unavailable(format!("no stream sequence: {e}")))?
+            .stream_sequence;
+        let mut headers = self.msg.headers.clone().unwrap_or_default();
+        headers.insert("Sec-Dead-Letter-Reason", reason.as_str());
+        headers.insert("Sec-Dead-Letter-Detail", header_safe(detail).as_str());
+        headers.insert("Sec-Original-Subject", self.msg.subject.as_str());
+        headers.insert("Sec-Original-Sequence", sequence.to_string().as_str());
+        // Replaces the original's (the event id): the copy is de-duplicated by position.
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("dlq-{sequence}").as_str(),
+        );
+        let subject = format!("{}.{}", self.dlq.subject, reason.as_str());
+        let ack = self
+            .dlq
+            .js
+            .publish_with_headers(subject, headers, self.msg.payload.clone())
+            .await
+            .map_err(|e| classify(&e))?;
+        ack.await.map_err(|e| classify(&e))?;
+        Ok(())
+    }
+}
+
+/// `detail` as a header value: printable ASCII only (no CR/LF), at most 200 bytes.
+fn header_safe(detail: &str) -> String {
+    detail
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(200)
+        .collect()
+}
+
+/// The configuration every event stream gets: file storage, the de-duplication window,
+/// `max_age`, and no API deletes or purges.
+fn protected_config(
+    name: String,
+    subjects: Vec<String>,
+    cfg: &EventsConfig,
+) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name,
+        subjects,
+        max_age: Duration::from_secs(cfg.stream_max_age_hours * 3600),
+        storage: jetstream::stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        deny_delete: true,
+        deny_purge: true,
+        ..Default::default()
+    }
+}
+
+/// The command an operator runs when the server refused to protect `stream`.
+pub fn protect_command(stream: &str) -> String {
+    format!("nats stream edit {stream} --deny-delete --deny-purge")
+}
+
+/// Creates the stream protected, or protects the existing one (keeping the rest of its
+/// configuration). A refused update is logged and recorded in `unprotected`, not fatal:
+/// events still flow.
+async fn ensure_protected(
+    js: &jetstream::Context,
+    config: jetstream::stream::Config,
+    unprotected: &Mutex<BTreeSet<String>>,
+) -> Result<(), TransportError> {
+    let name = config.name.clone();
+    let mut stream = js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| TransportError::Unavailable(format!("cannot create stream {name}: {e}")))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| TransportError::Unavailable(format!("cannot read stream {name}: {e}")))?;
+    let mut existing = info.config.clone();
+    let mut refused = false;
+    if !(existing.deny_delete && existing.deny_purge) {
+        existing.deny_delete = true;
+        existing.deny_purge = true;
+        match js.update_stream(existing).await {
+            Ok(_) => tracing::warn!(
+                stream = %name,
+                "event stream had deny_delete/deny_purge off; turned them on"
+            ),
+            Err(e) => {
+                refused = true;
+                tracing::error!(
+                    stream = %name,
+                    error = %e,
+                    command = %protect_command(&name),
+                    "event stream is not protected against message deletes and purges, and the server refused to change it; run the command"
+                );
+            }
+        }
+    }
+    let mut set = unprotected.lock().unwrap_or_else(PoisonError::into_inner);
+    if refused {
+        set.insert(name);
+    } else {
+        set.remove(&name);
+    }
+    Ok(())
+}
+
 pub struct NatsTransport {
     client: async_nats::Client,
     js: jetstream::Context,
     cfg: EventsConfig,
     stream: OnceCell<()>,
+    dlq: Arc<DeadLetterStream>,
+    unprotected: Arc<Mutex<BTreeSet<String>>>,
     consumer: OnceCell<PullConsumer>,
     /// Bumped on every (re)connection and slow-consumer report: live subscriptions missed
     /// messages meanwhile and tell their subscriber it lagged.
@@ -124,38 +343,41 @@ impl NatsTransport {
             .await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(ACK_TIMEOUT);
+        let unprotected = Arc::new(Mutex::new(BTreeSet::new()));
+        let dlq = Arc::new(DeadLetterStream {
+            js: js.clone(),
+            config: protected_config(
+                dead_letter_stream(&cfg.stream),
+                vec![format!("{}.>", cfg.dead_letter_subject)],
+                cfg,
+            ),
+            subject: cfg.dead_letter_subject.clone(),
+            ensured: OnceCell::new(),
+            unprotected: unprotected.clone(),
+        });
         Ok(Self {
             client,
             js,
             cfg: cfg.clone(),
             stream: OnceCell::new(),
+            dlq,
+            unprotected,
             consumer: OnceCell::new(),
             gaps,
         })
     }
 
-    /// Creates the stream if it does not exist (idempotent; an existing stream is kept).
+    /// Creates the stream if it does not exist, protected (see the module docs); an
+    /// existing stream keeps its configuration, protection added.
     async fn ensure_stream(&self) -> Result<(), TransportError> {
         self.stream
-            .get_or_try_init(|| async {
-                let config = jetstream::stream::Config {
-                    name: self.cfg.stream.clone(),
-                    subjects: vec![format!("{}.>", self.cfg.subject_prefix)],
-                    max_age: Duration::from_secs(self.cfg.stream_max_age_hours * 3600),
-                    storage: jetstream::stream::StorageType::File,
-                    duplicate_window: DUPLICATE_WINDOW,
-                    ..Default::default()
-                };
-                self.js
-                    .get_or_create_stream(config)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        TransportError::Unavailable(format!(
-                            "cannot create stream {}: {e}",
-                            self.cfg.stream
-                        ))
-                    })
+            .get_or_try_init(|| {
+                let config = protected_config(
+                    self.cfg.stream.clone(),
+                    vec![format!("{}.>", self.cfg.subject_prefix)],
+                    &self.cfg,
+                );
+                ensure_protected(&self.js, config, &self.unprotected)
             })
             .await
             .map(|_| ())
@@ -189,6 +411,11 @@ impl NatsTransport {
             })
             .await
     }
+}
+
+/// `<stream>_DLQ`: where the consumer sets aside what it can never store.
+pub fn dead_letter_stream(stream: &str) -> String {
+    format!("{stream}_DLQ")
 }
 
 /// The `traceparent` header of a consumed message (case-insensitive: a foreign publisher
@@ -239,7 +466,30 @@ impl EventTransport for NatsTransport {
         results
     }
 
+    /// For consumers that do not handle [`Undecodable`]s themselves: they are
+    /// dead-lettered here, never dropped.
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
+        let fetched = self.fetch_all(max, wait).await?;
+        for u in fetched.undecodable {
+            let error = u.error.clone();
+            tracing::error!(subject = %u.subject(), error = %error, "undecodable message on the event stream, dead-lettering it");
+            if let Err(e) = u.dead_letter(&error).await {
+                tracing::warn!(error = %e, "cannot dead-letter an undecodable message; it will be redelivered");
+            }
+        }
+        Ok(fetched.deliveries)
+    }
+
+    fn unprotected_streams(&self) -> Vec<String> {
+        self.unprotected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    async fn fetch_all(&self, max: usize, wait: Duration) -> Result<Fetched, TransportError> {
         let consumer = self.consumer().await?;
         let mut messages = consumer
             .fetch()
@@ -248,20 +498,22 @@ impl EventTransport for NatsTransport {
             .messages()
             .await
             .map_err(|e| TransportError::Unavailable(e.to_string()))?;
-        let mut out = Vec::new();
+        let mut out = Fetched::default();
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| TransportError::Unavailable(e.to_string()))?;
-            match SecurityEvent::decode(m.payload.as_ref()) {
-                Ok(event) => out.push(Delivery {
+            let received = Received {
+                msg: m,
+                dlq: self.dlq.clone(),
+            };
+            match SecurityEvent::decode(received.payload()) {
+                Ok(event) => out.deliveries.push(Delivery {
                     event,
-                    traceparent: traceparent_of(&m),
-                    handle: DeliveryHandle::Nats(Box::new(m)),
+                    traceparent: traceparent_of(&received.msg),
+                    handle: DeliveryHandle::Nats(Box::new(received)),
                 }),
-                Err(e) => {
-                    // Not ours to store; terminate it so it is not redelivered forever.
-                    tracing::error!(subject = %m.subject, error = %e, "undecodable message on the event stream, terminating it");
-                    let _ = m.ack_with(jetstream::AckKind::Term).await;
-                }
+                Err(e) => out
+                    .undecodable
+                    .push(Undecodable::new(e.to_string(), received)),
             }
         }
         Ok(out)
@@ -368,6 +620,7 @@ mod tests {
             stream: format!("EVENTS_TEST_{run}"),
             subject_prefix: format!("eventstest{run}"),
             audit_consumer: format!("audit-{run}"),
+            dead_letter_subject: format!("eventstestdl{run}"),
             dead_letter_file: Some(dir.path().join("events.deadletter")),
             // Bypasses publish's size cap, to reach the broker's own limits.
             max_event_bytes: 4 * 1024 * 1024,
@@ -387,6 +640,7 @@ mod tests {
         let max_payload = client.server_info().max_payload;
         let outcome = tokio::spawn(refusals_scenario(url, cfg.clone(), max_payload)).await;
         let deleted = js.delete_stream(&cfg.stream).await;
+        let _ = js.delete_stream(dead_letter_stream(&cfg.stream)).await;
         if let Err(e) = outcome {
             std::panic::resume_unwind(e.into_panic());
         }
@@ -480,6 +734,7 @@ mod tests {
             stream: format!("EVENTS_SUB_{run}"),
             subject_prefix: format!("eventssub{run}"),
             audit_consumer: format!("audit-{run}"),
+            dead_letter_subject: format!("eventssubdl{run}"),
             ..EventsConfig::default()
         };
         let transport = NatsTransport::connect(&url, &cfg, "events-sub-test")
@@ -496,5 +751,221 @@ mod tests {
             std::panic::resume_unwind(e.into_panic());
         }
         deleted.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod protection_tests {
+    use super::*;
+    use sec_testkit::{Backend, backend_url};
+
+    /// Against the real server: a stream that exists unprotected is protected by the
+    /// transport (keeping its own settings), the dead-letter stream is created protected,
+    /// and deleting a message or purging either stream is refused.
+    #[tokio::test]
+    async fn event_streams_refuse_deletes_and_purges() {
+        let Some(url) = backend_url(Backend::Nats) else {
+            return;
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = EventsConfig {
+            stream: format!("EVENTS_PROT_{run}"),
+            subject_prefix: format!("eventsprot{run}"),
+            audit_consumer: format!("audit-{run}"),
+            dead_letter_subject: format!("eventsprotdl{run}"),
+            ..EventsConfig::default()
+        };
+        let client = async_nats::connect(&url).await.unwrap();
+        let js = jetstream::new(client);
+        js.create_stream(jetstream::stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![format!("{}.>", cfg.subject_prefix)],
+            max_messages: 12_345,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let outcome = tokio::spawn(protection_scenario(url, cfg.clone(), js.clone())).await;
+        let deleted = js.delete_stream(&cfg.stream).await;
+        let _ = js.delete_stream(dead_letter_stream(&cfg.stream)).await;
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        deleted.unwrap();
+    }
+
+    async fn protection_scenario(url: String, cfg: EventsConfig, js: jetstream::Context) {
+        let transport = NatsTransport::connect(&url, &cfg, "events-prot-test")
+            .await
+            .unwrap();
+        // Creating the consumer ensures the main stream; the first dead letter, the other.
+        assert!(
+            transport
+                .fetch(1, Duration::from_millis(100))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        transport.dlq.ensure().await.unwrap();
+        assert!(transport.unprotected_streams().is_empty());
+        let ack = js
+            .publish(format!("{}.audit.x.y", cfg.subject_prefix), "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let dlq_ack = js
+            .publish(format!("{}.invalid", cfg.dead_letter_subject), "y".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        for (name, seq) in [
+            (cfg.stream.clone(), ack.sequence),
+            (dead_letter_stream(&cfg.stream), dlq_ack.sequence),
+        ] {
+            let mut stream = js.get_stream(&name).await.unwrap();
+            let info = stream.info().await.unwrap().clone();
+            assert!(info.config.deny_delete && info.config.deny_purge, "{name}");
+            assert!(
+                stream.delete_message(seq).await.is_err(),
+                "{name}: message delete refused"
+            );
+            assert!(stream.purge().await.is_err(), "{name}: purge refused");
+            assert_eq!(stream.info().await.unwrap().state.messages, 1, "{name}");
+        }
+        let main = js
+            .get_stream(&cfg.stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+        assert_eq!(main.max_messages, 12_345, "existing settings kept");
+    }
+}
+
+#[cfg(test)]
+mod dead_letter_tests {
+    use super::*;
+    use sec_testkit::{Backend, backend_url};
+
+    /// Against the real server: while the dead-letter stream cannot be created (another
+    /// stream holds its subjects), dead-lettering fails and the original comes back
+    /// (nacked, never terminated without its copy); once it can, the copy is made and
+    /// the original is gone from the consumer.
+    #[tokio::test]
+    async fn a_failed_copy_leaves_the_message_for_redelivery() {
+        let Some(url) = backend_url(Backend::Nats) else {
+            return;
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = EventsConfig {
+            stream: format!("EVENTS_DLT_{run}"),
+            subject_prefix: format!("eventsdlt{run}"),
+            audit_consumer: format!("audit-{run}"),
+            dead_letter_subject: format!("eventsdltdl{run}"),
+            ..EventsConfig::default()
+        };
+        let client = async_nats::connect(&url).await.unwrap();
+        let js = jetstream::new(client);
+        let blocker = format!("EVENTS_DLT_BLOCK_{run}");
+        js.create_stream(jetstream::stream::Config {
+            name: blocker.clone(),
+            subjects: vec![format!("{}.>", cfg.dead_letter_subject)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            dead_letter_scenario(url, cfg.clone(), js.clone(), blocker.clone()),
+        ))
+        .await;
+        let _ = js.delete_stream(&blocker).await;
+        let _ = js.delete_stream(dead_letter_stream(&cfg.stream)).await;
+        let deleted = js.delete_stream(&cfg.stream).await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+        deleted.unwrap();
+    }
+
+    async fn dead_letter_scenario(
+        url: String,
+        cfg: EventsConfig,
+        js: jetstream::Context,
+        blocker: String,
+    ) {
+        let transport = NatsTransport::connect(&url, &cfg, "events-dlt-test")
+            .await
+            .unwrap();
+        assert!(
+            transport
+                .fetch(1, Duration::from_millis(100))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        js.publish(
+            format!("{}.audit.x.y", cfg.subject_prefix),
+            "\u{a}\u{ff}".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let take = || async {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                got.extend(
+                    transport
+                        .fetch_all(10, Duration::from_millis(500))
+                        .await
+                        .unwrap()
+                        .undecodable,
+                );
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            got
+        };
+        let mut first = take().await;
+        assert_eq!(first.len(), 1);
+        let u = first.remove(0);
+        let key = u.source_key();
+        assert!(key.is_some());
+        assert!(
+            u.dead_letter("test").await.is_err(),
+            "no dead-letter stream: refused"
+        );
+        let mut again = take().await;
+        assert_eq!(again.len(), 1, "nacked, not terminated: redelivered");
+        let u = again.remove(0);
+        assert_eq!(u.source_key(), key);
+
+        js.delete_stream(&blocker).await.unwrap();
+        u.dead_letter("test").await.unwrap();
+        let dlq = js
+            .get_stream(dead_letter_stream(&cfg.stream))
+            .await
+            .unwrap();
+        let copy = dlq.get_raw_message(1).await.unwrap();
+        assert_eq!(copy.payload.as_ref(), "\u{a}\u{ff}".as_bytes());
+        assert_eq!(
+            copy.subject.as_str(),
+            format!("{}.undecodable", cfg.dead_letter_subject)
+        );
+        assert!(
+            transport
+                .fetch_all(10, Duration::from_secs(2))
+                .await
+                .unwrap()
+                .undecodable
+                .is_empty(),
+            "terminated after the copy"
+        );
     }
 }

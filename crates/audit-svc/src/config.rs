@@ -1,0 +1,87 @@
+//! audit-svc's `[audit]` section: limits applied at ingest.
+
+use sec_common::config::ServiceConfig;
+use serde::{Deserialize, Serialize};
+
+const KIB: usize = 1024;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Largest total size of an event's details (keys plus values, bytes) that is
+    /// stored; a larger event is dead-lettered as `too_large`. Also bounds the payload
+    /// bytes kept per row of `dead_letters`. 1 KiB ..= 1 MiB.
+    pub max_details_bytes: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            max_details_bytes: 16 * KIB,
+        }
+    }
+}
+
+impl ServiceConfig for AuditConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        if !(KIB..=KIB * KIB).contains(&self.max_details_bytes) {
+            return Err((
+                "max_details_bytes".into(),
+                "must be between 1024 (1 KiB) and 1048576 (1 MiB)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_validated() {
+        assert_eq!(AuditConfig::default().max_details_bytes, 16 * 1024);
+        assert!(AuditConfig::default().validate().is_ok());
+        for ok in [1024, 1024 * 1024] {
+            assert!(
+                AuditConfig {
+                    max_details_bytes: ok
+                }
+                .validate()
+                .is_ok()
+            );
+        }
+        for bad in [0, 1023, 1024 * 1024 + 1] {
+            let (key, _) = AuditConfig {
+                max_details_bytes: bad,
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(key, "max_details_bytes");
+        }
+    }
+
+    #[test]
+    fn section_is_read_from_toml_and_env() {
+        let specs = [&crate::SPEC];
+        let vars: std::collections::BTreeMap<String, String> =
+            [("SEC_AUDIT__MAX_DETAILS_BYTES".to_owned(), "4096".to_owned())]
+                .into_iter()
+                .collect();
+        let cfg = sec_common::spec::load_config(None, &vars, &specs).unwrap();
+        assert_eq!(
+            cfg.section::<AuditConfig>("audit")
+                .unwrap()
+                .max_details_bytes,
+            4096
+        );
+        let vars: std::collections::BTreeMap<String, String> =
+            [("SEC_AUDIT__MAX_DETAILS_BYTES".to_owned(), "10".to_owned())]
+                .into_iter()
+                .collect();
+        let err = sec_common::spec::load_config(None, &vars, &specs)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("audit.max_details_bytes"), "{err}");
+    }
+}
