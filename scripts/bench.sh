@@ -30,6 +30,9 @@ echo "== sec-load (end to end, loopback) =="
 # shellcheck disable=SC2086 # SEC_LOAD_ARGS is a list of flags
 "$CARGO" run --release -q -p sec-load -- --out "$OUT/load.json" ${SEC_LOAD_ARGS:-}
 
+echo "== audit-svc: end-to-end ingest (publisher -> NATS -> PostgreSQL, chain on; 60 s) =="
+"$CARGO" bench -p audit-svc --bench ingest 2>&1 | tee "$OUT/audit-ingest.log"
+
 echo "== auth-svc: client_credentials at the facade vs oidc-provider (wrk) =="
 if command -v wrk >/dev/null && command -v node >/dev/null; then
   scripts/bench-auth.sh

@@ -1,4 +1,4 @@
-//! End-to-end audit ingest: publishers → `EventBus` → NATS JetStream → audit-svc's ingest
+//! End-to-end audit ingest: publishers → `EventBus` (durable outbox on) → NATS JetStream → audit-svc's ingest
 //! loop → PostgreSQL, hash chain on, on this machine's servers (loopback only).
 //!
 //!     cargo bench -p audit-svc --bench ingest                    # 60 s at 25,000 events/s
@@ -84,7 +84,9 @@ async fn run() {
     audit_svc::MIGRATIONS.postgres.run(&pool).await.unwrap();
     let store = Arc::new(PgEventStore::new(pool.clone(), system()));
 
+    let outbox = tempfile::tempdir().unwrap();
     let cfg = EventsConfig {
+        outbox_dir: Some(outbox.path().join("outbox")),
         stream: format!("BENCH_{run_id}"),
         subject_prefix: format!("bench.{run_id}"),
         audit_consumer: format!("bench-{run_id}"),
@@ -98,7 +100,8 @@ async fn run() {
             .await
             .unwrap(),
     );
-    let bus = EventBus::new(transport, &cfg);
+    // As in production: every accepted event is in the on-disk outbox before publish returns.
+    let bus = EventBus::with_outbox(transport, &cfg, system()).unwrap();
     let metrics = audit_svc::pipeline::IngestMetrics::register(&mut Registry::default());
     let stop = CancellationToken::new();
     let ingest = tokio::spawn(audit_svc::pipeline::run(
@@ -131,8 +134,22 @@ async fn run() {
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let clock = system();
+    let mut last_report = Instant::now();
     while start.elapsed() < Duration::from_secs(secs) {
         tick.tick().await;
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = Instant::now();
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM security_events")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            println!(
+                "  t={:.0}s accepted {} stored {n} (bus pending {})",
+                start.elapsed().as_secs_f64(),
+                accepted.len(),
+                bus.pending()
+            );
+        }
         for i in 0..per_tick {
             let mut e = new_event(clock.as_ref(), "auth", "sec.auth.login.failed");
             e.subject = format!("user:u{}", i % 1000);

@@ -1,5 +1,6 @@
-//! The supervised task that signs the chain's head every [`INTERVAL`], and the shared
-//! access to the signer that `VerifyChain` uses.
+//! The supervised task that signs the chain's head every
+//! `audit.checkpoint_interval_seconds`, and the shared access to the signer that
+//! `VerifyChain` uses.
 //!
 //! Ingest never waits for crypto-svc: the signer is made on first use, and while
 //! crypto-svc is unreachable events are still stored and chained; the next checkpoint
@@ -22,8 +23,6 @@ use crate::chain::{CheckpointSigner, Report, SignError};
 use crate::store::AuditStore;
 use crate::verify::{VerifyError, checkpoint_now, verify};
 
-/// How often the head is signed (when it moved).
-pub const INTERVAL: Duration = Duration::from_secs(60);
 /// The first checkpoint after a start comes sooner.
 const FIRST: Duration = Duration::from_secs(5);
 /// Bound on the checkpoint signed at shutdown.
@@ -55,12 +54,14 @@ pub struct Checkpointer {
     source: SignerSource,
     signer: OnceCell<Arc<dyn CheckpointSigner>>,
     metrics: Metrics,
+    interval: Duration,
 }
 
 impl Checkpointer {
     pub fn new(
         store: Arc<dyn AuditStore>,
         origin: String,
+        interval: Duration,
         platform: &Platform,
         registry: &mut Registry,
     ) -> anyhow::Result<Arc<Self>> {
@@ -79,6 +80,7 @@ impl Checkpointer {
             },
             signer: OnceCell::new(),
             metrics: Metrics::default(),
+            interval,
         };
         this.register(registry);
         Ok(Arc::new(this))
@@ -99,6 +101,7 @@ impl Checkpointer {
             source: SignerSource::Fixed,
             signer: OnceCell::new_with(Some(signer)),
             metrics: Metrics::default(),
+            interval: Duration::from_secs(60),
         })
     }
 
@@ -210,7 +213,7 @@ impl Checkpointer {
                 () = tokio::time::sleep(wait) => {}
             }
             self.tick().await;
-            wait = INTERVAL;
+            wait = self.interval;
         }
     }
 

@@ -1,4 +1,5 @@
-//! audit-svc's `[audit]` section: limits applied at ingest.
+//! audit-svc's `[audit]` section: limits applied at ingest, and how often the hash chain's
+//! head is signed.
 
 use sec_common::config::ServiceConfig;
 use serde::{Deserialize, Serialize};
@@ -12,12 +13,17 @@ pub struct AuditConfig {
     /// stored; a larger event is dead-lettered as `too_large`. Also bounds the payload
     /// bytes kept per row of `dead_letters`. 1 KiB ..= 1 MiB.
     pub max_details_bytes: usize,
+    /// How often the chain's head is signed in a checkpoint (when it moved), seconds.
+    /// Records appended since the newest checkpoint are the ones a holder of the
+    /// database credentials could still forge unnoticed: keep it short. 5 ..= 3600.
+    pub checkpoint_interval_seconds: u64,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             max_details_bytes: 16 * KIB,
+            checkpoint_interval_seconds: 60,
         }
     }
 }
@@ -28,6 +34,12 @@ impl ServiceConfig for AuditConfig {
             return Err((
                 "max_details_bytes".into(),
                 "must be between 1024 (1 KiB) and 1048576 (1 MiB)".into(),
+            ));
+        }
+        if !(5..=3600).contains(&self.checkpoint_interval_seconds) {
+            return Err((
+                "checkpoint_interval_seconds".into(),
+                "must be between 5 and 3600".into(),
             ));
         }
         Ok(())
@@ -45,7 +57,8 @@ mod tests {
         for ok in [1024, 1024 * 1024] {
             assert!(
                 AuditConfig {
-                    max_details_bytes: ok
+                    max_details_bytes: ok,
+                    ..AuditConfig::default()
                 }
                 .validate()
                 .is_ok()
@@ -54,10 +67,20 @@ mod tests {
         for bad in [0, 1023, 1024 * 1024 + 1] {
             let (key, _) = AuditConfig {
                 max_details_bytes: bad,
+                ..AuditConfig::default()
             }
             .validate()
             .unwrap_err();
             assert_eq!(key, "max_details_bytes");
+        }
+        for bad in [0, 4, 3601] {
+            let (key, _) = AuditConfig {
+                checkpoint_interval_seconds: bad,
+                ..AuditConfig::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(key, "checkpoint_interval_seconds");
         }
     }
 

@@ -100,6 +100,7 @@ pub async fn run(
     let chain = checkpointer::Checkpointer::new(
         store.clone(),
         format!("sec-audit/{instance}"),
+        std::time::Duration::from_secs(cfg.checkpoint_interval_seconds),
         &platform,
         &mut host.registry,
     )?;

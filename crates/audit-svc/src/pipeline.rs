@@ -44,7 +44,11 @@ use tokio_util::sync::CancellationToken;
 use crate::store::dead_letter::{DeadLetter, DeadLetterStore};
 use crate::store::{EventStore, StoreError};
 
-const BATCH: usize = 1000;
+/// Events per fetch and per transaction. Each commit waits for the WAL flush and holds
+/// the chain-head lock, a fixed cost of tens of milliseconds on this class of machine:
+/// 10,000 per batch measured ~20,000 events/s where 1,000 gave ~7,500
+/// (`cargo bench -p audit-svc --bench ingest`).
+const BATCH: usize = 10_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Type of the event announcing a dead letter.
 pub const DEAD_LETTERED: &str = "sec.audit.event.dead_lettered";

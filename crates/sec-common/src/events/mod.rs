@@ -1125,6 +1125,11 @@ pub fn type_service(event_type: &str) -> Option<&str> {
     tokens.first().copied()
 }
 
+/// Event domains not owned by one service: edge protection (`sec.ip.*`,
+/// `sec.ratelimit.*`) runs inside whichever service hosts the facade, and its events
+/// carry that service's name.
+pub const SHARED_DOMAINS: &[&str] = &["ip", "ratelimit"];
+
 /// `sec.crypto.key.rotated` → `<prefix>.crypto.key.rotated`. Types are
 /// `sec.<service>.<noun>.<verb>`, or `sec.<service>.<verb>` where a service's contract
 /// names one so (`sec.token.revoked`). The id must be a UUID. audit-svc applies the same
@@ -1139,7 +1144,7 @@ pub fn subject_for(prefix: &str, event: &SecurityEvent) -> Result<String, Publis
             event.r#type
         )));
     };
-    if service != event.service {
+    if service != event.service && !SHARED_DOMAINS.contains(&service) {
         return Err(PublishError::Invalid(format!(
             "type `{}` does not belong to service `{}`",
             event.r#type, event.service
@@ -1365,6 +1370,11 @@ mod tests {
             subject_for("p", &wrong_owner),
             Err(PublishError::Invalid(_))
         ));
+        // Edge protection's domains are shared: the hosting service publishes them.
+        let edge = new_event(&SystemClock, "auth", "sec.ip.blocked");
+        assert_eq!(subject_for("p", &edge).unwrap(), "p.ip.blocked");
+        let edge = new_event(&SystemClock, "auth", "sec.ratelimit.exceeded");
+        assert!(subject_for("p", &edge).is_ok());
         let wildcard = new_event(&SystemClock, "crypto", "sec.crypto.*.rotated");
         assert!(matches!(
             subject_for("p", &wildcard),
