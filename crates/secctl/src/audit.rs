@@ -1,4 +1,4 @@
-//! `secctl audit list|verify|head`: recent security events and the hash chain.
+//! `secctl audit list|verify|head|export`: security events and the hash chain.
 
 use std::process::ExitCode;
 
@@ -160,6 +160,67 @@ pub async fn head(config: &Config, output: Output) -> anyhow::Result<ExitCode> {
                 None => println!("checkpoint: none yet"),
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rfc3339(flag: &str, s: Option<String>) -> anyhow::Result<Option<prost_types::Timestamp>> {
+    s.map(|s| {
+        chrono::DateTime::parse_from_rfc3339(&s)
+            .map(|t| sec_common::events::to_timestamp(t.with_timezone(&chrono::Utc)))
+            .with_context(|| format!("{flag} {s}: expected RFC 3339, e.g. 2026-01-31T12:00:00Z"))
+    })
+    .transpose()
+}
+
+/// `secctl audit export`: ExportEvents' chunks straight to stdout (`-o` does not apply:
+/// the format is `--format`).
+pub async fn export(
+    config: &Config,
+    command: crate::cli::AuditCommand,
+) -> anyhow::Result<ExitCode> {
+    use futures::StreamExt as _;
+    use sec_proto::audit::v1::{EventFilter, ExportEventsRequest, ExportFormat, Order};
+    let crate::cli::AuditCommand::Export {
+        event_types,
+        since,
+        until,
+        actor,
+        subject,
+        ip,
+        format,
+        oldest_first,
+        limit,
+    } = command
+    else {
+        anyhow::bail!("not an export command");
+    };
+    let request = ExportEventsRequest {
+        filter: Some(EventFilter {
+            since: rfc3339("--since", since)?,
+            until: rfc3339("--until", until)?,
+            event_types,
+            actor_id: actor.unwrap_or_default(),
+            subject: subject.unwrap_or_default(),
+            ip: ip.unwrap_or_default(),
+            ..Default::default()
+        }),
+        order: if oldest_first {
+            Order::OldestFirst
+        } else {
+            Order::NewestFirst
+        } as i32,
+        format: match format {
+            crate::cli::ExportFormatArg::Jsonl => ExportFormat::Jsonl,
+            crate::cli::ExportFormatArg::Csv => ExportFormat::Csv,
+        } as i32,
+        limit,
+    };
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    let mut stream = client.export_events(request).await.rpc()?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(crate::rpc::RpcError)?;
+        crate::output::write_raw(&chunk.data)?;
     }
     Ok(ExitCode::SUCCESS)
 }

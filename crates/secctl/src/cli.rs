@@ -136,6 +136,39 @@ pub enum AuditCommand {
     },
     /// The chain's head and its newest signed checkpoint.
     Head,
+    /// Stream matching events to stdout as JSON Lines (default) or CSV.
+    Export {
+        /// Exact event type, or a prefix ending in `*`; repeatable (any of them).
+        #[arg(long = "type")]
+        event_types: Vec<String>,
+        /// Only events at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        /// An address or a CIDR block.
+        #[arg(long)]
+        ip: Option<String>,
+        #[arg(long, value_enum, default_value_t = ExportFormatArg::Jsonl)]
+        format: ExportFormatArg,
+        /// Oldest first (default: newest first).
+        #[arg(long)]
+        oldest_first: bool,
+        /// Most events (at most 1,000,000).
+        #[arg(long, default_value_t = 100_000)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormatArg {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]

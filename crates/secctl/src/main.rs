@@ -25,7 +25,27 @@ use sec_common::config::Config;
 
 use crate::cli::{AuditCommand, Cli, Command};
 
+/// Whether a panic is `print!`'s on a closed stdout (`secctl … | head`).
+fn is_broken_pipe(info: &std::panic::PanicHookInfo<'_>) -> bool {
+    let msg = info
+        .payload()
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| info.payload().downcast_ref::<&str>().copied())
+        .unwrap_or_default();
+    msg.contains("failed printing to stdout") && msg.contains("Broken pipe")
+}
+
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `println!` to a reader that went away (`| head`) panics;
+    // like any Unix tool, end quietly instead.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if is_broken_pipe(info) {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     // The same file and `SEC_*` variables as `secd`, so the CLI finds every service.
     let config = match sec_common::spec::load_config(
@@ -76,6 +96,9 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Head,
         } => audit::head(&config, out).await,
+        Command::Audit {
+            command: command @ AuditCommand::Export { .. },
+        } => audit::export(&config, command).await,
         Command::Key { command } => keys::run(&config, out, command).await,
         Command::Kek { command } => keys::kek(&config, out, command).await,
         Command::Encrypt(args) => crypt::encrypt(&config, out, args).await,

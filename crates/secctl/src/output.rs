@@ -18,12 +18,14 @@ pub fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to stdout exactly (no newline added) and flushes.
+/// Writes `bytes` to stdout exactly (no newline added) and flushes; a reader that went
+/// away (`| head`) ends the command quietly.
 pub fn write_raw(bytes: &[u8]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    out.write_all(bytes)?;
-    out.flush()?;
-    Ok(())
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => Ok(r?),
+    }
 }
 
 /// RFC 3339 in UTC with microseconds, or empty when unset.

@@ -214,6 +214,67 @@ async fn chain_end_to_end(backends: Backends) {
     }
     search_and_export(&tp).await;
 
+    // secctl audit export: CSV and JSON Lines on stdout.
+    let csv = env
+        .run(
+            &[
+                "audit",
+                "export",
+                "--type",
+                "sec.crypto.key.created",
+                "--format",
+                "csv",
+                "--oldest-first",
+            ],
+            b"",
+        )
+        .await
+        .ok()
+        .out();
+    let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
+    assert!(lines[0].starts_with("id,type,time,"), "{csv}");
+    assert!(lines.len() >= 6, "{csv}");
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.contains(",sec.crypto.key.created,")),
+        "{csv}"
+    );
+    let jsonl = env
+        .run(
+            &["audit", "export", "--type", "sec.crypto.*", "--limit", "3"],
+            b"",
+        )
+        .await
+        .ok()
+        .out();
+    let records: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3, "{jsonl}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["type"].as_str().unwrap().starts_with("sec.crypto."))
+    );
+    let run = env.run(&["audit", "export", "--ip", "nonsense"], b"").await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("InvalidArgument") || run.stderr.contains("invalid"),
+        "{}",
+        run.stderr
+    );
+    // A reader that went away (`| head`): a quiet exit 0, for a stream and for JSON.
+    for args in [
+        &["audit", "export"][..],
+        &["audit", "list", "-o", "json"][..],
+        &["audit", "head"][..],
+    ] {
+        let (code, stderr) = env.run_into_closed_pipe(args).await;
+        assert_eq!((code, stderr.as_str()), (0, ""), "{args:?}");
+    }
+
     // The first checkpoint comes a few seconds after the start (the seven
     // `service.started` events are stored by then).
     let head = checkpoint_covering(&tp, 7).await;

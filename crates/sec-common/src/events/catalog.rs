@@ -127,7 +127,11 @@ mod tests {
                     rust_files(&p, out);
                 }
             } else if p.extension().is_some_and(|x| x == "rs")
-                && p.file_name().is_some_and(|n| n != "tests.rs")
+                // Test-only modules in files of their own (`tests.rs`, `chain_tests.rs`).
+                && p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n != "tests.rs" && !n.ends_with("_tests.rs")
+                })
                 // The catalog itself lists every type.
                 && !p.ends_with("events/catalog.rs")
             {

@@ -61,6 +61,35 @@ impl Env {
         Self { vars }
     }
 
+    /// `secctl args…` with only this environment, not started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_secctl"));
+        cmd.env_clear()
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
+            .args(args);
+        cmd
+    }
+
+    /// Runs `secctl args…` with its stdout already closed (`secctl … | head` after
+    /// `head` exited): the exit code and stderr.
+    pub async fn run_into_closed_pipe(&self, args: &[&str]) -> (i32, String) {
+        let mut cmd = self.command(args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        tokio::task::spawn_blocking(move || {
+            let mut child = cmd.spawn().unwrap();
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+        .await
+        .unwrap()
+    }
+
     /// Runs `secctl args…` with `stdin`, off the async workers so the in-process
     /// servers keep serving.
     pub async fn run(&self, args: &[&str], stdin: &[u8]) -> Run {
