@@ -107,6 +107,8 @@ impl TestPlatform {
             config.events.nats_url = Some(Secret::new(nats));
             config.events.stream = format!("SECTEST_{run_id}");
             config.events.subject_prefix = format!("sectest.{run_id}");
+            // Dead letters of this run only (audit-svc's `<stream>_DLQ`), never another's.
+            config.events.dead_letter_subject = format!("sectest_dlq.{run_id}");
             config.events.stream_max_age_hours = 1;
             // crypto-svc refuses to start on a real database without a KEK.
             let mut kek = [0_u8; 32];
@@ -269,7 +271,7 @@ impl TestPlatform {
         (r, self._data_dir)
     }
 
-    /// Drops this run's PostgreSQL schemas and NATS stream (production backends).
+    /// Drops this run's PostgreSQL schemas and NATS streams (production backends).
     pub async fn cleanup(seed: &Seed) {
         let pg = seed
             .config
@@ -288,9 +290,10 @@ impl TestPlatform {
             return;
         };
         if let Ok(c) = async_nats::connect(url.expose()).await {
-            let _ = async_nats::jetstream::new(c)
-                .delete_stream(&seed.config.events.stream)
-                .await;
+            let js = async_nats::jetstream::new(c);
+            let stream = &seed.config.events.stream;
+            let _ = js.delete_stream(stream).await;
+            let _ = js.delete_stream(format!("{stream}_DLQ")).await;
         }
     }
 }
