@@ -95,6 +95,38 @@ fn outside_verifier(db: &std::path::Path) -> Option<(i32, serde_json::Value)> {
 
 /// `GET /security/audit` through the facade and `ExportEvents`, on the five keys made.
 async fn search_and_export(tp: &TestPlatform) {
+    // The events reach the trail asynchronously: wait (bounded) for the five.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = tp
+            .audit()
+            .search_events(sec_proto::audit::v1::SearchEventsRequest {
+                filter: Some(sec_proto::audit::v1::EventFilter {
+                    event_types: vec!["sec.crypto.key.created".into()],
+                    ..Default::default()
+                }),
+                page: Some(sec_proto::common::v1::PageRequest {
+                    page_size: 1000,
+                    page_token: String::new(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .iter()
+            .filter(|e| e.subject.contains("chain-"))
+            .count();
+        if stored == 5 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stored} of 5 key events stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let auth = format!("Bearer {}", tp.token);
     let get = |path: String, token: Option<String>| async move {
         let headers: Vec<(&str, &str)> = token
