@@ -56,8 +56,11 @@ def canonical(seq, r) -> bytes:
 
 
 def main(path):
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     db.row_factory = sqlite3.Row
+    # One read transaction: head, checkpoints and rows from the same snapshot, even while
+    # audit-svc keeps storing events.
+    db.execute("BEGIN")
     head_seq, head_hash = db.execute("SELECT seq, hash FROM audit_chain_head").fetchone()
     checkpoints = {
         s: h for s, h in db.execute("SELECT seq, head_hash FROM audit_checkpoints")
