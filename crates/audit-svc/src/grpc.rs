@@ -66,17 +66,7 @@ pub fn query_from(req: &ListEventsRequest) -> Result<EventQuery, Error> {
     {
         return Err(Error::invalid("until", "until must be after since"));
     }
-    let page = req.page.clone().unwrap_or_default();
-    q.limit = match page.page_size {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
-    if !page.page_token.is_empty() {
-        q.after = Some(
-            Cursor::decode(&page.page_token)
-                .ok_or_else(|| Error::invalid("page.page_token", "invalid page token"))?,
-        );
-    }
+    page_into(&mut q, req.page.as_ref())?;
     Ok(q)
 }
 
