@@ -222,6 +222,57 @@ async fn events(tp: &TestPlatform, want: &[&str]) -> Vec<sec_proto::common::v1::
     }
 }
 
+/// `audit.sensitive_fields` (default: `details.username`): the trail holds the login
+/// events' usernames only as crypto-svc HMACs, and a search by the plain username still
+/// finds exactly them.
+async fn sensitive_username_is_an_hmac(tp: &TestPlatform) {
+    let evs = events(tp, &["sec.auth.login.failed", "sec.auth.login.succeeded"]).await;
+    let logins: Vec<_> = evs
+        .iter()
+        .filter(|e| e.r#type.starts_with("sec.auth.login."))
+        .collect();
+    for e in &logins {
+        let stored = &e.details["username"];
+        assert!(stored.starts_with("sec:v1:"), "{e:?}");
+        assert!(
+            !format!("{e:?}").contains("alice"),
+            "plain username stored: {e:?}"
+        );
+    }
+    assert_eq!(logins[0].details["username"], logins[1].details["username"]);
+    let search = |value: &str| {
+        let mut audit = tp.audit();
+        let value = value.to_owned();
+        async move {
+            audit
+                .search_events(sec_proto::audit::v1::SearchEventsRequest {
+                    filter: Some(sec_proto::audit::v1::EventFilter {
+                        details: vec![sec_proto::audit::v1::DetailMatch {
+                            path: "username".into(),
+                            value,
+                        }],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+        }
+    };
+    let found = search("alice").await;
+    assert_eq!(found.len(), logins.len(), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .all(|e| e.r#type.starts_with("sec.auth.login."))
+    );
+    assert!(search("bob").await.is_empty());
+    // the stored value itself is not a search key for it
+    assert!(search(&logins[0].details["username"]).await.is_empty());
+}
+
 struct Setup {
     tp: TestPlatform,
     client_id: String,
@@ -384,6 +435,7 @@ async fn code_flow_through_login_and_consent_then_remembered() {
     for e in &evs {
         assert!(!format!("{e:?}").contains(&code), "never the code: {e:?}");
     }
+    sensitive_username_is_an_hmac(&s.tp).await;
 
     // The pending request was consumed: the same form again is refused.
     let again = b

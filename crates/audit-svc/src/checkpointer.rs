@@ -65,11 +65,7 @@ impl Checkpointer {
         platform: &Platform,
         registry: &mut Registry,
     ) -> anyhow::Result<Arc<Self>> {
-        let url = platform
-            .addrs("crypto")?
-            .endpoint_url(platform.config.tls.enabled());
-        let channel = sec_common::grpc::channel(&url, &platform.config.tls)?;
-        let credential = platform.credential(crate::NAME).map(str::to_owned);
+        let (channel, credential) = crate::crypto_channel(platform)?;
         let this = Self {
             store,
             origin,

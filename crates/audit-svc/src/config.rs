@@ -17,6 +17,9 @@ pub struct AuditConfig {
     /// Records appended since the newest checkpoint are the ones a holder of the
     /// database credentials could still forge unnoticed: keep it short. 5 ..= 3600.
     pub checkpoint_interval_seconds: u64,
+    /// Detail fields stored as keyed HMACs (`details.<key>`), never in plain text: they
+    /// can be matched exactly in searches but not read. At most 32.
+    pub sensitive_fields: Vec<String>,
 }
 
 impl Default for AuditConfig {
@@ -24,6 +27,7 @@ impl Default for AuditConfig {
         Self {
             max_details_bytes: 16 * KIB,
             checkpoint_interval_seconds: 60,
+            sensitive_fields: vec!["details.username".into(), "details.email".into()],
         }
     }
 }
@@ -42,9 +46,39 @@ impl ServiceConfig for AuditConfig {
                 "must be between 5 and 3600".into(),
             ));
         }
+        if self.sensitive_fields.len() > MAX_SENSITIVE_FIELDS {
+            return Err((
+                "sensitive_fields".into(),
+                format!("at most {MAX_SENSITIVE_FIELDS} fields"),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for f in &self.sensitive_fields {
+            let key = f
+                .strip_prefix(crate::sensitive::DETAILS_PREFIX)
+                .filter(|k| {
+                    (1..=64).contains(&k.len())
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+                })
+                .ok_or_else(|| {
+                    (
+                        "sensitive_fields".to_owned(),
+                        format!(
+                            "`{f}` is not `details.<key>` with a key of 1 to 64 characters [A-Za-z0-9_.-]"
+                        ),
+                    )
+                })?;
+            if !seen.insert(key) {
+                return Err(("sensitive_fields".into(), format!("`{f}` is listed twice")));
+            }
+        }
         Ok(())
     }
 }
+
+/// Most `sensitive_fields`.
+const MAX_SENSITIVE_FIELDS: usize = 32;
 
 #[cfg(test)]
 mod tests {
@@ -82,6 +116,34 @@ mod tests {
             .unwrap_err();
             assert_eq!(key, "checkpoint_interval_seconds");
         }
+    }
+
+    #[test]
+    fn sensitive_fields_are_detail_keys() {
+        let with = |f: &[&str]| AuditConfig {
+            sensitive_fields: f.iter().map(|s| (*s).to_owned()).collect(),
+            ..AuditConfig::default()
+        };
+        assert!(with(&[]).validate().is_ok());
+        assert!(
+            with(&["details.email", "details.phone-number"])
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            &["email"][..],
+            &["actor_id"],
+            &["details."],
+            &["details.a b"],
+            &["details.email", "details.email"],
+        ] {
+            let (key, msg) = with(bad).validate().unwrap_err();
+            assert_eq!(key, "sensitive_fields", "{bad:?}");
+            assert!(!msg.is_empty());
+        }
+        let many: Vec<String> = (0..33).map(|i| format!("details.f{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(with(&refs).validate().is_err());
     }
 
     #[test]

@@ -2,18 +2,23 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+use sec_common::clock::SharedClock;
 use sec_common::error::Error;
 use sec_proto::audit::v1::audit_service_server::AuditService;
 use sec_proto::audit::v1::{
     EventFilter, ExportChunk, ExportEventsRequest, ExportFormat, GetChainHeadRequest,
-    GetChainHeadResponse, ListEventsRequest, ListEventsResponse, Order, SearchEventsRequest,
-    SearchEventsResponse, VerifyChainRequest, VerifyChainResponse,
+    GetChainHeadResponse, GetReportRequest, ListEventsRequest, ListEventsResponse, Order,
+    ReportFormat, ReportKind, SearchEventsRequest, SearchEventsResponse, VerifyChainRequest,
+    VerifyChainResponse,
 };
 use sec_proto::common::v1::{PageRequest, PageResponse};
 use tonic::{Request, Response, Status};
 
 use crate::chain::{Checkpoint, hex};
 use crate::checkpointer::Checkpointer;
+use crate::reports::{IncidentSource, Kind, ReportError, Scope};
+use crate::sensitive::Sensitive;
 use crate::store::{AuditStore, Cursor, EventQuery, TypeMatch};
 use crate::verify::VerifyError;
 
@@ -25,12 +30,82 @@ const MAX_DETAILS: usize = 10;
 const MAX_VALUE_CHARS: usize = 512;
 const DEFAULT_EXPORT: u32 = 100_000;
 const MAX_EXPORT: u32 = 1_000_000;
+/// Bytes per streamed piece of a report (well under the 4 MiB message limit).
+const REPORT_CHUNK: usize = 256 * 1024;
 const SEVERITIES: [&str; 5] = ["info", "low", "medium", "high", "critical"];
 const OUTCOMES: [&str; 3] = ["success", "failure", "denied"];
 
 pub struct AuditApi {
     pub store: Arc<dyn AuditStore>,
     pub chain: Arc<Checkpointer>,
+    /// `audit.sensitive_fields`: a filter on one of them matches its stored HMACs.
+    pub sensitive: Option<Arc<Sensitive>>,
+    /// The alert store, for the incident report.
+    pub incidents: Option<Arc<dyn IncidentSource>>,
+    pub clock: SharedClock,
+}
+
+/// A report's range when the request leaves it open: the 30 days before `until`.
+const DEFAULT_REPORT_DAYS: i64 = 30;
+
+fn report_scope(r: &GetReportRequest, now: DateTime<Utc>) -> Result<Scope, Error> {
+    let kind = match ReportKind::try_from(r.kind) {
+        Ok(ReportKind::Access) => Kind::Access,
+        Ok(ReportKind::Changes) => Kind::Changes,
+        Ok(ReportKind::Incidents) => Kind::Incidents,
+        Ok(ReportKind::Unspecified) | Err(_) => {
+            return Err(Error::invalid("kind", "access, changes or incidents"));
+        }
+    };
+    let time = |t: &Option<prost_types::Timestamp>, field: &str| {
+        t.as_ref()
+            .map(|t| {
+                micros(t, field).and_then(|us| {
+                    DateTime::from_timestamp_micros(us)
+                        .ok_or_else(|| Error::invalid(field, "timestamp out of range"))
+                })
+            })
+            .transpose()
+    };
+    let until = time(&r.until, "until")?.unwrap_or(now);
+    let since =
+        time(&r.since, "since")?.unwrap_or(until - chrono::TimeDelta::days(DEFAULT_REPORT_DAYS));
+    if since >= until {
+        return Err(Error::invalid("until", "until must be after since"));
+    }
+    Ok(Scope {
+        kind,
+        since,
+        until,
+        subject: bounded("subject", &r.subject)?,
+        actor_id: bounded("actor_id", &r.actor_id)?,
+    })
+}
+
+impl AuditApi {
+    /// A filter from a request, with values of sensitive fields turned into what is
+    /// stored for them (their HMAC under each key version).
+    async fn search_query(
+        &self,
+        filter: Option<EventFilter>,
+        order: i32,
+    ) -> Result<EventQuery, Error> {
+        let mut q = filter_query(&filter.unwrap_or_default(), order)?;
+        if let Some(sensitive) = &self.sensitive {
+            for (key, values) in &mut q.details {
+                if sensitive.is_sensitive(key) {
+                    let mut stored = Vec::new();
+                    for v in values.iter() {
+                        stored.extend(sensitive.match_values(v).await.map_err(|e| {
+                            Error::unavailable("cannot match a sensitive field now", &e)
+                        })?);
+                    }
+                    *values = stored;
+                }
+            }
+        }
+        Ok(q)
+    }
 }
 
 fn micros(t: &prost_types::Timestamp, field: &str) -> Result<i64, Error> {
@@ -203,7 +278,7 @@ pub fn filter_query(f: &EventFilter, order: i32) -> Result<EventQuery, Error> {
         if value.chars().count() > MAX_VALUE_CHARS {
             return Err(Error::invalid("filter.details.value", "too long"));
         }
-        q.details.push((detail_key(&d.path)?, value));
+        q.details.push((detail_key(&d.path)?, vec![value]));
     }
     q.oldest_first = match Order::try_from(order) {
         Ok(Order::Unspecified | Order::NewestFirst) => false,
@@ -233,13 +308,44 @@ impl AuditService for AuditApi {
     type ExportEventsStream = std::pin::Pin<
         Box<dyn futures::Stream<Item = Result<ExportChunk, Status>> + Send + 'static>,
     >;
+    type GetReportStream = Self::ExportEventsStream;
+
+    async fn get_report(
+        &self,
+        request: Request<GetReportRequest>,
+    ) -> Result<Response<Self::GetReportStream>, Status> {
+        let r = request.into_inner();
+        let scope = report_scope(&r, self.clock.now())?;
+        let csv = match ReportFormat::try_from(r.format) {
+            Ok(ReportFormat::Unspecified | ReportFormat::Json) => false,
+            Ok(ReportFormat::Csv) => true,
+            Err(_) => return Err(Error::invalid("format", "JSON or CSV").into()),
+        };
+        let report = crate::reports::build(
+            self.store.as_ref(),
+            self.incidents.as_deref(),
+            &scope,
+            self.clock.now(),
+            csv,
+        )
+        .await
+        .map_err(|e| match e {
+            ReportError::TooLarge(m) => Error::precondition(m),
+            ReportError::Store(e) => Error::unavailable("building the report failed", &e),
+        })?;
+        let chunks: Vec<Result<ExportChunk, Status>> = report
+            .chunks(REPORT_CHUNK)
+            .map(|c| Ok(ExportChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
 
     async fn search_events(
         &self,
         request: Request<SearchEventsRequest>,
     ) -> Result<Response<SearchEventsResponse>, Status> {
         let r = request.into_inner();
-        let mut q = filter_query(&r.filter.unwrap_or_default(), r.order)?;
+        let mut q = self.search_query(r.filter, r.order).await?;
         page_into(&mut q, r.page.as_ref())?;
         let (events, next) = self
             .store
@@ -259,7 +365,7 @@ impl AuditService for AuditApi {
         request: Request<ExportEventsRequest>,
     ) -> Result<Response<Self::ExportEventsStream>, Status> {
         let r = request.into_inner();
-        let mut q = filter_query(&r.filter.unwrap_or_default(), r.order)?;
+        let mut q = self.search_query(r.filter, r.order).await?;
         let csv = match ExportFormat::try_from(r.format) {
             Ok(ExportFormat::Unspecified | ExportFormat::Jsonl) => false,
             Ok(ExportFormat::Csv) => true,

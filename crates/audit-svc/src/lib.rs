@@ -10,6 +10,8 @@ pub mod checkpointer;
 pub mod config;
 pub mod grpc;
 pub mod pipeline;
+pub mod reports;
+pub mod sensitive;
 pub mod signer;
 pub mod store;
 pub mod verify;
@@ -38,6 +40,7 @@ pub const ACCESS: AccessTable = AccessTable {
         ("GetChainHead", Access::Admin),
         ("SearchEvents", Access::Admin),
         ("ExportEvents", Access::Admin),
+        ("GetReport", Access::Admin),
     ],
 };
 
@@ -47,7 +50,8 @@ pub static SPEC: ServiceSpec = ServiceSpec {
     default_ports: (50054, 9104),
     http_facade: false,
     access: &[ACCESS],
-    // Checkpoints are signed with audit-svc's own crypto-svc key.
+    // Checkpoints are signed, and sensitive fields HMAC'd, with audit-svc's own
+    // crypto-svc keys.
     calls: &["crypto"],
     config: &[ConfigSection::of::<AuditConfig>()],
     preflight: no_preflight,
@@ -77,6 +81,18 @@ pub fn dead_letter_store(
         Db::Postgres(p) => Arc::new(store::dead_letter::PgDeadLetters::new(p.clone(), clock)),
         Db::Sqlite(p) => Arc::new(store::dead_letter::SqliteDeadLetters::new(p.clone(), clock)),
     }
+}
+
+/// A channel to crypto-svc (checkpoint signatures, sensitive fields' HMACs) and
+/// audit-svc's credential for it.
+pub(crate) fn crypto_channel(
+    platform: &Platform,
+) -> anyhow::Result<(tonic::transport::Channel, Option<String>)> {
+    let url = platform
+        .addrs("crypto")?
+        .endpoint_url(platform.config.tls.enabled());
+    let channel = sec_common::grpc::channel(&url, &platform.config.tls)?;
+    Ok((channel, platform.credential(NAME).map(str::to_owned)))
 }
 
 /// Runs audit-svc until `shutdown`, then stops serving and drains the bus into the store.
@@ -113,6 +129,13 @@ pub async fn run(
         });
     }
 
+    let sensitive = {
+        let (channel, credential) = crypto_channel(&platform)?;
+        sensitive::Sensitive::new(
+            &cfg.sensitive_fields,
+            sensitive::CryptoHasher::new(channel, credential),
+        )
+    };
     let metrics = pipeline::IngestMetrics::register(&mut host.registry);
     let ingest_stop = CancellationToken::new();
     let ingest = tokio::spawn(pipeline::run(
@@ -126,6 +149,7 @@ pub async fn run(
                 subject_prefix: platform.config.events.subject_prefix.clone(),
                 max_details_bytes: cfg.max_details_bytes,
             },
+            sensitive: sensitive.clone(),
         },
         ingest_stop.clone(),
     ));
@@ -133,6 +157,9 @@ pub async fn run(
     let api = AuditServiceServer::new(grpc::AuditApi {
         store: store.clone(),
         chain: chain.clone(),
+        sensitive,
+        incidents: None,
+        clock: platform.clock.clone(),
     });
     let serve = Serve {
         routes: tonic::service::Routes::new(api),

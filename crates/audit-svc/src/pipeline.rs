@@ -34,6 +34,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use prost::Message as _;
 use sec_common::clock::SharedClock;
 use sec_common::events::{
     DeadLetterReason, Delivery, EventBus, Fetched, MAX_DETAILS, Outcome, SecurityEvent, Severity,
@@ -346,6 +347,8 @@ pub struct Ingest {
     /// What the ingest lag is measured against; stamps the dead-letter events.
     pub clock: SharedClock,
     pub limits: Limits,
+    /// `audit.sensitive_fields`, when any is configured.
+    pub sensitive: Option<Arc<crate::sensitive::Sensitive>>,
 }
 
 impl Ingest {
@@ -355,6 +358,11 @@ impl Ingest {
         let (row, event) = match &item {
             Aside::Event(d) => {
                 let e = &d.event;
+                // The table never holds a sensitive value in plain text.
+                let payload = match self.sensitive.as_ref().and_then(|s| s.redacted(e)) {
+                    Some(redacted) => redacted.encode_to_vec(),
+                    None => d.payload(),
+                };
                 let event_id = uuid::Uuid::parse_str(&e.id).ok();
                 let event_type =
                     sec_common::events::type_service(&e.r#type).map(|_| e.r#type.clone());
@@ -365,7 +373,7 @@ impl Ingest {
                         event_id,
                         event_type,
                         d.source_key(),
-                        &d.payload(),
+                        &payload,
                         self.limits.max_details_bytes,
                     ),
                     Some(e),
@@ -467,7 +475,18 @@ impl Ingest {
 
         // The trace id of the producing request, from the `traceparent` header when the
         // producer could not put it in the event itself.
-        let events: Vec<_> = valid.iter().map(Delivery::event_with_trace_id).collect();
+        let mut events: Vec<_> = valid.iter().map(Delivery::event_with_trace_id).collect();
+        if let Some(sensitive) = &self.sensitive
+            && let Err(e) = sensitive.protect(&mut events).await
+        {
+            // Fail closed: nothing is stored in plain text; all of it comes back.
+            let all = valid
+                .into_iter()
+                .map(|d| Aside::Event(Box::new(d)))
+                .chain(rejected.into_iter().map(|(item, _, _)| item));
+            futures::future::join_all(all.map(Aside::nack)).await;
+            return Err(StoreError::Dependency(e.to_string()));
+        }
         let started = Instant::now();
         let inserted = insert_bisecting(self.store.as_ref(), &events).await;
         let committed = inserted.committed.iter().filter(|c| **c).count() as u64;
@@ -703,6 +722,7 @@ mod tests {
                 metrics: metrics.clone(),
                 clock: clock.clone(),
                 limits: limits(),
+                sensitive: None,
             },
             stop.clone(),
         ));
@@ -1027,6 +1047,81 @@ mod ingest_tests {
         m
     }
 
+    /// Sensitive fields reach the store only as HMACs; while they cannot be computed
+    /// nothing of the batch is stored (fail closed), and it is all stored once they can.
+    #[tokio::test]
+    async fn sensitive_fields_are_stored_as_hmacs_and_an_outage_stores_nothing() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4)
+            .await
+            .unwrap();
+        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
+        let db = sec_common::storage::Db::Sqlite(pool);
+        let store = crate::event_store(&db, system());
+        let dead_letters = crate::dead_letter_store(&db, system());
+        let transport = MemoryTransport::new(10_000);
+        let bus = EventBus::with_clock(Arc::new(transport), &EventsConfig::default(), system());
+        let metrics = IngestMetrics::register(&mut Registry::default());
+        let hasher = crate::sensitive::local::LocalHasher::new();
+        hasher.down.store(true, SeqCst);
+        let fields = crate::AuditConfig::default().sensitive_fields;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Ingest {
+                bus: bus.clone(),
+                store: store.clone(),
+                dead_letters: dead_letters.clone(),
+                metrics: metrics.clone(),
+                clock: system(),
+                limits: limits(),
+                sensitive: crate::sensitive::Sensitive::new(&fields, hasher.clone()),
+            },
+            stop.clone(),
+        ));
+        let mut login = new_event(system().as_ref(), "auth", "sec.auth.login.failed");
+        login
+            .details
+            .insert("username".into(), "alice@example.com".into());
+        login.details.insert("reason".into(), "bad_password".into());
+        let plain = new_event(system().as_ref(), "auth", "sec.auth.login.succeeded");
+        bus.publish(login.clone()).unwrap();
+        bus.publish(plain.clone()).unwrap();
+        wait_for("a refused attempt", async || hasher.calls.load(SeqCst) >= 2).await;
+        assert!(
+            all_events(store.as_ref()).await.is_empty(),
+            "nothing stored in plain text"
+        );
+        assert!(metrics.failures.get() >= 1, "counted as failed batches");
+
+        hasher.down.store(false, SeqCst);
+        wait_for("both events", async || {
+            all_events(store.as_ref()).await.len() == 2
+        })
+        .await;
+        let stored = all_events(store.as_ref()).await;
+        let got = stored.iter().find(|e| e.id == login.id).unwrap();
+        assert_eq!(got.details["username"], hasher.tag(1, "alice@example.com"));
+        assert_eq!(got.details["reason"], "bad_password");
+        assert!(stored.iter().any(|e| e.id == plain.id));
+
+        // An event that is dead-lettered keeps no sensitive value in the table either.
+        let mut big = new_event(system().as_ref(), "auth", "sec.auth.login.exploded");
+        big.details
+            .insert("username".into(), "carol@example.com".into());
+        bus.publish(big.clone()).unwrap();
+        wait_for("the dead letter", async || {
+            !dead_letters.recent(10).await.unwrap().is_empty()
+        })
+        .await;
+        let row = &dead_letters.recent(10).await.unwrap()[0].row;
+        assert_eq!(row.event_id.unwrap().to_string(), big.id);
+        let kept = String::from_utf8_lossy(&row.payload);
+        assert!(!kept.contains("carol") && kept.contains(crate::sensitive::REDACTED));
+        stop.cancel();
+        task.await.unwrap();
+    }
+
     /// In process (memory bus + SQLite): what applies there (no subjects, no foreign
     /// bytes; SQLite stores a NUL character).
     #[tokio::test]
@@ -1081,6 +1176,7 @@ mod ingest_tests {
                 metrics: metrics.clone(),
                 clock: system(),
                 limits: limits(),
+                sensitive: None,
             },
             stop.clone(),
         ));
@@ -1284,6 +1380,7 @@ mod ingest_tests {
                 metrics: metrics.clone(),
                 clock: system(),
                 limits,
+                sensitive: None,
             },
             stop.clone(),
         ));

@@ -1597,6 +1597,38 @@ impl Engine {
         .await
     }
 
+    /// HMACs of `messages` under `version` (0: the latest), in order. The caller checks
+    /// the item count ([`Self::check_batch`]); the total size is checked here.
+    pub async fn batch_hmac(
+        &self,
+        name: &str,
+        version: u32,
+        messages: &[Vec<u8>],
+    ) -> Result<(Vec<String>, u32), Error> {
+        self.metered(name, Op::Hmac, async {
+            self.check_batch(messages.len())?;
+            let total = messages.iter().map(Vec::len).sum();
+            self.check_payload("messages", total)?;
+            let k = self.load(name).await?;
+            Self::require(&k, Op::Hmac)?;
+            let (v, l) = if version == 0 {
+                Self::latest(&k)?
+            } else {
+                (version, Self::version(&k, version, "key_version")?)
+            };
+            let tags = messages
+                .iter()
+                .map(|m| {
+                    l.hmac(m)
+                        .map(|tag| wire::format(v, &tag))
+                        .map_err(|e| Self::op_error(e, "messages"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((tags, v))
+        })
+        .await
+    }
+
     pub async fn verify_hmac(&self, name: &str, message: &[u8], tag: &str) -> Result<bool, Error> {
         self.metered(name, Op::Hmac, async {
             self.check_payload("message", message.len())?;

@@ -489,6 +489,24 @@ impl CryptoService for CryptoApi {
         Ok(Response::new(pb::HmacResponse { hmac, key_version }))
     }
 
+    async fn batch_hmac(
+        &self,
+        req: Request<pb::BatchHmacRequest>,
+    ) -> Result<Response<pb::BatchHmacResponse>, Status> {
+        check_batch(
+            &self.engine,
+            &req.get_ref().key_name,
+            req.get_ref().messages.len(),
+        )?;
+        authorize(&self.engine, &req, &req.get_ref().key_name).await?;
+        let r = req.into_inner();
+        let (hmacs, key_version) = self
+            .engine
+            .batch_hmac(&r.key_name, r.key_version, &r.messages)
+            .await?;
+        Ok(Response::new(pb::BatchHmacResponse { hmacs, key_version }))
+    }
+
     async fn verify_hmac(
         &self,
         req: Request<pb::VerifyHmacRequest>,

@@ -54,6 +54,7 @@ pub const ACCESS: AccessTable = AccessTable {
         ("Verify", Access::Service),
         ("Hmac", Access::Service),
         ("VerifyHmac", Access::Service),
+        ("BatchHmac", Access::Service),
         ("GetPublicKey", Access::Service),
         ("EnsureServiceKey", Access::Service),
     ],

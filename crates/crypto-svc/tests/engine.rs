@@ -443,6 +443,60 @@ async fn operations_match_key_types() {
     assert_eq!(a, b, "aes256-gcm-siv is deterministic");
 }
 
+/// A batch gives, in order, exactly what one HMAC per message gives; an older version
+/// still answers (so a value hashed before a rotation can be matched); the limits hold.
+#[tokio::test]
+async fn batch_hmac_matches_single_hmacs_under_every_version() {
+    let f = fixture().await;
+    f.engine
+        .create_key(&ADMIN, "fields", KeyType::HmacSha256, KeyPolicy::default())
+        .await
+        .unwrap();
+    let messages: Vec<Vec<u8>> = vec![b"alice@example.com".to_vec(), b"".to_vec(), b"bob".to_vec()];
+    let (v1, version) = f.engine.batch_hmac("fields", 0, &messages).await.unwrap();
+    assert_eq!(version, 1);
+    for (m, tag) in messages.iter().zip(&v1) {
+        assert_eq!(&f.engine.hmac("fields", m).await.unwrap().0, tag);
+        assert!(f.engine.verify_hmac("fields", m, tag).await.unwrap());
+    }
+    assert_ne!(v1[0], v1[2]);
+    f.engine.rotate_key(&ADMIN, "fields").await.unwrap();
+    let (v2, version) = f.engine.batch_hmac("fields", 0, &messages).await.unwrap();
+    assert_eq!(version, 2);
+    assert!(v2[0].starts_with("sec:v2:") && v2[0] != v1[0]);
+    assert_eq!(
+        f.engine.batch_hmac("fields", 1, &messages).await.unwrap(),
+        (v1, 1),
+        "an older version is still usable for matching"
+    );
+    assert_eq!(
+        code(f.engine.batch_hmac("fields", 9, &messages).await),
+        ErrorCode::InvalidArgument
+    );
+    // an encryption key cannot HMAC; the payload limit counts the whole batch
+    f.engine
+        .create_key(&ADMIN, "sealing", KeyType::Aes256Gcm, KeyPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        code(f.engine.batch_hmac("sealing", 0, &messages).await),
+        ErrorCode::FailedPrecondition
+    );
+    let big = vec![vec![0u8; 40 * 1024], vec![0u8; 40 * 1024]];
+    assert_eq!(
+        code(f.engine.batch_hmac("fields", 0, &big).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            f.engine
+                .batch_hmac("fields", 0, &vec![b"m".to_vec(); 1001])
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+}
+
 #[tokio::test]
 async fn bad_names_and_oversized_payloads_are_refused() {
     let f = fixture().await;

@@ -163,6 +163,38 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 100_000)]
         limit: u32,
     },
+    /// A compliance report to stdout: `access` (who accessed what, per subject),
+    /// `changes` (configuration and key changes) or `incidents` (alerts with their
+    /// events), as one JSON document (default, and with `-o json`) or CSV.
+    Report {
+        #[arg(value_enum)]
+        kind: ReportKindArg,
+        /// Only events at or after this RFC 3339 time (default: 30 days before --until).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this RFC 3339 time (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long, value_enum, default_value_t = ReportFormatArg::Json)]
+        format: ReportFormatArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportKindArg {
+    Access,
+    Changes,
+    Incidents,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormatArg {
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

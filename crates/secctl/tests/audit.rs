@@ -307,6 +307,59 @@ async fn chain_end_to_end(backends: Backends) {
         assert_eq!((code, stderr.as_str()), (0, ""), "{args:?}");
     }
 
+    // secctl audit report: the change history holds the five keys made, oldest first,
+    // as CSV and as one JSON document; the access report is JSON too.
+    let csv = env
+        .run(&["audit", "report", "changes", "--format", "csv"], b"")
+        .await
+        .ok()
+        .out();
+    let made: Vec<&str> = csv
+        .split_terminator("\r\n")
+        .filter(|l| l.contains(",sec.crypto.key.created,") && l.contains("chain-"))
+        .collect();
+    assert_eq!(made.len(), 5, "{csv}");
+    assert!(
+        made[0].contains("chain-0") && made[4].contains("chain-4"),
+        "{csv}"
+    );
+    let doc: serde_json::Value = serde_json::from_str(
+        &env.run(&["audit", "report", "changes", "-o", "json"], b"")
+            .await
+            .ok()
+            .out(),
+    )
+    .unwrap();
+    assert_eq!(doc["report"], "changes");
+    assert!(doc["rows"].as_array().unwrap().len() >= 5, "{doc}");
+    let access: serde_json::Value = serde_json::from_str(
+        &env.run(&["audit", "report", "access"], b"")
+            .await
+            .ok()
+            .out(),
+    )
+    .unwrap();
+    assert_eq!(access["report"], "access");
+    let run = env
+        .run(&["audit", "report", "access", "--since", "yesterday"], b"")
+        .await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let run = env
+        .run(
+            &[
+                "audit",
+                "report",
+                "changes",
+                "--since",
+                "2026-02-01T00:00:00Z",
+                "--until",
+                "2026-01-01T00:00:00Z",
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(run.code, 1, "until before since: {}", run.stderr);
+
     // The first checkpoint comes a few seconds after the start (the seven
     // `service.started` events are stored by then).
     let head = checkpoint_covering(&tp, 7).await;

@@ -439,12 +439,21 @@ pub async fn search(store: Arc<dyn AuditStore>) {
     );
     assert_eq!(
         ids(EventQuery {
-            details: vec![("client_id".into(), "c4".into())],
+            details: vec![("client_id".into(), vec!["c4".into()])],
             ..q()
         })
         .await,
         want(&|i| i % 7 == 4, true),
         "detail match"
+    );
+    assert_eq!(
+        ids(EventQuery {
+            details: vec![("client_id".into(), vec!["c4".into(), "c5".into()])],
+            ..q()
+        })
+        .await,
+        want(&|i| i % 7 == 4 || i % 7 == 5, true),
+        "any of several values (a sensitive field under each key version)"
     );
     assert_eq!(
         ids(EventQuery {
@@ -463,7 +472,7 @@ pub async fn search(store: Arc<dyn AuditStore>) {
         ids(EventQuery {
             since_us: Some(t10),
             until_us: Some(super::time_us(&all[20])),
-            details: vec![("client_id".into(), "nope".into())],
+            details: vec![("client_id".into(), vec!["nope".into(), "c4x".into()])],
             ..q()
         })
         .await,

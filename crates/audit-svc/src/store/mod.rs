@@ -21,6 +21,9 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
+    /// Something the write needs first is unavailable (the sensitive fields' HMACs).
+    #[error("{0}")]
+    Dependency(String),
 }
 
 /// Position after the last event of a page (events are ordered newest first by time, then id).
@@ -70,8 +73,9 @@ pub struct EventQuery {
     pub severities: Vec<String>,
     pub outcomes: Vec<String>,
     pub service: Option<String>,
-    /// Details that must be equal: (key, value). Keys are `[A-Za-z0-9_.-]{1,64}`.
-    pub details: Vec<(String, String)>,
+    /// Details that must match: (key, any of these values). Keys are
+    /// `[A-Za-z0-9_.-]{1,64}`; a sensitive field has one value per key version.
+    pub details: Vec<(String, Vec<String>)>,
     /// Oldest first (the cursor then moves forward in time).
     pub oldest_first: bool,
     pub after: Option<Cursor>,

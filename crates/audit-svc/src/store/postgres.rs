@@ -249,11 +249,19 @@ impl EventStore for PgEventStore {
                 .push_bind(q.outcomes.clone())
                 .push(")");
         }
-        for (k, v) in &q.details {
-            // `@>` on a one-pair object: served by the GIN (jsonb_path_ops) index.
-            b.push(" AND details @> ")
-                .push_bind(serde_json::json!({ k: v }).to_string())
-                .push("::jsonb");
+        for (k, values) in &q.details {
+            // `@>` on a one-pair object: served by the GIN (jsonb_path_ops) index, also
+            // when OR'd (a BitmapOr of index scans).
+            b.push(" AND (");
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    b.push(" OR ");
+                }
+                b.push("details @> ")
+                    .push_bind(serde_json::json!({ k: v }).to_string())
+                    .push("::jsonb");
+            }
+            b.push(")");
         }
         let (cmp, dir) = if q.oldest_first {
             (">", "ASC")

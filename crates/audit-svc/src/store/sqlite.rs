@@ -249,12 +249,16 @@ impl EventStore for SqliteEventStore {
                 b.push(")");
             }
         }
-        for (k, v) in &q.details {
+        for (k, values) in &q.details {
             // Keys are validated to `[A-Za-z0-9_.-]`: quoting them makes a literal key.
             b.push(" AND json_extract(details, ")
                 .push_bind(format!("$.\"{k}\""))
-                .push(") = ")
-                .push_bind(v.clone());
+                .push(") IN (");
+            let mut list = b.separated(", ");
+            for v in values {
+                list.push_bind(v.clone());
+            }
+            b.push(")");
         }
         let (cmp, dir) = if q.oldest_first {
             (">", "ASC")

@@ -82,8 +82,7 @@ pub fn csv_row(e: &SecurityEvent) -> String {
     let details =
         serde_json::to_string(&e.details.iter().collect::<BTreeMap<_, _>>()).unwrap_or_default();
     let actor = e.actor.as_ref().map(|a| a.id.as_str()).unwrap_or_default();
-    let mut out = String::with_capacity(256);
-    for (i, f) in [
+    csv_record(&[
         e.id.as_str(),
         &e.r#type,
         &time(e),
@@ -96,10 +95,14 @@ pub fn csv_row(e: &SecurityEvent) -> String {
         &severity,
         &details,
         &e.trace_id,
-    ]
-    .iter()
-    .enumerate()
-    {
+    ])
+}
+
+/// One CSV record (RFC 4180, CRLF-terminated) of `fields`, each quoted when it needs to
+/// be and defused when a spreadsheet would read it as a formula.
+pub fn csv_record(fields: &[&str]) -> String {
+    let mut out = String::with_capacity(256);
+    for (i, f) in fields.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
