@@ -446,6 +446,20 @@ pub async fn search(store: Arc<dyn AuditStore>) {
         want(&|i| i % 7 == 4, true),
         "detail match"
     );
+    let picked: Vec<uuid::Uuid> = [3, 8, 21]
+        .iter()
+        .map(|i: &usize| all[*i].id.parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids(EventQuery {
+            ids: picked,
+            oldest_first: true,
+            ..q()
+        })
+        .await,
+        want(&|i| [3, 8, 21].contains(&i), false),
+        "by id (an alert's events)"
+    );
     assert_eq!(
         ids(EventQuery {
             details: vec![("client_id".into(), vec!["c4".into(), "c5".into()])],

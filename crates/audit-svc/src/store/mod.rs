@@ -76,6 +76,8 @@ pub struct EventQuery {
     /// Details that must match: (key, any of these values). Keys are
     /// `[A-Za-z0-9_.-]{1,64}`; a sensitive field has one value per key version.
     pub details: Vec<(String, Vec<String>)>,
+    /// Any of these ids (the events linked to an alert); empty: any id.
+    pub ids: Vec<uuid::Uuid>,
     /// Oldest first (the cursor then moves forward in time).
     pub oldest_first: bool,
     pub after: Option<Cursor>,

@@ -234,6 +234,9 @@ impl EventStore for PgEventStore {
                 b.push(format!(" AND {col} = ")).push_bind(v.clone());
             }
         }
+        if !q.ids.is_empty() {
+            b.push(" AND id = ANY(").push_bind(q.ids.clone()).push(")");
+        }
         if let Some(net) = &q.ip {
             b.push(" AND ip_address <<= ")
                 .push_bind(net.to_string())

@@ -232,6 +232,14 @@ impl EventStore for SqliteEventStore {
                 b.push(format!(" AND {col} = ")).push_bind(v.clone());
             }
         }
+        if !q.ids.is_empty() {
+            b.push(" AND id IN (");
+            let mut list = b.separated(", ");
+            for id in &q.ids {
+                list.push_bind(id.to_string());
+            }
+            b.push(")");
+        }
         if let Some(net) = &q.ip {
             let (lo, hi) = super::ip_range(net);
             b.push(" AND ip_bytes BETWEEN ")
