@@ -184,6 +184,17 @@ pub async fn run(
     served
 }
 
+/// A migrated SQLite audit database in a temporary directory (which the guard keeps).
+#[cfg(test)]
+pub(crate) async fn test_sqlite() -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4)
+        .await
+        .unwrap();
+    MIGRATIONS.sqlite.run(&pool).await.unwrap();
+    (dir, Db::Sqlite(pool))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1052,12 +1052,7 @@ mod ingest_tests {
     #[tokio::test]
     async fn sensitive_fields_are_stored_as_hmacs_and_an_outage_stores_nothing() {
         use std::sync::atomic::Ordering::SeqCst;
-        let dir = tempfile::tempdir().unwrap();
-        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4)
-            .await
-            .unwrap();
-        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
-        let db = sec_common::storage::Db::Sqlite(pool);
+        let (_dir, db) = crate::test_sqlite().await;
         let store = crate::event_store(&db, system());
         let dead_letters = crate::dead_letter_store(&db, system());
         let transport = MemoryTransport::new(10_000);
@@ -1126,12 +1121,7 @@ mod ingest_tests {
     /// bytes; SQLite stores a NUL character).
     #[tokio::test]
     async fn embedded_bad_events_are_dead_lettered_and_good_ones_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 4)
-            .await
-            .unwrap();
-        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
-        let db = sec_common::storage::Db::Sqlite(pool);
+        let (_dir, db) = crate::test_sqlite().await;
         let store = crate::event_store(&db, system());
         let dead_letters = crate::dead_letter_store(&db, system());
         let cfg = EventsConfig::default();

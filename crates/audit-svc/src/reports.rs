@@ -352,12 +352,7 @@ mod tests {
         std::sync::Arc<dyn crate::store::AuditStore>,
         tempfile::TempDir,
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = sec_common::storage::connect_sqlite(&dir.path().join("a.db"), 2)
-            .await
-            .unwrap();
-        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
-        let db = sec_common::storage::Db::Sqlite(pool);
+        let (dir, db) = crate::test_sqlite().await;
         (crate::event_store(&db, sec_common::clock::system()), dir)
     }
 
@@ -365,66 +360,30 @@ mod tests {
     async fn access_groups_per_subject_and_changes_list_in_order() {
         let clock = ManualClock::new("2026-06-01T12:00:00Z".parse().unwrap());
         let (store, _dir) = store().await;
-        let events = vec![
-            ev(
-                &clock,
-                "sec.auth.login.failed",
-                "alice",
-                "user:alice",
-                false,
-            ),
-            ev(
-                &clock,
-                "sec.auth.login.failed",
-                "alice",
-                "user:alice",
-                false,
-            ),
-            ev(
-                &clock,
-                "sec.auth.login.succeeded",
-                "alice",
-                "user:alice",
-                true,
-            ),
-            ev(
-                &clock,
-                "sec.auth.token.granted",
-                "svc-a",
-                "client:web",
-                true,
-            ),
-            ev(
-                &clock,
-                "sec.crypto.key.rotated",
-                "admin",
-                "key:orders",
-                true,
-            ),
-            ev(
-                &clock,
-                "sec.auth.client.created",
-                "admin",
-                "client:web",
-                true,
-            ),
-            ev(&clock, "sec.ratelimit.exceeded", "bob", "user:bob", false),
-        ];
+        let events: Vec<SecurityEvent> = [
+            ("sec.auth.login.failed", "alice", "user:alice", false),
+            ("sec.auth.login.failed", "alice", "user:alice", false),
+            ("sec.auth.login.succeeded", "alice", "user:alice", true),
+            ("sec.auth.token.granted", "svc-a", "client:web", true),
+            ("sec.crypto.key.rotated", "admin", "key:orders", true),
+            ("sec.auth.client.created", "admin", "client:web", true),
+            ("sec.ratelimit.exceeded", "bob", "user:bob", false),
+        ]
+        .iter()
+        .map(|(ty, actor, subject, ok)| ev(&clock, ty, actor, subject, *ok))
+        .collect();
         store.insert_batch(&events).await.unwrap();
+        let now = clock.now();
+        let report =
+            async |scope: Scope, csv: bool| build(store.as_ref(), None, &scope, now, csv).await;
+        let doc = async |scope: Scope| -> serde_json::Value {
+            serde_json::from_slice(&report(scope, false).await.unwrap()).unwrap()
+        };
 
-        let json = build(
-            store.as_ref(),
-            None,
-            &scope(Kind::Access, &clock),
-            clock.now(),
-            false,
-        )
-        .await
-        .unwrap();
-        let doc: serde_json::Value = serde_json::from_slice(&json).unwrap();
-        assert_eq!(doc["report"], "access");
-        assert_eq!(doc["events_scanned"], 4, "only access events");
-        let rows = doc["rows"].as_array().unwrap();
+        let access = doc(scope(Kind::Access, &clock)).await;
+        assert_eq!(access["report"], "access");
+        assert_eq!(access["events_scanned"], 4, "only access events");
+        let rows = access["rows"].as_array().unwrap();
         assert_eq!(rows.len(), 3);
         let failed = rows
             .iter()
@@ -436,43 +395,18 @@ mod tests {
         assert_eq!(failed["count"], 2);
         assert!(failed["first_seen"].as_str() < failed["last_seen"].as_str());
 
-        let csv = build(
-            store.as_ref(),
-            None,
-            &scope(Kind::Access, &clock),
-            clock.now(),
-            true,
-        )
-        .await
-        .unwrap();
-        let csv = String::from_utf8(csv).unwrap();
+        let csv =
+            String::from_utf8(report(scope(Kind::Access, &clock), true).await.unwrap()).unwrap();
         assert!(csv.starts_with("subject,actor_kind,actor_id,event_type,outcome,count"));
         assert_eq!(csv.lines().count(), 4);
         assert!(csv.contains("user:alice,user,alice,sec.auth.login.failed,failure,2,"));
 
         let mut only_web = scope(Kind::Access, &clock);
         only_web.subject = Some("client:web".into());
-        let doc: serde_json::Value = serde_json::from_slice(
-            &build(store.as_ref(), None, &only_web, clock.now(), false)
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(doc["rows"].as_array().unwrap().len(), 1);
+        assert_eq!(doc(only_web).await["rows"].as_array().unwrap().len(), 1);
 
-        let doc: serde_json::Value = serde_json::from_slice(
-            &build(
-                store.as_ref(),
-                None,
-                &scope(Kind::Changes, &clock),
-                clock.now(),
-                false,
-            )
-            .await
-            .unwrap(),
-        )
-        .unwrap();
-        let types: Vec<&str> = doc["rows"]
+        let changes = doc(scope(Kind::Changes, &clock)).await;
+        let types: Vec<&str> = changes["rows"]
             .as_array()
             .unwrap()
             .iter()
@@ -483,25 +417,9 @@ mod tests {
         // outside the range: nothing
         let mut before = scope(Kind::Changes, &clock);
         before.until = before.since + chrono::TimeDelta::minutes(1);
-        let doc: serde_json::Value = serde_json::from_slice(
-            &build(store.as_ref(), None, &before, clock.now(), false)
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-        assert!(doc["rows"].as_array().unwrap().is_empty());
+        assert!(doc(before).await["rows"].as_array().unwrap().is_empty());
 
         // incidents need the alert store
-        assert!(
-            build(
-                store.as_ref(),
-                None,
-                &scope(Kind::Incidents, &clock),
-                clock.now(),
-                false
-            )
-            .await
-            .is_err()
-        );
+        assert!(report(scope(Kind::Incidents, &clock), false).await.is_err());
     }
 }

@@ -328,12 +328,8 @@ mod tests {
 
     #[tokio::test]
     async fn dead_letters_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = sec_common::storage::connect_sqlite(&dir.path().join("audit.db"), 2)
-            .await
-            .unwrap();
-        crate::MIGRATIONS.sqlite.run(&pool).await.unwrap();
-        contract::run(&SqliteDeadLetters::new(pool, sec_common::clock::system())).await;
+        let (_dir, db) = crate::test_sqlite().await;
+        contract::run(crate::dead_letter_store(&db, sec_common::clock::system()).as_ref()).await;
     }
 
     #[tokio::test]
