@@ -456,14 +456,17 @@ impl EventTransport for NatsTransport {
                 .message_id(out.event.id.as_str());
             acks.push(self.js.send_publish(out.subject.clone(), msg).await);
         }
-        let mut results = Vec::with_capacity(batch.len());
-        for ack in acks {
-            results.push(match ack {
+        // All acks awaited together: each ack's timeout (ACK_TIMEOUT) starts when it is
+        // first polled, so awaiting them one after the other made a batch whose replies
+        // were lost with the connection (NATS restarted) wait ACK_TIMEOUT per event, up to
+        // 256 x 5 s, before anything was retried. Now a batch waits ACK_TIMEOUT at most.
+        futures::future::join_all(acks.into_iter().map(|ack| async move {
+            match ack {
                 Ok(fut) => fut.await.map(|_| ()).map_err(|e| classify(&e)),
                 Err(e) => Err(classify(&e)),
-            });
-        }
-        results
+            }
+        }))
+        .await
     }
 
     /// For consumers that do not handle [`Undecodable`]s themselves: they are
@@ -645,6 +648,48 @@ mod tests {
             std::panic::resume_unwind(e.into_panic());
         }
         deleted.unwrap();
+    }
+
+    /// Replies lost (here: a core subscriber that never answers takes the publishes; in
+    /// production a NATS restart drops them with the connection): the whole batch fails
+    /// as "unavailable" once, after one ack timeout, not one timeout per event.
+    #[tokio::test]
+    async fn lost_acks_fail_a_batch_after_one_ack_timeout() {
+        let Some(url) = backend_url(Backend::Nats) else {
+            return;
+        };
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = EventsConfig {
+            stream: format!("EVENTS_ACKS_{run}"),
+            subject_prefix: format!("eventsacks{run}"),
+            ..EventsConfig::default()
+        };
+        let client = async_nats::connect(&url).await.unwrap();
+        let silent = format!("eventsackssilent{run}");
+        let _swallow = client.subscribe(format!("{silent}.>")).await.unwrap();
+        client.flush().await.unwrap();
+        let transport = NatsTransport::connect(&url, &cfg, "events-test-acks")
+            .await
+            .unwrap();
+        let batch: Vec<Outgoing> = (0..4)
+            .map(|_| Outgoing {
+                subject: format!("{silent}.audit.test.happened"),
+                event: event_with_blob(0),
+                trace_headers: vec![],
+            })
+            .collect();
+        let started = tokio::time::Instant::now();
+        let results = transport.publish(&batch).await;
+        let took = started.elapsed();
+        let _ = jetstream::new(client).delete_stream(&cfg.stream).await;
+        assert_eq!(results.len(), 4);
+        for r in &results {
+            assert!(matches!(r, Err(TransportError::Unavailable(_))), "{r:?}");
+        }
+        assert!(
+            took >= ACK_TIMEOUT && took < 2 * ACK_TIMEOUT,
+            "one ack timeout ({ACK_TIMEOUT:?}) for the batch, took {took:?}"
+        );
     }
 
     async fn refusals_scenario(url: String, cfg: EventsConfig, max_payload: usize) {
