@@ -10,6 +10,7 @@ pub mod checkpointer;
 pub mod config;
 pub mod grpc;
 pub mod pipeline;
+pub mod retention;
 pub mod signer;
 pub mod store;
 pub mod verify;
@@ -104,12 +105,28 @@ pub async fn run(
         &platform,
         &mut host.registry,
     )?;
+    let retention = retention::Retention::new(
+        store.clone(),
+        chain.clone(),
+        platform.clock.clone(),
+        cfg.retention.clone(),
+        &mut host.registry,
+    );
+    // No partition for this month: nothing could be stored. Fail the start loudly.
+    retention.ensure_partitions().await?;
     let mut tasks = Supervisor::new(NAME, &mut host.registry, host.readiness.clone(), &shutdown);
     {
         let (chain, stop) = (chain.clone(), shutdown.clone());
         tasks.spawn("checkpoint", move || {
             let (chain, stop) = (chain.clone(), stop.clone());
             async move { chain.run(stop).await }
+        });
+    }
+    {
+        let (retention, stop) = (retention.clone(), shutdown.clone());
+        tasks.spawn("retention", move || {
+            let (retention, stop) = (retention.clone(), stop.clone());
+            async move { retention.task(stop).await }
         });
     }
 
