@@ -278,6 +278,12 @@ pub fn partition_name(month: chrono::NaiveDate) -> String {
 
 /// The end (exclusive, microseconds) of the partition named `name`, if it is one of ours.
 pub fn partition_end_us(name: &str) -> Option<i64> {
+    partition_bounds_us(name).map(|(_, end)| end)
+}
+
+/// The receipt-time range `[start, end)` (microseconds) of the partition named `name`, if
+/// it is one of ours.
+pub fn partition_bounds_us(name: &str) -> Option<(i64, i64)> {
     use chrono::Datelike as _;
     let ym = name.strip_prefix("security_events_p")?;
     if ym.len() != 6 || !ym.bytes().all(|b| b.is_ascii_digit()) {
@@ -289,7 +295,11 @@ pub fn partition_end_us(name: &str) -> Option<i64> {
     } else {
         chrono::NaiveDate::from_ymd_opt(start.year(), start.month() + 1, 1)?
     };
-    Some(end.and_hms_opt(0, 0, 0)?.and_utc().timestamp_micros())
+    let us = |d: chrono::NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_micros())
+    };
+    Some((us(start)?, us(end)?))
 }
 
 /// Every side: what audit-svc runs on.

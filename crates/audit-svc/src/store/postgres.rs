@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use super::{
     ChainStore, Cursor, Cutoffs, EventQuery, EventStore, LegalHold, Outside, Release,
     RetentionPlan, RetentionStore, Row, StoreError, TypeMatch, chain_batch, cursor_after, from_row,
-    like_prefix, partition_end_us, seq_i64, seq_u64, to_hash, to_row,
+    like_prefix, partition_bounds_us, seq_i64, seq_u64, to_hash, to_row,
 };
 use crate::chain::{Chained, Checkpoint, Head, PRUNE_PARTITION, PRUNE_RETENTION, Prune, PruneRun};
 
@@ -531,7 +531,7 @@ fn push_candidates(
     b: &mut sqlx::QueryBuilder<sqlx::Postgres>,
     cutoffs: &Cutoffs,
 ) -> Result<(), StoreError> {
-    b.push("WITH r AS (SELECT e.seq, e.tableoid::regclass::text AS part, (e.received_at < CASE");
+    b.push("WITH r AS (SELECT e.seq, e.tableoid::regclass::text AS part, (e.received_at < CASE WHEN false THEN NULL");
     for (prefix, cutoff) in &cutoffs.by_prefix {
         b.push(format!(
             " WHEN substr(e.event_type, 1, {}) = ",
@@ -659,25 +659,32 @@ impl RetentionStore for PgEventStore {
             };
             // Dropped whole: one of ours, entirely before the latest cutoff, every row
             // removable, and no other partition's rows among its positions.
-            let whole = islands_in.get(part.as_str()) == Some(&1)
-                && partition_end_us(part).is_some_and(|end| end <= latest)
-                && {
-                    // Safe: `part` is one of ours (`security_events_pYYYYMM`), checked above.
-                    let q = format!("SELECT count(*) FROM {part}");
-                    let (total,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(q))
-                        .fetch_one(&self.pool)
-                        .await?;
-                    let (interleaved,): (bool,) = sqlx::query_as(
-                        "SELECT EXISTS (SELECT 1 FROM security_events
-                           WHERE seq BETWEEN $1 AND $2 AND tableoid <> $3::regclass)",
-                    )
-                    .bind(lo)
-                    .bind(hi)
-                    .bind(part)
-                    .fetch_one(&self.pool)
-                    .await?;
-                    total == *n && !interleaved
-                };
+            let mut whole = false;
+            if islands_in.get(part.as_str()) == Some(&1)
+                && let Some((start, end)) = partition_bounds_us(part)
+                && end <= latest
+            {
+                // Through the parent (the service's role has no rights on partitions);
+                // the receipt-time range confines the scan to this partition.
+                let (total,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM security_events
+                     WHERE received_at >= $1 AND received_at < $2",
+                )
+                .bind(ts(start)?)
+                .bind(ts(end)?)
+                .fetch_one(&self.pool)
+                .await?;
+                let (interleaved,): (bool,) = sqlx::query_as(
+                    "SELECT EXISTS (SELECT 1 FROM security_events
+                       WHERE seq BETWEEN $1 AND $2 AND tableoid <> $3::regclass)",
+                )
+                .bind(lo)
+                .bind(hi)
+                .bind(part)
+                .fetch_one(&self.pool)
+                .await?;
+                whole = total == *n && !interleaved;
+            }
             if whole {
                 plan.drops.push((
                     part.clone(),
@@ -697,13 +704,18 @@ impl RetentionStore for PgEventStore {
                 .iter()
                 .map(|(_, c)| *c)
                 .fold(cutoffs.default_us, i64::min);
-            let old = partition_end_us(part).is_some_and(|end| end <= earliest);
-            if old && !islands_in.contains_key(part.as_str()) {
-                // Safe: `part` is one of ours, checked by `partition_end_us`.
-                let q = format!("SELECT EXISTS (SELECT 1 FROM {part})");
-                let (any,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(q))
-                    .fetch_one(&self.pool)
-                    .await?;
+            if let Some((start, end)) = partition_bounds_us(part)
+                && end <= earliest
+                && !islands_in.contains_key(part.as_str())
+            {
+                let (any,): (bool,) = sqlx::query_as(
+                    "SELECT EXISTS (SELECT 1 FROM security_events
+                     WHERE received_at >= $1 AND received_at < $2)",
+                )
+                .bind(ts(start)?)
+                .bind(ts(end)?)
+                .fetch_one(&self.pool)
+                .await?;
                 if !any {
                     plan.drops.push((part.clone(), None));
                 }
@@ -966,6 +978,121 @@ mod tests {
         crate::store::retention_tests::run(&make, sec_common::storage::Db::Postgres(pool.clone()))
             .await;
         drop_schema(&pool, &schema).await;
+    }
+
+    /// The service's role (a LOGIN role granted `sec_audit_service`) stores, chains and
+    /// runs retention, but cannot UPDATE, DELETE or TRUNCATE events, drop partitions or
+    /// read the floor; the deletion functions refuse what retention did not record.
+    #[tokio::test]
+    async fn service_role_postgres() {
+        let Some((owner, schema)) = fresh_schema().await else {
+            return;
+        };
+        let url = backend_url(Backend::Postgres).unwrap();
+        let login = format!(
+            "audit_login_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        for q in [
+            format!("CREATE ROLE {login} LOGIN"),
+            format!("GRANT sec_audit_service TO {login}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(q))
+                .execute(&owner)
+                .await
+                .unwrap();
+        }
+        let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url)
+            .unwrap()
+            .options([("search_path", schema.as_str()), ("role", login.as_str())]);
+        let svc = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts)
+            .await
+            .unwrap();
+        let (who,): (String,) = sqlx::query_as("SELECT current_user::text")
+            .fetch_one(&svc)
+            .await
+            .unwrap();
+        assert_eq!(who, login);
+
+        let real_now = sec_common::clock::system().now();
+        let old = real_now - chrono::Duration::days(800);
+        let clock = sec_common::clock::ManualClock::new(old);
+        let store = std::sync::Arc::new(PgEventStore::new(svc.clone(), clock.clone()));
+        let months = crate::retention::months_from(old, 0);
+        assert_eq!(store.ensure_partitions(&months).await.unwrap(), 1);
+        let batch: Vec<_> = (0..5)
+            .map(|_| sec_common::events::new_event(clock.as_ref(), "auth", "sec.auth.login.failed"))
+            .collect();
+        assert_eq!(store.insert_batch(&batch).await.unwrap(), 5);
+        assert_eq!(store.chain_legacy_rows().await.unwrap(), 0);
+
+        for q in [
+            "DELETE FROM security_events WHERE seq = 1",
+            "UPDATE security_events SET subject = 'x' WHERE seq = 1",
+            "TRUNCATE security_events",
+            "SELECT count(*) FROM audit_retention_floor",
+            "INSERT INTO audit_retention_floor VALUES ('sec.', 1)",
+            "UPDATE audit_checkpoints SET seq = 0",
+            "DELETE FROM audit_prunes",
+            "SELECT audit_prune_range(1, 5)",
+        ] {
+            let err = sqlx::query(q).execute(&svc).await.unwrap_err();
+            let code = err
+                .as_database_error()
+                .and_then(|e| e.code())
+                .unwrap_or_default()
+                .to_string();
+            assert_eq!(code, "42501", "{q}: {err}");
+        }
+        let part = crate::store::partition_name(months[0]);
+        for q in [
+            format!("DROP TABLE {part}"),
+            format!("ALTER TABLE security_events DETACH PARTITION {part}"),
+        ] {
+            assert!(
+                sqlx::query(sqlx::AssertSqlSafe(q.clone()))
+                    .execute(&svc)
+                    .await
+                    .is_err(),
+                "{q}"
+            );
+        }
+        let err = sqlx::query("SELECT audit_drop_partition($1)")
+            .bind(&part)
+            .execute(&svc)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not recorded"), "{err}");
+
+        // Retention through the functions, as the service.
+        clock.set(real_now);
+        let signer = crate::verify::local::LocalSigner::new();
+        let chain = crate::checkpointer::Checkpointer::with_signer(
+            store.clone(),
+            "sec-audit/test",
+            clock.clone(),
+            signer.clone(),
+        );
+        let retention = crate::retention::Retention::for_test(
+            store.clone(),
+            chain,
+            clock.clone(),
+            crate::retention::RetentionConfig::default(),
+        );
+        let done = retention.run(false).await.unwrap();
+        assert_eq!((done.removed_rows, done.dropped_partitions), (5, 1));
+        let r = crate::verify::verify(store.as_ref(), signer.as_ref(), "sec-audit/test", 0, 0)
+            .await
+            .unwrap();
+        assert!(r.failure.is_none(), "{r:?}");
+        svc.close().await;
+        drop_schema(&owner, &schema).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {login}")))
+            .execute(&owner)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -528,7 +528,7 @@ const HELD: &str = "EXISTS (SELECT 1 FROM audit_legal_holds h WHERE h.released_u
 /// The rows received before the latest cutoff, each with whether it expired and whether
 /// a hold keeps it, as the CTE `r`.
 fn push_candidates(b: &mut sqlx::QueryBuilder<sqlx::Sqlite>, cutoffs: &Cutoffs) {
-    b.push("WITH r AS (SELECT e.seq, (e.received_us < CASE");
+    b.push("WITH r AS (SELECT e.seq, (e.received_us < CASE WHEN 0 THEN NULL");
     for (prefix, cutoff) in &cutoffs.by_prefix {
         b.push(format!(
             " WHEN substr(e.event_type, 1, {}) = ",
