@@ -39,6 +39,11 @@ pub const ACCESS: AccessTable = AccessTable {
         ("GetChainHead", Access::Admin),
         ("SearchEvents", Access::Admin),
         ("ExportEvents", Access::Admin),
+        // Retention and legal holds (issue 19 item 6).
+        ("RunRetention", Access::Admin),
+        ("CreateLegalHold", Access::Admin),
+        ("ReleaseLegalHold", Access::Admin),
+        ("ListLegalHolds", Access::Admin),
     ],
 };
 
@@ -150,6 +155,9 @@ pub async fn run(
     let api = AuditServiceServer::new(grpc::AuditApi {
         store: store.clone(),
         chain: chain.clone(),
+        retention: retention.clone(),
+        events: platform.events.clone(),
+        clock: platform.clock.clone(),
     });
     let serve = Serve {
         routes: tonic::service::Routes::new(api),

@@ -861,6 +861,81 @@ mod tests {
             .await;
     }
 
+    /// The outside verifier (tests/interop/audit/verify_chain.py) accepts the gaps
+    /// retention recorded and still catches a row deleted by hand.
+    #[tokio::test]
+    async fn retention_outside_verifier_sqlite() {
+        let (dir, pool) = fresh().await;
+        let now = sec_common::clock::system().now();
+        let clock = sec_common::clock::ManualClock::new(now - chrono::Duration::days(800));
+        let store = std::sync::Arc::new(SqliteEventStore::new(pool.clone(), clock.clone()));
+        for _ in 0..3 {
+            let batch: Vec<_> = (0..4)
+                .map(|_| {
+                    sec_common::events::new_event(clock.as_ref(), "auth", "sec.auth.login.failed")
+                })
+                .collect();
+            store.insert_batch(&batch).await.unwrap();
+            clock.set(now);
+        }
+        let signer = crate::verify::local::LocalSigner::new();
+        let chain = crate::checkpointer::Checkpointer::with_signer(
+            store.clone(),
+            "sec-audit/test",
+            clock.clone(),
+            signer,
+        );
+        let retention = crate::retention::Retention::for_test(
+            store.clone(),
+            chain,
+            clock,
+            crate::retention::RetentionConfig::default(),
+        );
+        assert_eq!(retention.run(false).await.unwrap().removed_rows, 4);
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/interop/audit/verify_chain.py"
+        );
+        let outside = || {
+            let out = match std::process::Command::new("python3")
+                .arg(script)
+                .arg(dir.path().join("audit.db"))
+                .output()
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    assert_ne!(
+                        std::env::var("SEC_TEST_INTEROP").as_deref(),
+                        Ok("required"),
+                        "python3: {e}"
+                    );
+                    return None;
+                }
+            };
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+            Some((out.status.code(), v))
+        };
+        let Some((code, v)) = outside() else {
+            return;
+        };
+        assert_eq!(code, Some(0), "{v}");
+        assert_eq!(
+            (v["records"].as_u64(), v["pruned_runs"].as_u64()),
+            (Some(8), Some(1))
+        );
+        sqlx::query("DELETE FROM security_events WHERE seq = 10")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let (code, v) = outside().unwrap();
+        assert_eq!(code, Some(3), "{v}");
+        assert_eq!(
+            (v["problem"].as_str(), v["first_bad_seq"].as_u64()),
+            (Some("missing"), Some(10))
+        );
+    }
+
     #[tokio::test]
     async fn holds_sqlite() {
         let (_dir, pool) = fresh().await;
