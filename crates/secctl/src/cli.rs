@@ -163,6 +163,50 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 100_000)]
         limit: u32,
     },
+    /// Run retention now: remove (export first, when configured) the events past their
+    /// retention rule and under no legal hold.
+    Retention {
+        /// Only show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Legal holds: events a hold matches are never removed by retention.
+    Hold {
+        #[command(subcommand)]
+        command: HoldCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldCommand {
+    /// Place a hold (at least one of the filters is advised; none holds everything).
+    Create {
+        /// Unique among active holds: A-Z a-z 0-9 . _ -
+        name: String,
+        /// Why (case reference).
+        #[arg(long)]
+        reason: String,
+        /// Event type prefix, e.g. `sec.auth.`.
+        #[arg(long = "type-prefix")]
+        type_prefix: Option<String>,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        /// Events at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Events before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Release a hold by id.
+    Release { id: String },
+    /// Active holds (with --all, released ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
