@@ -936,6 +936,76 @@ mod tests {
         );
     }
 
+    /// With `export_dir`, removed rows are written (JSON Lines + SHA-256 sidecar) first;
+    /// when the export cannot be written nothing is removed.
+    #[tokio::test]
+    async fn retention_export_sqlite() {
+        let (_dir, pool) = fresh().await;
+        let now = sec_common::clock::system().now();
+        let clock = sec_common::clock::ManualClock::new(now - chrono::Duration::days(800));
+        let store = std::sync::Arc::new(SqliteEventStore::new(pool.clone(), clock.clone()));
+        let batch: Vec<_> = (0..6)
+            .map(|_| sec_common::events::new_event(clock.as_ref(), "auth", "sec.auth.login.failed"))
+            .collect();
+        store.insert_batch(&batch).await.unwrap();
+        clock.set(now);
+        let signer = crate::verify::local::LocalSigner::new();
+        let chain = crate::checkpointer::Checkpointer::with_signer(
+            store.clone(),
+            "sec-audit/test",
+            clock.clone(),
+            signer,
+        );
+        let out = tempfile::tempdir().unwrap();
+        let missing = out.path().join("missing");
+        let with_dir = |dir: std::path::PathBuf| {
+            crate::retention::Retention::for_test(
+                store.clone(),
+                chain.clone(),
+                clock.clone(),
+                crate::retention::RetentionConfig {
+                    export_dir: Some(dir),
+                    ..Default::default()
+                },
+            )
+        };
+        let err = with_dir(missing).run(false).await.unwrap_err();
+        assert!(
+            matches!(err, crate::retention::RetentionError::Export(_)),
+            "{err}"
+        );
+        assert_eq!(
+            store.chained(1, 100, 100).await.unwrap().len(),
+            6,
+            "nothing removed"
+        );
+
+        let done = with_dir(out.path().to_owned()).run(false).await.unwrap();
+        assert_eq!(done.removed_rows, 6);
+        assert_eq!(done.exported.len(), 1);
+        let text = std::fs::read_to_string(&done.exported[0]).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 6);
+        assert_eq!(lines[0]["seq"], 1);
+        assert_eq!(lines[5]["id"], batch[5].id.as_str());
+        assert_eq!(lines[0]["hash"].as_str().unwrap().len(), 64);
+        let name = done.exported[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let sidecar = std::fs::read_to_string(out.path().join(format!("{name}.sha256"))).unwrap();
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+        assert_eq!(
+            sidecar,
+            format!("{}  {name}\n", crate::chain::hex(digest.as_ref()))
+        );
+    }
+
     #[tokio::test]
     async fn holds_sqlite() {
         let (_dir, pool) = fresh().await;
