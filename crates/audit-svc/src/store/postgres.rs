@@ -1095,6 +1095,107 @@ mod tests {
             .unwrap();
     }
 
+    /// An existing trail (0001..=0003, rows from two months and one not yet chained) is
+    /// copied into the partitioned table by 0005 and still verifies after the legacy row
+    /// is chained through the owner's function.
+    #[tokio::test]
+    async fn upgrade_keeps_rows_postgres() {
+        let Some(url) = backend_url(Backend::Postgres) else {
+            return;
+        };
+        let schema = format!("audit_t{}", uuid::Uuid::new_v4().simple());
+        let pool = sec_common::storage::connect_postgres(&url, &schema, 4)
+            .await
+            .unwrap();
+        let full = crate::MIGRATIONS.postgres;
+        let before = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(
+                full.migrations
+                    .iter()
+                    .filter(|m| m.version <= 3)
+                    .cloned()
+                    .collect(),
+            ),
+            ignore_missing: false,
+            locking: full.locking,
+            no_tx: full.no_tx,
+            table_name: full.table_name.clone(),
+            create_schemas: full.create_schemas.clone(),
+        };
+        before.run(&pool).await.unwrap();
+        // Two chained rows a month apart (written the way 0003's store did), then one
+        // legacy row without a position.
+        let old = sec_common::clock::system().now() - chrono::Duration::days(70);
+        let old_store = PgEventStore::new(pool.clone(), sec_common::clock::system());
+        let mut head = Head::EMPTY;
+        for (i, at) in [old, old + chrono::Duration::days(35)]
+            .into_iter()
+            .enumerate()
+        {
+            let e = sec_common::events::new_event(
+                sec_common::clock::ManualClock::new(at).as_ref(),
+                "auth",
+                "sec.auth.login.failed",
+            );
+            let row = crate::store::to_row(&e, at.timestamp_micros()).unwrap();
+            let seq = i as u64 + 1;
+            let hash = crate::chain::next_hash(&head.hash, seq, &row).unwrap();
+            head = Head { seq, hash };
+            sqlx::query(
+                r#"INSERT INTO security_events (id, event_type, "timestamp", service, actor_kind,
+                     actor_id, subject, outcome, severity, details, trace_id, received_at, seq, hash)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '{}', $10, $11, $12, $13)"#,
+            )
+            .bind(row.id)
+            .bind(&row.event_type)
+            .bind(ts(row.time_us).unwrap())
+            .bind(&row.service)
+            .bind(&row.actor_kind)
+            .bind(&row.actor_id)
+            .bind(&row.subject)
+            .bind(&row.outcome)
+            .bind(&row.severity)
+            .bind(&row.trace_id)
+            .bind(at)
+            .bind(seq as i64)
+            .bind(hash.to_vec())
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query("UPDATE audit_chain_head SET seq = 2, hash = $1, legacy_chained = false")
+            .bind(head.hash.to_vec())
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            r#"INSERT INTO security_events (id, event_type, "timestamp", service, actor_kind,
+                 actor_id, subject, outcome, severity, details, trace_id, received_at)
+               VALUES ('0190c2a4-7d3e-7b7a-9f6e-0000000000aa', 'sec.auth.login.succeeded', now(),
+                 'auth', 'user', 'alice', 'user:alice', 'success', 'info', '{}', '', now())"#,
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        drop(old_store);
+
+        full.run(&pool).await.unwrap();
+        let store =
+            std::sync::Arc::new(PgEventStore::new(pool.clone(), sec_common::clock::system()));
+        assert!(
+            store.partitions().await.unwrap().len() >= 5,
+            "two old months, now and ahead"
+        );
+        assert_eq!(store.chain_legacy_rows().await.unwrap(), 1);
+        let signer = crate::verify::local::LocalSigner::new();
+        let r = crate::verify::verify(store.as_ref(), signer.as_ref(), "x", 0, 0)
+            .await
+            .unwrap();
+        assert!(r.failure.is_none(), "{r:?}");
+        assert_eq!(r.records, 3);
+        drop_schema(&pool, &schema).await;
+    }
+
     #[tokio::test]
     async fn holds_postgres() {
         let Some((pool, schema)) = fresh_schema().await else {
