@@ -161,6 +161,67 @@ pub fn checkpoint_note(origin: &str, seq: u64, head: &Hash, time_us: i64) -> Str
     )
 }
 
+/// First line of every prune statement.
+pub const PRUNE_TAG: &str = "sec-audit-prune-v1";
+
+/// Why a run of positions was removed.
+pub const PRUNE_RETENTION: &str = "retention";
+pub const PRUNE_PARTITION: &str = "partition";
+
+/// A run of consecutive positions removed by retention: verification accepts the gap
+/// `first_seq..=last_seq` and continues from `last_hash` (the hash at `last_seq`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prune {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub last_hash: Hash,
+    /// Rows removed (fewer than the positions when earlier removals lie inside).
+    pub rows: u64,
+    /// [`PRUNE_RETENTION`] (deleted by range) or [`PRUNE_PARTITION`] (partition dropped).
+    pub reason: String,
+}
+
+/// The prunes of one retention run, signed together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PruneRun {
+    /// Assigned by the store (0 before it is stored).
+    pub id: i64,
+    pub time_us: i64,
+    pub origin: String,
+    pub key_name: String,
+    pub key_version: u32,
+    pub signature: String,
+    pub prunes: Vec<Prune>,
+}
+
+impl PruneRun {
+    pub fn statement(&self) -> String {
+        prune_statement(&self.origin, self.time_us, &self.prunes)
+    }
+}
+
+/// The signed text of a retention run (see `docs/chain.md`): `sec-audit-prune-v1`, the
+/// origin, the time (microseconds since the epoch), the number of runs, then one line per
+/// removed run in ascending order of its first position:
+/// `<first_seq> <last_seq> <hash at last_seq, standard base64> <rows> <reason>`. Every
+/// line ends in `\n`.
+pub fn prune_statement(origin: &str, time_us: i64, prunes: &[Prune]) -> String {
+    let mut sorted: Vec<&Prune> = prunes.iter().collect();
+    sorted.sort_by_key(|p| p.first_seq);
+    let mut s = format!("{PRUNE_TAG}\n{origin}\n{time_us}\n{}\n", sorted.len());
+    for p in sorted {
+        s.push_str(&format!(
+            "{} {} {} {} {}\n",
+            p.first_seq,
+            p.last_seq,
+            base64::engine::general_purpose::STANDARD.encode(p.last_hash),
+            p.rows,
+            p.reason
+        ));
+    }
+    s
+}
+
 /// Signs and verifies checkpoint notes. Production: a crypto-svc Ed25519 key
 /// ([`crate::signer::CryptoSigner`]).
 #[async_trait]
@@ -192,7 +253,7 @@ pub enum Problem {
     /// The records hash consistently, but not to what a signed checkpoint (or the head)
     /// says: the chain was rewritten from some point on.
     CheckpointMismatch,
-    /// A checkpoint's signature does not verify.
+    /// A checkpoint's (or a prune record's) signature does not verify.
     BadSignature,
 }
 
@@ -321,6 +382,28 @@ mod tests {
         b.actor_id = "a".into();
         b.subject = "bc".into();
         assert_ne!(canonical(1, &a).unwrap(), canonical(1, &b).unwrap());
+    }
+
+    #[test]
+    fn prune_statement_format() {
+        let p = |first, last, rows, reason: &str| Prune {
+            first_seq: first,
+            last_seq: last,
+            last_hash: [1u8; 32],
+            rows,
+            reason: reason.into(),
+        };
+        let s = prune_statement(
+            "sec-audit/x",
+            7,
+            &[p(11, 20, 9, PRUNE_RETENTION), p(1, 10, 10, PRUNE_PARTITION)],
+        );
+        assert_eq!(
+            s,
+            "sec-audit-prune-v1\nsec-audit/x\n7\n2\n\
+             1 10 AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE= 10 partition\n\
+             11 20 AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE= 9 retention\n"
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct AuditConfig {
     /// Detail fields stored as keyed HMACs (`details.<key>`), never in plain text: they
     /// can be matched exactly in searches but not read. At most 32.
     pub sensitive_fields: Vec<String>,
+    /// `[audit.retention]`: how long events are kept, partitions, export.
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl Default for AuditConfig {
@@ -28,6 +30,7 @@ impl Default for AuditConfig {
             max_details_bytes: 16 * KIB,
             checkpoint_interval_seconds: 60,
             sensitive_fields: vec!["details.username".into(), "details.email".into()],
+            retention: crate::retention::RetentionConfig::default(),
         }
     }
 }
@@ -73,7 +76,7 @@ impl ServiceConfig for AuditConfig {
                 return Err(("sensitive_fields".into(), format!("`{f}` is listed twice")));
             }
         }
-        Ok(())
+        self.retention.validate()
     }
 }
 

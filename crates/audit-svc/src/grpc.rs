@@ -3,14 +3,18 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use sec_common::auth::Caller;
 use sec_common::clock::SharedClock;
 use sec_common::error::Error;
+use sec_common::events::EventBus;
 use sec_proto::audit::v1::audit_service_server::AuditService;
 use sec_proto::audit::v1::{
-    EventFilter, ExportChunk, ExportEventsRequest, ExportFormat, GetChainHeadRequest,
-    GetChainHeadResponse, GetReportRequest, ListEventsRequest, ListEventsResponse, Order,
-    ReportFormat, ReportKind, SearchEventsRequest, SearchEventsResponse, VerifyChainRequest,
-    VerifyChainResponse,
+    CreateLegalHoldRequest, CreateLegalHoldResponse, EventFilter, ExportChunk, ExportEventsRequest,
+    ExportFormat, GetChainHeadRequest, GetChainHeadResponse, GetReportRequest, ListEventsRequest,
+    ListEventsResponse, ListLegalHoldsRequest, ListLegalHoldsResponse, Order, PrunedRange,
+    ReleaseLegalHoldRequest, ReleaseLegalHoldResponse, ReportFormat, ReportKind,
+    RunRetentionRequest, RunRetentionResponse, SearchEventsRequest, SearchEventsResponse,
+    VerifyChainRequest, VerifyChainResponse,
 };
 use sec_proto::common::v1::{PageRequest, PageResponse};
 use tonic::{Request, Response, Status};
@@ -18,8 +22,9 @@ use tonic::{Request, Response, Status};
 use crate::chain::{Checkpoint, hex};
 use crate::checkpointer::Checkpointer;
 use crate::reports::{IncidentSource, Kind, ReportError, Scope};
+use crate::retention::{Retention, RetentionError};
 use crate::sensitive::Sensitive;
-use crate::store::{AuditStore, Cursor, EventQuery, TypeMatch};
+use crate::store::{AuditStore, Cursor, EventQuery, LegalHold, Release, TypeMatch};
 use crate::verify::VerifyError;
 
 const DEFAULT_PAGE: u32 = 50;
@@ -42,6 +47,9 @@ pub struct AuditApi {
     pub sensitive: Option<Arc<Sensitive>>,
     /// The alert store, for the incident report.
     pub incidents: Option<Arc<dyn IncidentSource>>,
+    pub retention: Arc<Retention>,
+    /// Where the hold events go.
+    pub events: EventBus,
     pub clock: SharedClock,
 }
 
@@ -105,6 +113,110 @@ impl AuditApi {
             }
         }
         Ok(q)
+    }
+}
+
+/// Most active legal holds.
+const MAX_ACTIVE_HOLDS: usize = 1000;
+const MAX_HOLD_NAME: usize = 128;
+const MAX_HOLD_REASON: usize = 1024;
+
+fn ts_proto(us: i64) -> Option<prost_types::Timestamp> {
+    chrono::DateTime::from_timestamp_micros(us).map(sec_common::events::to_timestamp)
+}
+
+fn hold_proto(h: LegalHold) -> sec_proto::audit::v1::LegalHold {
+    sec_proto::audit::v1::LegalHold {
+        id: h.id.to_string(),
+        name: h.name,
+        reason: h.reason,
+        type_prefix: h.type_prefix,
+        actor_id: h.actor_id,
+        subject: h.subject,
+        since: h.since_us.and_then(ts_proto),
+        until: h.until_us.and_then(ts_proto),
+        created_at: ts_proto(h.created_us),
+        created_by: h.created_by,
+        released_at: h.released_us.and_then(ts_proto),
+        released_by: h.released_by.unwrap_or_default(),
+    }
+}
+
+/// Validates a hold request into a hold (id and creation filled in).
+pub fn hold_from(
+    r: &CreateLegalHoldRequest,
+    id: uuid::Uuid,
+    now_us: i64,
+    by: &str,
+) -> Result<LegalHold, Error> {
+    let name = r.name.trim();
+    if name.is_empty()
+        || name.len() > MAX_HOLD_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(Error::invalid(
+            "name",
+            "1 to 128 characters of A-Z, a-z, 0-9, `.`, `_` and `-`",
+        ));
+    }
+    let reason = r.reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_HOLD_REASON {
+        return Err(Error::invalid("reason", "1 to 1024 characters"));
+    }
+    let prefix = r.type_prefix.trim();
+    if !prefix.is_empty() && !crate::retention::valid_prefix(prefix) {
+        return Err(Error::invalid(
+            "type_prefix",
+            "1 to 128 characters of a-z, 0-9, `.`, `_` and `-`",
+        ));
+    }
+    let since_us = r.since.as_ref().map(|t| micros(t, "since")).transpose()?;
+    let until_us = r.until.as_ref().map(|t| micros(t, "until")).transpose()?;
+    if let (Some(s), Some(u)) = (since_us, until_us)
+        && s >= u
+    {
+        return Err(Error::invalid("until", "until must be after since"));
+    }
+    Ok(LegalHold {
+        id,
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+        type_prefix: prefix.to_owned(),
+        actor_id: bounded("actor_id", &r.actor_id)?.unwrap_or_default(),
+        subject: bounded("subject", &r.subject)?.unwrap_or_default(),
+        since_us,
+        until_us,
+        created_us: now_us,
+        created_by: by.to_owned(),
+        released_us: None,
+        released_by: None,
+    })
+}
+
+fn caller_name(c: &Caller) -> String {
+    match c {
+        Caller::Admin => "admin".into(),
+        Caller::Service(id) => format!("service:{id}"),
+        Caller::Anonymous => "anonymous".into(),
+    }
+}
+
+impl AuditApi {
+    /// `sec.audit.hold.created` / `.released`; the hold's name and id only (the reason
+    /// may name people).
+    fn hold_event(&self, ty: &'static str, h: &LegalHold, by: &str) {
+        let mut e = sec_common::events::new_event(self.clock.as_ref(), crate::NAME, ty);
+        e.actor = Some(sec_common::events::Actor {
+            kind: sec_common::events::ActorKind::User as i32,
+            id: by.to_owned(),
+        });
+        e.subject = format!("legal_hold:{}", h.id);
+        e.details.insert("name".into(), h.name.clone());
+        if let Err(err) = self.events.publish(e) {
+            tracing::warn!(error = %err, event_type = ty, "legal hold event not published");
+        }
     }
 }
 
@@ -506,6 +618,155 @@ impl AuditService for AuditApi {
             latest_checkpoint: latest.map(checkpoint_proto),
         }))
     }
+
+    async fn run_retention(
+        &self,
+        request: Request<RunRetentionRequest>,
+    ) -> Result<Response<RunRetentionResponse>, Status> {
+        let dry_run = request.get_ref().dry_run;
+        let out = self
+            .retention
+            .run(dry_run)
+            .await
+            .map_err(retention_status)?;
+        let mut ranges: Vec<PrunedRange> = out
+            .plan
+            .drops
+            .iter()
+            .filter_map(|(name, p)| {
+                p.as_ref().map(|p| PrunedRange {
+                    first_seq: p.first_seq,
+                    last_seq: p.last_seq,
+                    rows: p.rows,
+                    reason: p.reason.clone(),
+                    partition: name.clone(),
+                })
+            })
+            .chain(out.plan.ranges.iter().map(|p| PrunedRange {
+                first_seq: p.first_seq,
+                last_seq: p.last_seq,
+                rows: p.rows,
+                reason: p.reason.clone(),
+                partition: String::new(),
+            }))
+            .collect();
+        ranges.sort_by_key(|r| r.first_seq);
+        Ok(Response::new(RunRetentionResponse {
+            dry_run,
+            ranges,
+            removed_rows: out.removed_rows,
+            dropped_partitions: out.dropped_partitions,
+            held_rows: out.plan.held_rows,
+            partitions: out.plan.partitions,
+            exported: out
+                .exported
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+        }))
+    }
+
+    async fn create_legal_hold(
+        &self,
+        request: Request<CreateLegalHoldRequest>,
+    ) -> Result<Response<CreateLegalHoldResponse>, Status> {
+        let by = caller_name(&Caller::of(&request)?);
+        let now = self.clock.now().timestamp_micros();
+        let hold = hold_from(request.get_ref(), self.clock.new_uuid_v7(), now, &by)?;
+        let unavailable = |e: crate::store::StoreError| {
+            Status::from(Error::unavailable("legal holds failed", &e))
+        };
+        let active = self
+            .store
+            .list_holds(false, MAX_ACTIVE_HOLDS as u32)
+            .await
+            .map_err(unavailable)?;
+        if active.len() >= MAX_ACTIVE_HOLDS {
+            return Err(Error::new(
+                sec_common::error::ErrorCode::ResourceExhausted,
+                "at most 1000 active legal holds",
+            )
+            .into());
+        }
+        if !self.store.create_hold(&hold).await.map_err(unavailable)? {
+            return Err(Error::new(
+                sec_common::error::ErrorCode::AlreadyExists,
+                "an active legal hold has that name",
+            )
+            .with_field("name")
+            .into());
+        }
+        self.hold_event("sec.audit.hold.created", &hold, &by);
+        Ok(Response::new(CreateLegalHoldResponse {
+            hold: Some(hold_proto(hold)),
+        }))
+    }
+
+    async fn release_legal_hold(
+        &self,
+        request: Request<ReleaseLegalHoldRequest>,
+    ) -> Result<Response<ReleaseLegalHoldResponse>, Status> {
+        let by = caller_name(&Caller::of(&request)?);
+        let id = uuid::Uuid::parse_str(request.get_ref().id.trim())
+            .map_err(|_| Error::invalid("id", "not a hold id"))?;
+        let now = self.clock.now().timestamp_micros();
+        match self
+            .store
+            .release_hold(id, &by, now)
+            .await
+            .map_err(|e| Error::unavailable("legal holds failed", &e))?
+        {
+            Release::Released => {}
+            Release::AlreadyReleased => {
+                return Err(Error::new(
+                    sec_common::error::ErrorCode::Aborted,
+                    "the hold was released already",
+                )
+                .into());
+            }
+            Release::NotFound => return Err(Error::not_found("no such legal hold").into()),
+        }
+        let holds = self
+            .store
+            .list_holds(true, MAX_ACTIVE_HOLDS as u32)
+            .await
+            .map_err(|e| Error::unavailable("legal holds failed", &e))?;
+        if let Some(h) = holds.iter().find(|h| h.id == id) {
+            self.hold_event("sec.audit.hold.released", h, &by);
+        }
+        Ok(Response::new(ReleaseLegalHoldResponse {
+            released_at: ts_proto(now),
+        }))
+    }
+
+    async fn list_legal_holds(
+        &self,
+        request: Request<ListLegalHoldsRequest>,
+    ) -> Result<Response<ListLegalHoldsResponse>, Status> {
+        let holds = self
+            .store
+            .list_holds(request.get_ref().include_released, MAX_ACTIVE_HOLDS as u32)
+            .await
+            .map_err(|e| Error::unavailable("legal holds failed", &e))?;
+        Ok(Response::new(ListLegalHoldsResponse {
+            holds: holds.into_iter().map(hold_proto).collect(),
+        }))
+    }
+}
+
+fn retention_status(e: RetentionError) -> Status {
+    match e {
+        RetentionError::Chain { .. } | RetentionError::NoCheckpoint(_) => {
+            Error::precondition(e.to_string()).into()
+        }
+        RetentionError::Verify(VerifyError::Signer(e)) => {
+            Error::unavailable("the checkpoint key in crypto-svc is unreachable", &e).into()
+        }
+        RetentionError::Verify(VerifyError::Store(e)) | RetentionError::Store(e) => {
+            Error::unavailable("retention failed in the database", &e).into()
+        }
+        RetentionError::Export(e) => Error::internal("retention export failed", &e).into(),
+    }
 }
 
 fn checkpoint_proto(c: Checkpoint) -> sec_proto::audit::v1::Checkpoint {
@@ -527,6 +788,53 @@ fn checkpoint_proto(c: Checkpoint) -> sec_proto::audit::v1::Checkpoint {
 mod tests {
     use super::*;
     use sec_proto::common::v1::PageRequest;
+
+    #[test]
+    fn hold_requests_are_validated() {
+        let id = uuid::Uuid::new_v4();
+        let ok = CreateLegalHoldRequest {
+            name: "case-2026.01_a".into(),
+            reason: "litigation hold, ticket LEG-7".into(),
+            type_prefix: "sec.auth.".into(),
+            actor_id: "alice".into(),
+            since: Some(prost_types::Timestamp {
+                seconds: 10,
+                nanos: 0,
+            }),
+            until: Some(prost_types::Timestamp {
+                seconds: 20,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let h = hold_from(&ok, id, 5, "admin").unwrap();
+        assert_eq!(
+            (h.since_us, h.until_us, h.created_by.as_str()),
+            (Some(10_000_000), Some(20_000_000), "admin")
+        );
+        let bad = |f: fn(&mut CreateLegalHoldRequest), field: &str| {
+            let mut r = ok.clone();
+            f(&mut r);
+            let e = hold_from(&r, id, 5, "admin").unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{e:?}");
+        };
+        bad(|r| r.name = String::new(), "name");
+        bad(|r| r.name = "a b".into(), "name");
+        bad(|r| r.name = "x".repeat(129), "name");
+        bad(|r| r.reason = " ".into(), "reason");
+        bad(|r| r.reason = "x".repeat(1025), "reason");
+        bad(|r| r.type_prefix = "SEC.*".into(), "type_prefix");
+        bad(|r| r.actor_id = "x".repeat(513), "actor_id");
+        bad(
+            |r| {
+                r.until = Some(prost_types::Timestamp {
+                    seconds: 10,
+                    nanos: 0,
+                })
+            },
+            "until",
+        );
+    }
 
     #[test]
     fn requests_validate_into_queries() {

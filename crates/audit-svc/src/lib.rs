@@ -11,6 +11,7 @@ pub mod config;
 pub mod grpc;
 pub mod pipeline;
 pub mod reports;
+pub mod retention;
 pub mod sensitive;
 pub mod signer;
 pub mod store;
@@ -41,6 +42,11 @@ pub const ACCESS: AccessTable = AccessTable {
         ("SearchEvents", Access::Admin),
         ("ExportEvents", Access::Admin),
         ("GetReport", Access::Admin),
+        // Retention and legal holds (issue 19 item 6).
+        ("RunRetention", Access::Admin),
+        ("CreateLegalHold", Access::Admin),
+        ("ReleaseLegalHold", Access::Admin),
+        ("ListLegalHolds", Access::Admin),
     ],
 };
 
@@ -120,12 +126,28 @@ pub async fn run(
         &platform,
         &mut host.registry,
     )?;
+    let retention = retention::Retention::new(
+        store.clone(),
+        chain.clone(),
+        platform.clock.clone(),
+        cfg.retention.clone(),
+        &mut host.registry,
+    );
+    // No partition for this month: nothing could be stored. Fail the start loudly.
+    retention.ensure_partitions().await?;
     let mut tasks = Supervisor::new(NAME, &mut host.registry, host.readiness.clone(), &shutdown);
     {
         let (chain, stop) = (chain.clone(), shutdown.clone());
         tasks.spawn("checkpoint", move || {
             let (chain, stop) = (chain.clone(), stop.clone());
             async move { chain.run(stop).await }
+        });
+    }
+    {
+        let (retention, stop) = (retention.clone(), shutdown.clone());
+        tasks.spawn("retention", move || {
+            let (retention, stop) = (retention.clone(), stop.clone());
+            async move { retention.task(stop).await }
         });
     }
 
@@ -159,6 +181,8 @@ pub async fn run(
         chain: chain.clone(),
         sensitive,
         incidents: None,
+        retention: retention.clone(),
+        events: platform.events.clone(),
         clock: platform.clock.clone(),
     });
     let serve = Serve {

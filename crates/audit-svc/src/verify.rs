@@ -1,8 +1,10 @@
 //! Verification of the hash chain (see [`crate::chain`]) and the checkpointer that signs
 //! its head.
 
+use std::collections::HashSet;
+
 use crate::chain::{
-    Checkpoint, CheckpointSigner, Failure, GENESIS, Hash, Problem, Report, checkpoint_note,
+    Checkpoint, CheckpointSigner, Failure, GENESIS, Hash, Problem, Prune, Report, checkpoint_note,
     next_hash,
 };
 use crate::store::{ChainStore, Outside, StoreError};
@@ -127,7 +129,9 @@ pub async fn verify(
     Ok(report)
 }
 
-/// Recomputes `next..=to` onto `prev`; the first failure, if any.
+/// Recomputes `next..=to` onto `prev`; the first failure, if any. A position without a
+/// record is accepted only as part of a signed prune record (retention), after which the
+/// running hash continues from the hash the record names.
 async fn walk(
     store: &dyn ChainStore,
     signer: &dyn CheckpointSigner,
@@ -137,16 +141,68 @@ async fn walk(
     mut next: u64,
     to: u64,
 ) -> Result<Option<Failure>, VerifyError> {
+    let mut runs = HashSet::new();
     while next <= to {
         let rows = store.chained(next, to, PAGE).await?;
-        let Some(last) = rows.last().map(|r| r.seq) else {
-            return Ok(Some(missing(next)));
-        };
-        let mut checkpoints = store.checkpoints(next, last, PAGE).await?.into_iter();
+        let page_end = rows.last().map_or(to, |r| r.seq);
+        let mut checkpoints = store.checkpoints(next, page_end, PAGE).await?.into_iter();
         let mut cp = checkpoints.next();
+        if rows.is_empty() {
+            match gap(store, signer, origin, &mut runs, next).await? {
+                Ok(p) => {
+                    *prev = p.last_hash;
+                    report.to_seq = p.last_seq.min(to);
+                    next = p.last_seq + 1;
+                    continue;
+                }
+                Err(f) => return Ok(Some(f)),
+            }
+        }
         for r in rows {
-            if r.seq != next {
-                return Ok(Some(missing(next)));
+            let mut jumped = false;
+            while r.seq > next {
+                match gap(store, signer, origin, &mut runs, next).await? {
+                    Ok(p) => {
+                        if let Some(c) = store.checkpoint_at_or_before(p.last_seq).await?
+                            && c.seq == p.last_seq
+                        {
+                            report.checkpoints += 1;
+                            if let Some(f) = checkpoint_ok(signer, origin, &c).await? {
+                                return Ok(Some(f));
+                            }
+                            if c.head_hash != p.last_hash {
+                                return Ok(Some(Failure {
+                                    problem: Problem::CheckpointMismatch,
+                                    seq: c.seq,
+                                    detail: format!(
+                                        "the prune record ending at {} differs from the signed checkpoint there",
+                                        c.seq
+                                    ),
+                                }));
+                            }
+                        }
+                        *prev = p.last_hash;
+                        next = p.last_seq + 1;
+                        jumped = true;
+                    }
+                    Err(f) => return Ok(Some(f)),
+                }
+            }
+            if r.seq < next {
+                return Ok(Some(Failure {
+                    problem: Problem::Inserted,
+                    seq: r.seq,
+                    detail: format!(
+                        "record {} lies at a position that retention removed",
+                        r.row.id
+                    ),
+                }));
+            }
+            if jumped {
+                // Checkpoints inside the removed run are not read again; the ones after
+                // it are fetched afresh (at most one per position of this page).
+                checkpoints = store.checkpoints(next, page_end, PAGE).await?.into_iter();
+                cp = checkpoints.next();
             }
             let hash = match next_hash(prev, r.seq, &r.row) {
                 Ok(h) => h,
@@ -191,6 +247,42 @@ async fn walk(
         // PAGE checkpoints per PAGE records always holds (at most one per record).
     }
     Ok(None)
+}
+
+/// The prune record that starts at `seq`, if its run's signature verifies (each run is
+/// checked once per verification); otherwise the failure to report.
+async fn gap(
+    store: &dyn ChainStore,
+    signer: &dyn CheckpointSigner,
+    origin: &str,
+    verified: &mut HashSet<i64>,
+    seq: u64,
+) -> Result<Result<Prune, Failure>, VerifyError> {
+    let Some((prune, run_id)) = store.prune_at(seq).await? else {
+        return Ok(Err(missing(seq)));
+    };
+    let forged = || Failure {
+        problem: Problem::BadSignature,
+        seq,
+        detail: format!(
+            "positions {}..={} were removed, but their prune record is not signed by this installation",
+            prune.first_seq, prune.last_seq
+        ),
+    };
+    if !verified.contains(&run_id) {
+        let Some(run) = store.prune_run(run_id).await? else {
+            return Ok(Err(forged()));
+        };
+        if run.origin != origin
+            || !signer
+                .verify(&run.key_name, run.statement().as_bytes(), &run.signature)
+                .await?
+        {
+            return Ok(Err(forged()));
+        }
+        verified.insert(run_id);
+    }
+    Ok(Ok(prune))
 }
 
 fn missing(seq: u64) -> Failure {

@@ -1,4 +1,5 @@
-//! `secctl audit list|verify|head|export|report`: security events, the hash chain and reports.
+//! `secctl audit list|verify|head|export|report|retention|hold`: security events, the
+//! hash chain, reports, retention and legal holds.
 
 use std::process::ExitCode;
 
@@ -266,4 +267,165 @@ pub async fn report(
     };
     let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
     write_chunks(client.get_report(request).await.rpc()?).await
+}
+
+fn time_text(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// `secctl audit retention [--dry-run]`.
+pub async fn retention(config: &Config, output: Output, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    let r = client
+        .run_retention(sec_proto::audit::v1::RunRetentionRequest { dry_run })
+        .await
+        .rpc()?;
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "dry_run": r.dry_run,
+            "removed_rows": r.removed_rows,
+            "dropped_partitions": r.dropped_partitions,
+            "held_rows": r.held_rows,
+            "partitions": r.partitions,
+            "exported": r.exported,
+            "ranges": r.ranges.iter().map(|p| serde_json::json!({
+                "first_seq": p.first_seq,
+                "last_seq": p.last_seq,
+                "rows": p.rows,
+                "reason": p.reason,
+                "partition": (!p.partition.is_empty()).then_some(p.partition.as_str()),
+            })).collect::<Vec<_>>(),
+        }))?,
+        Output::Table => {
+            let verb = if r.dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} events in {} runs of positions ({} partitions dropped); {} expired events held",
+                r.removed_rows,
+                r.ranges.len(),
+                r.dropped_partitions,
+                r.held_rows
+            );
+            if !r.ranges.is_empty() {
+                println!(
+                    "{:<12} {:<12} {:<10} {:<10} PARTITION",
+                    "FIRST", "LAST", "ROWS", "REASON"
+                );
+            }
+            for p in &r.ranges {
+                println!(
+                    "{:<12} {:<12} {:<10} {:<10} {}",
+                    p.first_seq, p.last_seq, p.rows, p.reason, p.partition
+                );
+            }
+            for f in &r.exported {
+                println!("exported: {f}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hold_json(h: &sec_proto::audit::v1::LegalHold) -> serde_json::Value {
+    serde_json::json!({
+        "id": h.id,
+        "name": h.name,
+        "reason": h.reason,
+        "type_prefix": h.type_prefix,
+        "actor_id": h.actor_id,
+        "subject": h.subject,
+        "since": h.since.is_some().then(|| time_text(h.since.as_ref())),
+        "until": h.until.is_some().then(|| time_text(h.until.as_ref())),
+        "created_at": time_text(h.created_at.as_ref()),
+        "created_by": h.created_by,
+        "released_at": h.released_at.is_some().then(|| time_text(h.released_at.as_ref())),
+        "released_by": (!h.released_by.is_empty()).then_some(h.released_by.as_str()),
+    })
+}
+
+/// `secctl audit hold create|release|list`.
+pub async fn hold(
+    config: &Config,
+    output: Output,
+    command: crate::cli::HoldCommand,
+) -> anyhow::Result<ExitCode> {
+    use crate::cli::HoldCommand;
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    match command {
+        HoldCommand::Create {
+            name,
+            reason,
+            type_prefix,
+            actor,
+            subject,
+            since,
+            until,
+        } => {
+            let h = client
+                .create_legal_hold(sec_proto::audit::v1::CreateLegalHoldRequest {
+                    name,
+                    reason,
+                    type_prefix: type_prefix.unwrap_or_default(),
+                    actor_id: actor.unwrap_or_default(),
+                    subject: subject.unwrap_or_default(),
+                    since: rfc3339("--since", since)?,
+                    until: rfc3339("--until", until)?,
+                })
+                .await
+                .rpc()?
+                .hold
+                .unwrap_or_default();
+            match output {
+                Output::Json => print_json(&hold_json(&h))?,
+                Output::Table => println!("hold {} placed: {}", h.name, h.id),
+            }
+        }
+        HoldCommand::Release { id } => {
+            let r = client
+                .release_legal_hold(sec_proto::audit::v1::ReleaseLegalHoldRequest {
+                    id: id.clone(),
+                })
+                .await
+                .rpc()?;
+            match output {
+                Output::Json => print_json(&serde_json::json!({
+                    "id": id,
+                    "released_at": time_text(r.released_at.as_ref()),
+                }))?,
+                Output::Table => println!("hold {id} released"),
+            }
+        }
+        HoldCommand::List { all } => {
+            let r = client
+                .list_legal_holds(sec_proto::audit::v1::ListLegalHoldsRequest {
+                    include_released: all,
+                })
+                .await
+                .rpc()?;
+            match output {
+                Output::Json => {
+                    print_json(&r.holds.iter().map(hold_json).collect::<Vec<_>>().into())?;
+                }
+                Output::Table => {
+                    println!(
+                        "{:<36} {:<24} {:<20} {:<16} {:<20} RELEASED",
+                        "ID", "NAME", "TYPE PREFIX", "ACTOR", "CREATED"
+                    );
+                    for h in &r.holds {
+                        println!(
+                            "{:<36} {:<24} {:<20} {:<16} {:<20} {}",
+                            h.id,
+                            h.name,
+                            h.type_prefix,
+                            h.actor_id,
+                            time_text(h.created_at.as_ref()),
+                            time_text(h.released_at.as_ref())
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -182,6 +182,18 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t = ReportFormatArg::Json)]
         format: ReportFormatArg,
     },
+    /// Run retention now: remove (export first, when configured) the events past their
+    /// retention rule and under no legal hold.
+    Retention {
+        /// Only show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Legal holds: events a hold matches are never removed by retention.
+    Hold {
+        #[command(subcommand)]
+        command: HoldCommand,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -195,6 +207,38 @@ pub enum ReportKindArg {
 pub enum ReportFormatArg {
     Json,
     Csv,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldCommand {
+    /// Place a hold (at least one of the filters is advised; none holds everything).
+    Create {
+        /// Unique among active holds: A-Z a-z 0-9 . _ -
+        name: String,
+        /// Why (case reference).
+        #[arg(long)]
+        reason: String,
+        /// Event type prefix, e.g. `sec.auth.`.
+        #[arg(long = "type-prefix")]
+        type_prefix: Option<String>,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        /// Events at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Events before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Release a hold by id.
+    Release { id: String },
+    /// Active holds (with --all, released ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -102,6 +102,12 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: command @ AuditCommand::Report { .. },
         } => audit::report(&config, command).await,
+        Command::Audit {
+            command: AuditCommand::Retention { dry_run },
+        } => audit::retention(&config, out, dry_run).await,
+        Command::Audit {
+            command: AuditCommand::Hold { command },
+        } => audit::hold(&config, out, command).await,
         Command::Key { command } => keys::run(&config, out, command).await,
         Command::Kek { command } => keys::kek(&config, out, command).await,
         Command::Encrypt(args) => crypt::encrypt(&config, out, args).await,

@@ -223,6 +223,113 @@ async fn search_and_export(tp: &TestPlatform) {
     );
 }
 
+/// Retention (nothing has expired on a fresh platform) and legal holds through secctl;
+/// of parallel releases of one hold exactly one succeeds, the others get ABORTED.
+async fn retention_and_holds(tp: &TestPlatform, env: &Env) {
+    let j = env
+        .run(&["audit", "retention", "--dry-run", "-o", "json"], b"")
+        .await
+        .ok()
+        .json();
+    assert_eq!(
+        (j["dry_run"].as_bool(), j["removed_rows"].as_u64()),
+        (Some(true), Some(0)),
+        "{j}"
+    );
+    let j = env
+        .run(&["audit", "retention", "-o", "json"], b"")
+        .await
+        .ok()
+        .json();
+    assert_eq!(j["removed_rows"], 0, "{j}");
+
+    let j = env
+        .run(
+            &[
+                "audit",
+                "hold",
+                "create",
+                "case-1",
+                "--reason",
+                "ticket LEG-1",
+                "--actor",
+                "alice",
+                "--type-prefix",
+                "sec.auth.",
+                "-o",
+                "json",
+            ],
+            b"",
+        )
+        .await
+        .ok()
+        .json();
+    let id = j["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (j["name"].as_str(), j["actor_id"].as_str()),
+        (Some("case-1"), Some("alice"))
+    );
+    let dup = env
+        .run(
+            &["audit", "hold", "create", "case-1", "--reason", "again"],
+            b"",
+        )
+        .await;
+    assert_eq!(
+        dup.code, 1,
+        "an active hold's name is unique: {}",
+        dup.stderr
+    );
+    let bad = env
+        .run(&["audit", "hold", "create", "a b", "--reason", "x"], b"")
+        .await;
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    let list = env
+        .run(&["audit", "hold", "list", "-o", "json"], b"")
+        .await
+        .ok()
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+
+    let mut releases = Vec::new();
+    for _ in 0..4 {
+        let mut audit = tp.audit();
+        let id = id.clone();
+        releases.push(tokio::spawn(async move {
+            audit
+                .release_legal_hold(sec_proto::audit::v1::ReleaseLegalHoldRequest { id })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }));
+    }
+    let mut codes = Vec::new();
+    for r in releases {
+        codes.push(r.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| c.is_ok()).count(), 1, "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| c.is_ok() || *c == Err(tonic::Code::Aborted)),
+        "{codes:?}"
+    );
+    let list = env
+        .run(&["audit", "hold", "list", "-o", "json"], b"")
+        .await
+        .ok()
+        .json();
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+    let all = env
+        .run(&["audit", "hold", "list", "--all", "-o", "json"], b"")
+        .await
+        .ok()
+        .json();
+    assert!(all[0]["released_at"].is_string(), "{all}");
+    let again = env.run(&["audit", "hold", "release", &id], b"").await;
+    assert_eq!(again.code, 1, "{}", again.stderr);
+}
+
 async fn chain_end_to_end(backends: Backends) {
     let Some(seed) = TestPlatform::seed(backends) else {
         return;
@@ -245,6 +352,7 @@ async fn chain_end_to_end(backends: Backends) {
             .unwrap();
     }
     search_and_export(&tp).await;
+    retention_and_holds(&tp, &env).await;
 
     // secctl audit export: CSV and JSON Lines on stdout.
     let csv = env

@@ -5,9 +5,14 @@ code, following crates/audit-svc/docs/chain.md. Python standard library only.
     verify_chain.py <audit.db>
 
 Prints one JSON object: {"ok", "records", "head_seq", "head_hash", "checkpoints",
-"problem", "first_bad_seq"}; exits 0 when the chain verifies, 3 when it does not.
+"pruned_runs", "problem", "first_bad_seq"}; exits 0 when the chain verifies, 3 when it does not.
 Checkpoint signatures are not checked here (no Ed25519 in the standard library); the
-checkpoints' head hashes are.
+checkpoints' head hashes are. Gaps left by retention are accepted only where a prune
+record (audit_prunes) starts, whose run carries a signature from this installation's
+origin; the running hash then continues from the hash the record names, so a row deleted
+or edited elsewhere is still caught. The prune runs' signatures are not checked here
+either (VerifyChain checks them): a prune record forged by someone holding the database
+is caught by VerifyChain, not by this script.
 """
 import hashlib
 import ipaddress
@@ -65,10 +70,21 @@ def main(path):
     checkpoints = {
         s: h for s, h in db.execute("SELECT seq, head_hash FROM audit_checkpoints")
     }
+    origin = None
+    if head_seq:
+        row = db.execute("SELECT origin FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        origin = row[0] if row else None
+    prunes = {
+        f: (l, bytes(h))
+        for f, l, h in db.execute(
+            "SELECT p.first_seq, p.last_seq, p.last_hash FROM audit_prunes p"
+            " JOIN audit_prune_runs r ON r.id = p.run_id"
+            " WHERE r.signature LIKE 'sec:v%' AND r.origin = ?", (origin,))
+    }
     prev = bytes(32)
     expected = 1
     out = {"ok": True, "records": 0, "head_seq": head_seq, "head_hash": bytes(head_hash).hex(),
-           "checkpoints": 0, "problem": None, "first_bad_seq": None}
+           "checkpoints": 0, "pruned_runs": 0, "problem": None, "first_bad_seq": None}
 
     def fail(problem, seq):
         out.update(ok=False, problem=problem, first_bad_seq=seq)
@@ -77,6 +93,13 @@ def main(path):
 
     for r in db.execute("SELECT * FROM security_events WHERE seq IS NOT NULL ORDER BY seq"):
         if r["seq"] > head_seq:
+            fail("inserted", r["seq"])
+        while r["seq"] > expected and expected in prunes:
+            # A gap retention recorded: continue from the hash at its end.
+            last, prev = prunes[expected]
+            out["pruned_runs"] += 1
+            expected = last + 1
+        if r["seq"] < expected:
             fail("inserted", r["seq"])
         if r["seq"] != expected:
             fail("missing", expected)
@@ -90,6 +113,10 @@ def main(path):
         prev = h
         expected += 1
         out["records"] += 1
+    while expected <= head_seq and expected in prunes:
+        last, prev = prunes[expected]
+        out["pruned_runs"] += 1
+        expected = last + 1
     if expected - 1 != head_seq:
         fail("missing", expected)
     if head_seq and prev != bytes(head_hash):

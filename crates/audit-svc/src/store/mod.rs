@@ -7,13 +7,15 @@ pub mod sqlite;
 
 #[cfg(test)]
 pub mod chain_tests;
+#[cfg(test)]
+pub mod retention_tests;
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use sec_common::events::{ActorKind, Outcome, SecurityEvent, Severity};
 
-use crate::chain::{Chained, Checkpoint, Hash, Head};
+use crate::chain::{Chained, Checkpoint, Hash, Head, Prune, PruneRun};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -139,11 +141,176 @@ pub trait ChainStore: Send + Sync + 'static {
         to: u64,
         limit: u32,
     ) -> Result<Vec<Checkpoint>, StoreError>;
+    /// The prune record whose run of removed positions starts at `first_seq`, with the
+    /// id of its retention run.
+    async fn prune_at(&self, first_seq: u64) -> Result<Option<(Prune, i64)>, StoreError>;
+    /// A retention run with all its prune records.
+    async fn prune_run(&self, id: i64) -> Result<Option<PruneRun>, StoreError>;
 }
 
-/// Both sides: what audit-svc runs on.
-pub trait AuditStore: EventStore + ChainStore {}
-impl<T: EventStore + ChainStore> AuditStore for T {}
+/// Receipt-time cutoffs of one retention run: a row received before the cutoff of the
+/// longest prefix its type starts with (else `default_us`) has expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cutoffs {
+    /// Longest prefix first.
+    pub by_prefix: Vec<(String, i64)>,
+    pub default_us: i64,
+}
+
+impl Cutoffs {
+    /// No row received at or after this has expired.
+    pub fn latest(&self) -> i64 {
+        self.by_prefix
+            .iter()
+            .map(|(_, c)| *c)
+            .fold(self.default_us, i64::max)
+    }
+
+    /// Whether a row of `event_type` received at `received_us` has expired.
+    pub fn expired(&self, event_type: &str, received_us: i64) -> bool {
+        let cutoff = self
+            .by_prefix
+            .iter()
+            .find(|(p, _)| event_type.starts_with(p.as_str()))
+            .map_or(self.default_us, |(_, c)| *c);
+        received_us < cutoff
+    }
+}
+
+/// What one retention run removes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionPlan {
+    /// Partitions dropped whole (PostgreSQL), with the run of positions they hold (`None`:
+    /// an empty partition).
+    pub drops: Vec<(String, Option<Prune>)>,
+    /// Runs of positions deleted by range.
+    pub ranges: Vec<Prune>,
+    /// Expired rows kept because a legal hold matches them.
+    pub held_rows: u64,
+    /// Partitions of the events table now (0 on SQLite).
+    pub partitions: u64,
+}
+
+impl RetentionPlan {
+    /// Every prune record of the plan, in order of position.
+    pub fn prunes(&self) -> Vec<Prune> {
+        let mut all: Vec<Prune> = self
+            .drops
+            .iter()
+            .filter_map(|(_, p)| p.clone())
+            .chain(self.ranges.iter().cloned())
+            .collect();
+        all.sort_by_key(|p| p.first_seq);
+        all
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.prunes().iter().map(|p| p.rows).sum()
+    }
+}
+
+/// A legal hold: while active, every event it matches is kept. Empty strings and `None`
+/// match anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegalHold {
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub reason: String,
+    pub type_prefix: String,
+    pub actor_id: String,
+    pub subject: String,
+    /// Event time, inclusive lower bound (microseconds).
+    pub since_us: Option<i64>,
+    /// Event time, exclusive upper bound.
+    pub until_us: Option<i64>,
+    pub created_us: i64,
+    pub created_by: String,
+    pub released_us: Option<i64>,
+    pub released_by: Option<String>,
+}
+
+/// What a release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    Released,
+    /// Someone released it first (the loser of a race).
+    AlreadyReleased,
+    NotFound,
+}
+
+/// Partitions, retention and legal holds.
+#[async_trait]
+pub trait RetentionStore: Send + Sync + 'static {
+    /// Makes sure the events table has a partition for each UTC month that starts at
+    /// one of `months` (PostgreSQL; nothing on SQLite). Returns how many it created.
+    async fn ensure_partitions(&self, months: &[chrono::NaiveDate]) -> Result<u32, StoreError>;
+    /// Names of the events table's partitions, oldest first (none on SQLite).
+    async fn partitions(&self) -> Result<Vec<String>, StoreError>;
+    /// What a run with these cutoffs would remove, at most `max_ranges` runs of
+    /// positions, oldest first.
+    async fn plan_retention(
+        &self,
+        cutoffs: &Cutoffs,
+        max_ranges: usize,
+    ) -> Result<RetentionPlan, StoreError>;
+    /// Records `run` (signed, with the plan's prunes) and removes the plan's rows, all or
+    /// nothing. Returns how many rows it removed.
+    async fn apply_retention(
+        &self,
+        run: &PruneRun,
+        plan: &RetentionPlan,
+    ) -> Result<u64, StoreError>;
+    /// False when an active hold of that name exists.
+    async fn create_hold(&self, hold: &LegalHold) -> Result<bool, StoreError>;
+    /// Releases an active hold (compare-and-set: only the first caller succeeds).
+    async fn release_hold(
+        &self,
+        id: uuid::Uuid,
+        by: &str,
+        now_us: i64,
+    ) -> Result<Release, StoreError>;
+    /// Newest first, at most `limit`.
+    async fn list_holds(
+        &self,
+        include_released: bool,
+        limit: u32,
+    ) -> Result<Vec<LegalHold>, StoreError>;
+}
+
+/// Name of the monthly partition starting at `month` (`security_events_pYYYYMM`).
+pub fn partition_name(month: chrono::NaiveDate) -> String {
+    format!("security_events_p{}", month.format("%Y%m"))
+}
+
+/// The end (exclusive, microseconds) of the partition named `name`, if it is one of ours.
+pub fn partition_end_us(name: &str) -> Option<i64> {
+    partition_bounds_us(name).map(|(_, end)| end)
+}
+
+/// The receipt-time range `[start, end)` (microseconds) of the partition named `name`, if
+/// it is one of ours.
+pub fn partition_bounds_us(name: &str) -> Option<(i64, i64)> {
+    use chrono::Datelike as _;
+    let ym = name.strip_prefix("security_events_p")?;
+    if ym.len() != 6 || !ym.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let start = chrono::NaiveDate::from_ymd_opt(ym[..4].parse().ok()?, ym[4..].parse().ok()?, 1)?;
+    let end = if start.month() == 12 {
+        chrono::NaiveDate::from_ymd_opt(start.year() + 1, 1, 1)?
+    } else {
+        chrono::NaiveDate::from_ymd_opt(start.year(), start.month() + 1, 1)?
+    };
+    let us = |d: chrono::NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_micros())
+    };
+    Some((us(start)?, us(end)?))
+}
+
+/// Every side: what audit-svc runs on.
+pub trait AuditStore: EventStore + ChainStore + RetentionStore {}
+impl<T: EventStore + ChainStore + RetentionStore> AuditStore for T {}
 
 /// A record found outside the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +343,11 @@ pub(crate) fn chain_batch(
         out.push((seq, hash, r));
     }
     Ok((out, h))
+}
+
+/// The receipt time of a batch: the clock's, unless the newest one stored is later.
+pub(crate) fn monotone_received(now_us: i64, last_us: Option<i64>) -> i64 {
+    last_us.map_or(now_us, |l| l.max(now_us))
 }
 
 pub(crate) fn to_hash(bytes: &[u8]) -> Result<Hash, StoreError> {
@@ -530,6 +702,44 @@ mod tests {
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
         assert_eq!(Cursor::decode("!!!"), None);
         assert_eq!(Cursor::decode("bm9wZQ"), None);
+    }
+
+    #[test]
+    fn partition_names_and_ends() {
+        let m = chrono::NaiveDate::from_ymd_opt(2026, 12, 1).unwrap();
+        assert_eq!(partition_name(m), "security_events_p202612");
+        assert_eq!(
+            partition_end_us("security_events_p202612"),
+            Some(
+                chrono::DateTime::parse_from_rfc3339("2027-01-01T00:00:00Z")
+                    .unwrap()
+                    .timestamp_micros()
+            )
+        );
+        for bad in [
+            "security_events_p2026",
+            "x_p202601",
+            "security_events_p202613",
+        ] {
+            assert_eq!(partition_end_us(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cutoffs_longest_prefix_wins() {
+        let c = Cutoffs {
+            by_prefix: vec![
+                ("sec.ratelimit.hit".into(), 50),
+                ("sec.ratelimit.".into(), 100),
+            ],
+            default_us: 10,
+        };
+        assert!(c.expired("sec.ratelimit.hit.x", 49));
+        assert!(!c.expired("sec.ratelimit.hit.x", 50));
+        assert!(c.expired("sec.ratelimit.other", 99));
+        assert!(!c.expired("sec.auth.login", 10));
+        assert!(c.expired("sec.auth.login", 9));
+        assert_eq!(c.latest(), 100);
     }
 
     #[test]
