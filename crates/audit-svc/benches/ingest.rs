@@ -118,6 +118,7 @@ async fn run() {
                 subject_prefix: cfg.subject_prefix.clone(),
                 max_details_bytes: 16 * 1024,
             },
+            alerts: None,
         },
         stop.clone(),
     ));

@@ -17,6 +17,8 @@ pub struct AuditConfig {
     /// Records appended since the newest checkpoint are the ones a holder of the
     /// database credentials could still forge unnoticed: keep it short. 5 ..= 3600.
     pub checkpoint_interval_seconds: u64,
+    /// `[audit.alerts]`: threshold rules and webhooks (see `docs/alerts.md`).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 impl Default for AuditConfig {
@@ -24,6 +26,7 @@ impl Default for AuditConfig {
         Self {
             max_details_bytes: 16 * KIB,
             checkpoint_interval_seconds: 60,
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -42,6 +45,9 @@ impl ServiceConfig for AuditConfig {
                 "must be between 5 and 3600".into(),
             ));
         }
+        self.alerts
+            .validate()
+            .map_err(|(k, m)| (format!("alerts.{k}"), m))?;
         Ok(())
     }
 }

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use sec_common::error::Error;
 use sec_proto::audit::v1::audit_service_server::AuditService;
 use sec_proto::audit::v1::{
-    EventFilter, ExportChunk, ExportEventsRequest, ExportFormat, GetChainHeadRequest,
-    GetChainHeadResponse, ListEventsRequest, ListEventsResponse, Order, SearchEventsRequest,
-    SearchEventsResponse, VerifyChainRequest, VerifyChainResponse,
+    AcknowledgeAlertRequest, AcknowledgeAlertResponse, EventFilter, ExportChunk,
+    ExportEventsRequest, ExportFormat, GetChainHeadRequest, GetChainHeadResponse,
+    GetMonitorRequest, GetMonitorResponse, ListAlertsRequest, ListAlertsResponse,
+    ListEventsRequest, ListEventsResponse, Order, SearchEventsRequest, SearchEventsResponse,
+    VerifyChainRequest, VerifyChainResponse,
 };
 use sec_proto::common::v1::{PageRequest, PageResponse};
 use tonic::{Request, Response, Status};
@@ -31,6 +33,8 @@ const OUTCOMES: [&str; 3] = ["success", "failure", "denied"];
 pub struct AuditApi {
     pub store: Arc<dyn AuditStore>,
     pub chain: Arc<Checkpointer>,
+    /// Alerts and monitoring (ListAlerts, AcknowledgeAlert, GetMonitor).
+    pub monitor: crate::alerts::api::Monitor,
 }
 
 fn micros(t: &prost_types::Timestamp, field: &str) -> Result<i64, Error> {
@@ -379,6 +383,34 @@ impl AuditService for AuditApi {
             first_bad_seq: failure.as_ref().map_or(0, |f| f.seq),
             detail: failure.map(|f| f.detail).unwrap_or_default(),
         }))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<ListAlertsRequest>,
+    ) -> Result<Response<ListAlertsResponse>, Status> {
+        Ok(Response::new(
+            self.monitor.list_alerts(request.get_ref()).await?,
+        ))
+    }
+
+    async fn acknowledge_alert(
+        &self,
+        request: Request<AcknowledgeAlertRequest>,
+    ) -> Result<Response<AcknowledgeAlertResponse>, Status> {
+        let actor = sec_common::auth::Caller::of(&request)?.actor();
+        Ok(Response::new(
+            self.monitor.acknowledge(request.get_ref(), actor).await?,
+        ))
+    }
+
+    async fn get_monitor(
+        &self,
+        _request: Request<GetMonitorRequest>,
+    ) -> Result<Response<GetMonitorResponse>, Status> {
+        Ok(Response::new(
+            self.monitor.get_monitor(self.store.as_ref()).await?,
+        ))
     }
 
     async fn get_chain_head(

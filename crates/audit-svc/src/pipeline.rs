@@ -346,6 +346,8 @@ pub struct Ingest {
     /// What the ingest lag is measured against; stamps the dead-letter events.
     pub clock: SharedClock,
     pub limits: Limits,
+    /// Alert rules, evaluated after each committed batch (`None`: no evaluation).
+    pub alerts: Option<Arc<crate::alerts::engine::AlertEngine>>,
 }
 
 impl Ingest {
@@ -486,6 +488,11 @@ impl Ingest {
             self.metrics
                 .lag_seconds
                 .set(lag_seconds(self.clock.now(), &stored));
+            // Before the acks: a crash here redelivers and evaluates again (the counts
+            // come from the store, so that is harmless). Never fails the batch.
+            if let Some(alerts) = &self.alerts {
+                alerts.after_commit(&stored).await;
+            }
         }
 
         let mut unstorable: Vec<Option<String>> = vec![None; valid.len()];
@@ -703,6 +710,7 @@ mod tests {
                 metrics: metrics.clone(),
                 clock: clock.clone(),
                 limits: limits(),
+                alerts: None,
             },
             stop.clone(),
         ));
@@ -1081,6 +1089,7 @@ mod ingest_tests {
                 metrics: metrics.clone(),
                 clock: system(),
                 limits: limits(),
+                alerts: None,
             },
             stop.clone(),
         ));
@@ -1284,6 +1293,7 @@ mod ingest_tests {
                 metrics: metrics.clone(),
                 clock: system(),
                 limits,
+                alerts: None,
             },
             stop.clone(),
         ));
