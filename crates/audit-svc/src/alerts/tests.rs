@@ -445,6 +445,64 @@ async fn prefix_rules_and_detail_groups() {
     }
 }
 
+/// The group value computed from a batch's event equals the store's form of the same
+/// column (PostgreSQL `host(inet)`, SQLite text), for IPv4, IPv6 and mapped addresses.
+#[tokio::test]
+async fn address_groups_match_the_stored_form() {
+    for c in backends().await {
+        let bus = c.bus();
+        let engine = c.engine(
+            vec![rule(
+                "by-address",
+                "sec.auth.login.failed",
+                2,
+                60,
+                "ip_address",
+            )],
+            &[],
+            &bus,
+        );
+        let at = |ip: &str, secs: i64| {
+            let mut e = failed("x", secs);
+            e.source_ip = ip.into();
+            e
+        };
+        let batch = [
+            at("192.0.2.7", 0),
+            at("192.0.2.7", 1),
+            at("2001:0db8:0000:0000:0000:0000:0000:0001", 2),
+            at("2001:db8::1", 3),
+            at("::ffff:198.51.100.1", 4),
+            at("::ffff:198.51.100.1", 5),
+            at("not-an-ip", 6),
+            at("not-an-ip", 7),
+        ];
+        assert_eq!(
+            store_and_evaluate(&c, &engine, &batch).await,
+            3,
+            "{}",
+            c.name
+        );
+        let mut groups: Vec<_> = alerts_of(&c, None)
+            .await
+            .into_iter()
+            .map(|a| (a.group_key, a.count))
+            .collect();
+        groups.sort();
+        assert_eq!(
+            groups,
+            [
+                ("192.0.2.7".to_owned(), 2),
+                ("2001:db8::1".to_owned(), 2),
+                ("::ffff:198.51.100.1".to_owned(), 2)
+            ],
+            "{}",
+            c.name
+        );
+        c.close().await;
+    }
+}
+
 // ---------------------------------------------------------------------------- webhooks
 
 /// What the receiver got: headers and raw body of each request.
