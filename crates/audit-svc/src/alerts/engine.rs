@@ -92,6 +92,10 @@ impl AlertMetrics {
             .inc();
     }
 
+    pub(crate) fn set_open(&self, n: u64) {
+        self.open.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     pub fn raised(&self, rule: &str) -> u64 {
         self.raised
             .get_or_create(&RuleLabel { rule: rule.into() })
@@ -321,9 +325,7 @@ impl AlertEngine {
     /// Sets `sec_audit_alerts_open` from the store (all replicas' alerts).
     pub async fn refresh_open(&self) {
         match self.store.open_count().await {
-            Ok(n) => {
-                self.metrics.open.set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+            Ok(n) => self.metrics.set_open(n),
             Err(e) => tracing::warn!(error = %e, "cannot count open alerts"),
         }
     }

@@ -34,6 +34,9 @@ const MAX_RETRY: Duration = Duration::from_secs(300);
 const PER_TICK: u32 = 16;
 /// How often the queue is polled when nothing wakes the worker.
 const POLL: Duration = Duration::from_secs(1);
+/// How often the worker also recounts open alerts for `sec_audit_alerts_open`, so a
+/// replica's gauge follows acknowledgements made on other replicas.
+const OPEN_GAUGE_EVERY: Duration = Duration::from_secs(15);
 /// Shortest secret accepted.
 const MIN_SECRET_BYTES: usize = 32;
 
@@ -320,7 +323,15 @@ impl Deliverer {
 
     /// The supervised loop: a tick when woken or every second, until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut recounted: Option<tokio::time::Instant> = None;
         loop {
+            if recounted.is_none_or(|t| t.elapsed() >= OPEN_GAUGE_EVERY) {
+                recounted = Some(tokio::time::Instant::now());
+                match self.store.open_count().await {
+                    Ok(n) => self.metrics.set_open(n),
+                    Err(e) => tracing::warn!(error = %e, "cannot count open alerts"),
+                }
+            }
             match self.tick().await {
                 Ok(n) if n as u32 == PER_TICK => continue,
                 Ok(_) => {}
