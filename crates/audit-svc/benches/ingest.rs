@@ -119,6 +119,7 @@ async fn run() {
                 max_details_bytes: 16 * 1024,
             },
             sensitive: None,
+            alerts: None,
         },
         stop.clone(),
     ));

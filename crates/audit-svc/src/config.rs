@@ -22,6 +22,8 @@ pub struct AuditConfig {
     pub sensitive_fields: Vec<String>,
     /// `[audit.retention]`: how long events are kept, partitions, export.
     pub retention: crate::retention::RetentionConfig,
+    /// `[audit.alerts]`: threshold rules and webhooks (see `docs/alerts.md`).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 impl Default for AuditConfig {
@@ -31,6 +33,7 @@ impl Default for AuditConfig {
             checkpoint_interval_seconds: 60,
             sensitive_fields: vec!["details.username".into(), "details.email".into()],
             retention: crate::retention::RetentionConfig::default(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -76,7 +79,11 @@ impl ServiceConfig for AuditConfig {
                 return Err(("sensitive_fields".into(), format!("`{f}` is listed twice")));
             }
         }
-        self.retention.validate()
+        self.retention.validate()?;
+        self.alerts
+            .validate()
+            .map_err(|(k, m)| (format!("alerts.{k}"), m))?;
+        Ok(())
     }
 }
 

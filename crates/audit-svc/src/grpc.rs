@@ -9,12 +9,13 @@ use sec_common::error::Error;
 use sec_common::events::EventBus;
 use sec_proto::audit::v1::audit_service_server::AuditService;
 use sec_proto::audit::v1::{
-    CreateLegalHoldRequest, CreateLegalHoldResponse, EventFilter, ExportChunk, ExportEventsRequest,
-    ExportFormat, GetChainHeadRequest, GetChainHeadResponse, GetReportRequest, ListEventsRequest,
-    ListEventsResponse, ListLegalHoldsRequest, ListLegalHoldsResponse, Order, PrunedRange,
-    ReleaseLegalHoldRequest, ReleaseLegalHoldResponse, ReportFormat, ReportKind,
-    RunRetentionRequest, RunRetentionResponse, SearchEventsRequest, SearchEventsResponse,
-    VerifyChainRequest, VerifyChainResponse,
+    AcknowledgeAlertRequest, AcknowledgeAlertResponse, CreateLegalHoldRequest,
+    CreateLegalHoldResponse, EventFilter, ExportChunk, ExportEventsRequest, ExportFormat,
+    GetChainHeadRequest, GetChainHeadResponse, GetMonitorRequest, GetMonitorResponse,
+    GetReportRequest, ListAlertsRequest, ListAlertsResponse, ListEventsRequest, ListEventsResponse,
+    ListLegalHoldsRequest, ListLegalHoldsResponse, Order, PrunedRange, ReleaseLegalHoldRequest,
+    ReleaseLegalHoldResponse, ReportFormat, ReportKind, RunRetentionRequest, RunRetentionResponse,
+    SearchEventsRequest, SearchEventsResponse, VerifyChainRequest, VerifyChainResponse,
 };
 use sec_proto::common::v1::{PageRequest, PageResponse};
 use tonic::{Request, Response, Status};
@@ -51,6 +52,8 @@ pub struct AuditApi {
     /// Where the hold events go.
     pub events: EventBus,
     pub clock: SharedClock,
+    /// Alerts and monitoring (ListAlerts, AcknowledgeAlert, GetMonitor).
+    pub monitor: crate::alerts::api::Monitor,
 }
 
 /// A report's range when the request leaves it open: the 30 days before `until`.
@@ -597,6 +600,34 @@ impl AuditService for AuditApi {
             first_bad_seq: failure.as_ref().map_or(0, |f| f.seq),
             detail: failure.map(|f| f.detail).unwrap_or_default(),
         }))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<ListAlertsRequest>,
+    ) -> Result<Response<ListAlertsResponse>, Status> {
+        Ok(Response::new(
+            self.monitor.list_alerts(request.get_ref()).await?,
+        ))
+    }
+
+    async fn acknowledge_alert(
+        &self,
+        request: Request<AcknowledgeAlertRequest>,
+    ) -> Result<Response<AcknowledgeAlertResponse>, Status> {
+        let actor = sec_common::auth::Caller::of(&request)?.actor();
+        Ok(Response::new(
+            self.monitor.acknowledge(request.get_ref(), actor).await?,
+        ))
+    }
+
+    async fn get_monitor(
+        &self,
+        _request: Request<GetMonitorRequest>,
+    ) -> Result<Response<GetMonitorResponse>, Status> {
+        Ok(Response::new(
+            self.monitor.get_monitor(self.store.as_ref()).await?,
+        ))
     }
 
     async fn get_chain_head(

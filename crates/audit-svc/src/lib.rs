@@ -5,6 +5,7 @@
 //! backend and the contract suite; `grpc.rs` the API; `pipeline.rs` the background work;
 //! `run` wires them onto a [`ServiceHost`].
 
+pub mod alerts;
 pub mod chain;
 pub mod checkpointer;
 pub mod config;
@@ -47,6 +48,10 @@ pub const ACCESS: AccessTable = AccessTable {
         ("CreateLegalHold", Access::Admin),
         ("ReleaseLegalHold", Access::Admin),
         ("ListLegalHolds", Access::Admin),
+        // Alerts and monitoring (issue 19 item 7).
+        ("ListAlerts", Access::Admin),
+        ("AcknowledgeAlert", Access::Admin),
+        ("GetMonitor", Access::Admin),
     ],
 };
 
@@ -101,6 +106,14 @@ pub(crate) fn crypto_channel(
     Ok((channel, platform.credential(NAME).map(str::to_owned)))
 }
 
+/// The alert tables for the configured backend.
+pub fn alert_store(db: &Db) -> Arc<dyn alerts::store::AlertStore> {
+    match db {
+        Db::Postgres(p) => Arc::new(alerts::store::PgAlerts::new(p.clone())),
+        Db::Sqlite(p) => Arc::new(alerts::store::SqliteAlerts::new(p.clone())),
+    }
+}
+
 /// Runs audit-svc until `shutdown`, then stops serving and drains the bus into the store.
 pub async fn run(
     platform: Platform,
@@ -108,6 +121,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let cfg = platform.config.section::<AuditConfig>(NAME)?.clone();
+    // Rules and webhook secrets first: a bad rule or an unreadable secret stops the start.
+    let alert_rules = cfg
+        .alerts
+        .rules()
+        .map_err(|(k, m)| anyhow::anyhow!("audit.alerts.{k}: {m}"))?;
+    let webhooks = cfg
+        .alerts
+        .webhooks
+        .iter()
+        .map(alerts::webhook::Webhook::load)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut host = ServiceHost::new(&SPEC, &platform);
     let db = host.open_db(&MIGRATIONS).await?;
     let store = event_store(&db, platform.clock.clone());
@@ -158,20 +182,49 @@ pub async fn run(
             sensitive::CryptoHasher::new(channel, credential),
         )
     };
+    let alert_metrics = alerts::engine::AlertMetrics::register(&mut host.registry, &alert_rules);
+    let alert_store = alert_store(&db);
+    let engine = Arc::new(alerts::engine::AlertEngine::new(
+        alert_rules,
+        webhooks.iter().map(|w| w.name.clone()).collect(),
+        alert_store.clone(),
+        platform.events.clone(),
+        platform.clock.clone(),
+        alert_metrics.clone(),
+    ));
+    engine.refresh_open().await;
+    {
+        let deliverer = Arc::new(alerts::webhook::Deliverer::new(
+            webhooks,
+            alerts::webhook::http_client()?,
+            alert_store.clone(),
+            platform.clock.clone(),
+            alert_metrics,
+            engine.wake.clone(),
+        ));
+        let stop = shutdown.clone();
+        tasks.spawn("webhooks", move || {
+            let (deliverer, stop) = (deliverer.clone(), stop.clone());
+            async move { deliverer.run(stop).await }
+        });
+    }
+
     let metrics = pipeline::IngestMetrics::register(&mut host.registry);
+    let dead_letters = dead_letter_store(&db, platform.clock.clone());
     let ingest_stop = CancellationToken::new();
     let ingest = tokio::spawn(pipeline::run(
         pipeline::Ingest {
             bus: platform.events.clone(),
             store: store.clone(),
-            dead_letters: dead_letter_store(&db, platform.clock.clone()),
-            metrics,
+            dead_letters: dead_letters.clone(),
+            metrics: metrics.clone(),
             clock: platform.clock.clone(),
             limits: pipeline::Limits {
                 subject_prefix: platform.config.events.subject_prefix.clone(),
                 max_details_bytes: cfg.max_details_bytes,
             },
             sensitive: sensitive.clone(),
+            alerts: Some(engine.clone()),
         },
         ingest_stop.clone(),
     ));
@@ -180,10 +233,19 @@ pub async fn run(
         store: store.clone(),
         chain: chain.clone(),
         sensitive,
-        incidents: None,
+        incidents: Some(Arc::new(reports::AlertIncidents {
+            alerts: alert_store.clone(),
+            events: store.clone(),
+        })),
         retention: retention.clone(),
         events: platform.events.clone(),
         clock: platform.clock.clone(),
+        monitor: alerts::api::Monitor {
+            engine,
+            dead_letters,
+            ingest: metrics,
+            clock: platform.clock.clone(),
+        },
     });
     let serve = Serve {
         routes: tonic::service::Routes::new(api),

@@ -349,6 +349,8 @@ pub struct Ingest {
     pub limits: Limits,
     /// `audit.sensitive_fields`, when any is configured.
     pub sensitive: Option<Arc<crate::sensitive::Sensitive>>,
+    /// Alert rules, evaluated after each committed batch (`None`: no evaluation).
+    pub alerts: Option<Arc<crate::alerts::engine::AlertEngine>>,
 }
 
 impl Ingest {
@@ -505,6 +507,11 @@ impl Ingest {
             self.metrics
                 .lag_seconds
                 .set(lag_seconds(self.clock.now(), &stored));
+            // Before the acks: a crash here redelivers and evaluates again (the counts
+            // come from the store, so that is harmless). Never fails the batch.
+            if let Some(alerts) = &self.alerts {
+                alerts.after_commit(&stored).await;
+            }
         }
 
         let mut unstorable: Vec<Option<String>> = vec![None; valid.len()];
@@ -723,6 +730,7 @@ mod tests {
                 clock: clock.clone(),
                 limits: limits(),
                 sensitive: None,
+                alerts: None,
             },
             stop.clone(),
         ));
@@ -1071,6 +1079,7 @@ mod ingest_tests {
                 clock: system(),
                 limits: limits(),
                 sensitive: crate::sensitive::Sensitive::new(&fields, hasher.clone()),
+                alerts: None,
             },
             stop.clone(),
         ));
@@ -1167,6 +1176,7 @@ mod ingest_tests {
                 clock: system(),
                 limits: limits(),
                 sensitive: None,
+                alerts: None,
             },
             stop.clone(),
         ));
@@ -1371,6 +1381,7 @@ mod ingest_tests {
                 clock: system(),
                 limits,
                 sensitive: None,
+                alerts: None,
             },
             stop.clone(),
         ));

@@ -118,7 +118,85 @@ pub struct Incident {
 pub trait IncidentSource: Send + Sync {
     /// Alerts raised within the scope's range (and of its subject, when set), oldest
     /// first, with their events; at most `limit`.
-    async fn incidents(&self, scope: &Scope, limit: usize) -> Result<Vec<Incident>, StoreError>;
+    async fn incidents(&self, scope: &Scope, limit: usize) -> Result<Vec<Incident>, ReportError>;
+}
+
+/// The incident report's source in production: the alert tables, and the trail for the
+/// events linked to each alert.
+pub struct AlertIncidents {
+    pub alerts: std::sync::Arc<dyn crate::alerts::store::AlertStore>,
+    pub events: std::sync::Arc<dyn EventStore>,
+}
+
+#[async_trait::async_trait]
+impl IncidentSource for AlertIncidents {
+    async fn incidents(&self, scope: &Scope, limit: usize) -> Result<Vec<Incident>, ReportError> {
+        let (since, until) = (
+            scope.since.timestamp_micros(),
+            scope.until.timestamp_micros(),
+        );
+        let mut q = crate::alerts::store::AlertQuery {
+            limit: PAGE,
+            ..Default::default()
+        };
+        let mut found = Vec::new();
+        // Newest raised first: stop at the first alert raised before the range.
+        'pages: loop {
+            let (page, next) = self.alerts.list(&q).await?;
+            for a in page {
+                if a.raised_us >= until {
+                    continue;
+                }
+                if a.raised_us < since {
+                    break 'pages;
+                }
+                let events = if a.event_ids.is_empty() {
+                    Vec::new()
+                } else {
+                    let q = EventQuery {
+                        ids: a.event_ids.clone(),
+                        oldest_first: true,
+                        limit: u32::try_from(a.event_ids.len()).unwrap_or(u32::MAX),
+                        ..EventQuery::default()
+                    };
+                    self.events.list(&q).await?.0
+                };
+                let concerns = |want: &Option<String>, of: &dyn Fn(&SecurityEvent) -> &str| {
+                    want.as_ref()
+                        .is_none_or(|w| a.group_key == *w || events.iter().any(|e| of(e) == w))
+                };
+                if !concerns(&scope.subject, &|e| e.subject.as_str())
+                    || !concerns(&scope.actor_id, &|e| {
+                        e.actor.as_ref().map(|a| a.id.as_str()).unwrap_or_default()
+                    })
+                {
+                    continue;
+                }
+                if found.len() >= limit {
+                    return Err(ReportError::TooLarge(format!(
+                        "more than {limit} alerts in the range: narrow it"
+                    )));
+                }
+                let alert_id = a.id.to_string();
+                let mut alert =
+                    sec_common::events::json::alert_json(&crate::alerts::api::alert_proto(a));
+                if let Some(o) = alert.as_object_mut() {
+                    o.remove("event_ids");
+                }
+                found.push(Incident {
+                    alert,
+                    alert_id,
+                    events,
+                });
+            }
+            match next {
+                Some(c) => q.after = Some(c),
+                None => break,
+            }
+        }
+        found.reverse();
+        Ok(found)
+    }
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {

@@ -91,6 +91,7 @@ fn admin_router(platform: &Platform) -> anyhow::Result<Router> {
         .route("/healthz", get(healthz))
         .route("/security/keys", get(list_keys))
         .route("/security/audit", get(crate::facade_audit::search))
+        .route("/security/monitor", get(crate::facade_monitor::monitor))
         .with_state(state)
         .layer(sec_common::telemetry::TraceContextLayer))
 }

@@ -20,12 +20,15 @@ use sec_common::grpc::BearerToken;
 use sec_proto::audit::v1::audit_service_client::AuditServiceClient;
 use sec_proto::audit::v1::{DetailMatch, EventFilter, Order, SearchEventsRequest};
 use sec_proto::common::v1::PageRequest;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::facade::{Facade, error_response, from_status, no_store, require_admin};
 
 /// Most parameters in one query string.
 const MAX_PARAMS: usize = 64;
-const SEARCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the facade waits for audit-svc.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Names the parameter in the message itself: the HTTP body carries only the message.
 fn invalid(field: &str, why: impl std::fmt::Display) -> Error {
@@ -95,6 +98,42 @@ pub(crate) fn request_from(query: &str) -> Result<SearchEventsRequest, Error> {
     Ok(req)
 }
 
+/// audit-svc with the admin's bearer token forwarded, or the refusal to answer with
+/// (401 without valid credentials, 403 for anyone but the admin).
+pub(crate) async fn admin_audit_client(
+    f: &Facade,
+    headers: &HeaderMap,
+) -> Result<AuditServiceClient<InterceptedService<Channel, BearerToken>>, Response> {
+    let token = require_admin(&f.auth, headers).await?;
+    let bearer = BearerToken::new(Some(&token)).map_err(|_| {
+        error_response(
+            Error::new(ErrorCode::Unauthenticated, "invalid credentials"),
+            r#"Bearer error="invalid_token""#,
+        )
+    })?;
+    Ok(AuditServiceClient::with_interceptor(
+        f.audit.clone(),
+        bearer,
+    ))
+}
+
+/// One audit-svc call under [`AUDIT_TIMEOUT`], its failure as the facade's error response.
+pub(crate) async fn audit_call<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Response> {
+    match tokio::time::timeout(AUDIT_TIMEOUT, call).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(error_response(from_status("audit-svc", &s), "Bearer")),
+        Err(_) => Err(error_response(
+            Error::new(
+                ErrorCode::DeadlineExceeded,
+                "audit-svc did not answer in time",
+            ),
+            "Bearer",
+        )),
+    }
+}
+
 /// `GET /security/audit`: audit events matching the query, a page at a time.
 #[utoipa::path(
     get,
@@ -130,36 +169,17 @@ pub(crate) async fn search(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let token = match require_admin(&f.auth, &headers).await {
-        Ok(t) => t,
+    let mut client = match admin_audit_client(&f, &headers).await {
+        Ok(c) => c,
         Err(resp) => return resp,
     };
     let req = match request_from(query.as_deref().unwrap_or_default()) {
         Ok(r) => r,
         Err(e) => return error_response(e, "Bearer"),
     };
-    let bearer = match BearerToken::new(Some(&token)) {
-        Ok(b) => b,
-        Err(_) => {
-            return error_response(
-                Error::new(ErrorCode::Unauthenticated, "invalid credentials"),
-                r#"Bearer error="invalid_token""#,
-            );
-        }
-    };
-    let mut client = AuditServiceClient::with_interceptor(f.audit.clone(), bearer);
-    let answer = match tokio::time::timeout(SEARCH_TIMEOUT, client.search_events(req)).await {
-        Ok(Ok(r)) => r.into_inner(),
-        Ok(Err(s)) => return error_response(from_status("audit-svc", &s), "Bearer"),
-        Err(_) => {
-            return error_response(
-                Error::new(
-                    ErrorCode::DeadlineExceeded,
-                    "audit-svc did not answer in time",
-                ),
-                "Bearer",
-            );
-        }
+    let answer = match audit_call(client.search_events(req)).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
     };
     let next = answer
         .page

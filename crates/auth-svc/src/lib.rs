@@ -13,6 +13,7 @@ pub mod edge;
 pub mod engine;
 pub mod facade;
 mod facade_audit;
+mod facade_monitor;
 pub mod grpc;
 pub mod oauth;
 pub mod pages;

@@ -1,5 +1,6 @@
-//! `secctl audit list|verify|head|export|report|retention|hold`: security events, the
-//! hash chain, reports, retention and legal holds.
+//! `secctl audit …`: security events (`list`, `export`), the hash chain (`verify`,
+//! `head`), reports, retention and legal holds (`retention`, `hold`), alerts and the
+//! monitor (`alerts`, `ack`, `monitor`).
 
 use std::process::ExitCode;
 
@@ -424,6 +425,127 @@ pub async fn hold(
                         );
                     }
                 }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- Alerts and the monitor (issue 19 item 7) ----
+
+use sec_common::events::json::{alert_json, monitor_json};
+use sec_proto::audit::v1::{
+    AcknowledgeAlertRequest, AlertStatus, GetMonitorRequest, ListAlertsRequest,
+};
+
+use crate::cli::AlertStatusArg;
+
+fn alert_row(a: &sec_proto::audit::v1::Alert) {
+    let j = alert_json(a);
+    println!(
+        "{:<36} {:<20} {:<8} {:<12} {:>6} {:<27} {}",
+        a.id,
+        a.rule,
+        a.severity,
+        j["status"].as_str().unwrap_or_default(),
+        a.count,
+        j["last_seen"].as_str().unwrap_or_default(),
+        a.group
+    );
+}
+
+fn alert_header() {
+    println!(
+        "{:<36} {:<20} {:<8} {:<12} {:>6} {:<27} GROUP",
+        "ID", "RULE", "SEVERITY", "STATUS", "COUNT", "LAST SEEN"
+    );
+}
+
+pub async fn alerts(
+    config: &Config,
+    output: Output,
+    status: AlertStatusArg,
+    rule: Option<String>,
+    limit: u32,
+) -> anyhow::Result<ExitCode> {
+    let status = match status {
+        AlertStatusArg::Open => AlertStatus::Open,
+        AlertStatusArg::Acknowledged => AlertStatus::Acknowledged,
+        AlertStatusArg::All => AlertStatus::Unspecified,
+    };
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    let resp = client
+        .list_alerts(ListAlertsRequest {
+            status: status as i32,
+            rule: rule.unwrap_or_default(),
+            page: Some(PageRequest {
+                page_size: limit,
+                page_token: String::new(),
+            }),
+        })
+        .await
+        .rpc()?;
+    match output {
+        Output::Json => {
+            let v: Vec<_> = resp.alerts.iter().map(alert_json).collect();
+            print_json(&v.into())?;
+        }
+        Output::Table => {
+            alert_header();
+            resp.alerts.iter().for_each(alert_row);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn ack(
+    config: &Config,
+    output: Output,
+    id: String,
+    note: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    let resp = client
+        .acknowledge_alert(AcknowledgeAlertRequest {
+            id,
+            note: note.unwrap_or_default(),
+        })
+        .await
+        .rpc()?;
+    let alert = resp.alert.unwrap_or_default();
+    match output {
+        Output::Json => print_json(&alert_json(&alert))?,
+        Output::Table => println!(
+            "acknowledged {} ({}, group {}, {} events)",
+            alert.id, alert.rule, alert.group, alert.count
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn monitor(config: &Config, output: Output) -> anyhow::Result<ExitCode> {
+    let mut client = AuditServiceClient::new(authed_channel(config, "audit")?);
+    let m = client.get_monitor(GetMonitorRequest {}).await.rpc()?;
+    match output {
+        Output::Json => print_json(&monitor_json(&m))?,
+        Output::Table => {
+            println!("open alerts:      {}", m.open_alerts);
+            println!("ingest lag:       {:.3} s", m.ingest_lag_seconds);
+            let dead: Vec<String> = m
+                .dead_letters
+                .iter()
+                .map(|d| format!("{} {}", d.reason, d.count))
+                .collect();
+            println!("dead letters:     {}", dead.join(", "));
+            println!("chain head:       {}", m.chain_head_seq);
+            match m.checkpoint_age_seconds {
+                Some(age) => println!("last checkpoint:  {age:.0} s ago"),
+                None => println!("last checkpoint:  none yet"),
+            }
+            if !m.newest_open.is_empty() {
+                println!();
+                alert_header();
+                m.newest_open.iter().for_each(alert_row);
             }
         }
     }

@@ -163,6 +163,27 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 100_000)]
         limit: u32,
     },
+    /// Alerts raised by audit-svc's rules, newest first.
+    Alerts {
+        #[arg(long, value_enum, default_value_t = AlertStatusArg::Open)]
+        status: AlertStatusArg,
+        /// Only this rule's alerts.
+        #[arg(long)]
+        rule: Option<String>,
+        /// How many alerts (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Acknowledge an open alert (fails with Aborted when it is not open any more).
+    Ack {
+        /// The alert's id.
+        id: String,
+        /// Why, for the record.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Open alerts, ingest lag, dead letters and the chain head at a glance.
+    Monitor,
     /// A compliance report to stdout: `access` (who accessed what, per subject),
     /// `changes` (configuration and key changes) or `incidents` (alerts with their
     /// events), as one JSON document (default, and with `-o json`) or CSV.
@@ -239,6 +260,13 @@ pub enum HoldCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AlertStatusArg {
+    Open,
+    Acknowledged,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -108,6 +108,20 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Hold { command },
         } => audit::hold(&config, out, command).await,
+        Command::Audit {
+            command:
+                AuditCommand::Alerts {
+                    status,
+                    rule,
+                    limit,
+                },
+        } => audit::alerts(&config, out, status, rule, limit).await,
+        Command::Audit {
+            command: AuditCommand::Ack { id, note },
+        } => audit::ack(&config, out, id, note).await,
+        Command::Audit {
+            command: AuditCommand::Monitor,
+        } => audit::monitor(&config, out).await,
         Command::Key { command } => keys::run(&config, out, command).await,
         Command::Kek { command } => keys::kek(&config, out, command).await,
         Command::Encrypt(args) => crypt::encrypt(&config, out, args).await,

@@ -94,6 +94,7 @@ impl Modify for SecuritySchemes {
         crate::facade::healthz,
         crate::facade::list_keys,
         crate::facade_audit::search,
+        crate::facade_monitor::monitor,
         // -- oauth (token, revocation, introspection, userinfo) --
         super::token::token,
         super::token::security_auth,
@@ -262,6 +263,7 @@ mod tests {
             ("/healthz", "get"),
             ("/security/keys", "get"),
             ("/security/audit", "get"),
+            ("/security/monitor", "get"),
         ] {
             assert!(d["paths"][path][method].is_object(), "{method} {path}");
         }

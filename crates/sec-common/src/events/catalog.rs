@@ -30,6 +30,8 @@ pub const GENERATED_SUFFIXES: &[&str] =
 
 /// Literal event types, sorted.
 pub const EVENT_TYPES: &[&str] = &[
+    "sec.audit.alert.acknowledged",
+    "sec.audit.alert.raised",
     "sec.audit.hold.created",
     "sec.audit.hold.released",
     "sec.auth.client.auth_failed",

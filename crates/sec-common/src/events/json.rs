@@ -112,6 +112,59 @@ pub fn csv_record(fields: &[&str]) -> String {
     out
 }
 
+// ---- Alerts and the monitor (audit-svc, issue 19 item 7): the facade's
+// `/security/monitor` and `secctl audit alerts|monitor` show the same JSON.
+
+fn ts_json(t: Option<&prost_types::Timestamp>) -> serde_json::Value {
+    t.and_then(super::from_timestamp)
+        .map(|t| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into()
+        })
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// `{"id", "rule", "group", "severity", "status", "count", "first_seen", "last_seen",
+/// "raised_at", "acknowledged_at", "acknowledged_by", "note", "event_ids"}`.
+pub fn alert_json(a: &sec_proto::audit::v1::Alert) -> serde_json::Value {
+    let status = sec_proto::audit::v1::AlertStatus::try_from(a.status)
+        .map(|s| lower(s.as_str_name(), "ALERT_STATUS_"))
+        .unwrap_or_default();
+    serde_json::json!({
+        "id": a.id,
+        "rule": a.rule,
+        "group": a.group,
+        "severity": a.severity,
+        "status": status,
+        "count": a.count,
+        "first_seen": ts_json(a.first_seen.as_ref()),
+        "last_seen": ts_json(a.last_seen.as_ref()),
+        "raised_at": ts_json(a.raised_at.as_ref()),
+        "acknowledged_at": ts_json(a.acknowledged_at.as_ref()),
+        "acknowledged_by": (!a.acknowledged_by.is_empty()).then_some(&a.acknowledged_by),
+        "note": (!a.note.is_empty()).then_some(&a.note),
+        "event_ids": a.event_ids,
+    })
+}
+
+/// `{"open_alerts", "newest_open": [alert], "ingest_lag_seconds",
+/// "dead_letters": {reason: count}, "chain_head_seq", "checkpoint_age_seconds"}`.
+pub fn monitor_json(m: &sec_proto::audit::v1::GetMonitorResponse) -> serde_json::Value {
+    let dead: serde_json::Map<String, serde_json::Value> = m
+        .dead_letters
+        .iter()
+        .map(|d| (d.reason.clone(), d.count.into()))
+        .collect();
+    serde_json::json!({
+        "open_alerts": m.open_alerts,
+        "newest_open": m.newest_open.iter().map(alert_json).collect::<Vec<_>>(),
+        "ingest_lag_seconds": m.ingest_lag_seconds,
+        "dead_letters": dead,
+        "chain_head_seq": m.chain_head_seq,
+        "checkpoint_age_seconds": m.checkpoint_age_seconds,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +198,37 @@ mod tests {
         let mut f = String::new();
         csv_field(&mut f, "=1+1");
         assert_eq!(f, "'=1+1");
+    }
+
+    #[test]
+    fn alerts_and_the_monitor_as_json() {
+        let a = sec_proto::audit::v1::Alert {
+            id: "a1".into(),
+            rule: "key-deleted".into(),
+            group: "k".into(),
+            status: sec_proto::audit::v1::AlertStatus::Acknowledged as i32,
+            count: 2,
+            raised_at: Some(prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let j = alert_json(&a);
+        assert_eq!(j["status"], "acknowledged");
+        assert_eq!(j["raised_at"], "2026-01-01T00:00:00.000000Z");
+        assert!(j["acknowledged_at"].is_null() && j["note"].is_null());
+        let m = monitor_json(&sec_proto::audit::v1::GetMonitorResponse {
+            open_alerts: 1,
+            newest_open: vec![a],
+            dead_letters: vec![sec_proto::audit::v1::DeadLetterCount {
+                reason: "too_large".into(),
+                count: 3,
+            }],
+            ..Default::default()
+        });
+        assert_eq!(m["dead_letters"]["too_large"], 3);
+        assert_eq!(m["newest_open"][0]["id"], "a1");
+        assert!(m["checkpoint_age_seconds"].is_null());
     }
 }
