@@ -70,11 +70,17 @@ pub async fn connect_db(
         Some(url) => {
             let schema = format!("{}{}", cfg.storage.postgres_schema_prefix, service);
             let pool = connect_postgres(url.expose(), &schema, cfg.storage.max_connections).await?;
-            migrations
-                .postgres
-                .run(&pool)
-                .await
-                .with_context(|| format!("running {service} migrations in schema {schema}"))?;
+            // Already migrated (by the `migrate` init container, as the schema's owner):
+            // nothing to run, so a service role without DDL rights (audit-svc's
+            // `sec_audit_service`) can start. Anything missing or changed is run (and an
+            // edited migration refused) as before.
+            if !up_to_date(&pool, migrations.postgres).await? {
+                migrations
+                    .postgres
+                    .run(&pool)
+                    .await
+                    .with_context(|| format!("running {service} migrations in schema {schema}"))?;
+            }
             Ok(Db::Postgres(pool))
         }
         None => {
@@ -90,6 +96,28 @@ pub async fn connect_db(
             Ok(Db::Sqlite(pool))
         }
     }
+}
+
+/// Whether every migration of `migrator` is applied, with the same checksum.
+async fn up_to_date(pool: &PgPool, migrator: &Migrator) -> anyhow::Result<bool> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(false);
+    }
+    let applied: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?;
+    Ok(migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .all(|m| {
+            applied
+                .iter()
+                .any(|(v, c)| *v == m.version && c.as_slice() == &*m.checksum)
+        }))
 }
 
 /// What [`migrate_db`] did.
@@ -240,13 +268,22 @@ pub async fn connect_postgres(
     let mut conn = PgConnection::connect_with(&base)
         .await
         .context("connecting to PostgreSQL")?;
+    // An existing schema is not created again: a role without CREATE on the database
+    // (a restricted service role) connects to the schema its owner made.
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut conn)
+            .await
+            .context("looking up the schema")?;
     // Two services starting together can race on CREATE SCHEMA IF NOT EXISTS; a second try settles it.
     let ddl = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
     // Safe: `schema` was checked above to be [a-z0-9_]+.
-    if sqlx::query(sqlx::AssertSqlSafe(ddl.clone()))
-        .execute(&mut conn)
-        .await
-        .is_err()
+    if !exists
+        && sqlx::query(sqlx::AssertSqlSafe(ddl.clone()))
+            .execute(&mut conn)
+            .await
+            .is_err()
     {
         sqlx::query(sqlx::AssertSqlSafe(ddl))
             .execute(&mut conn)

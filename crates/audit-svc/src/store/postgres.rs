@@ -1027,6 +1027,30 @@ mod tests {
             .unwrap();
         assert_eq!(who, login);
 
+        // audit-svc starts as this role on the schema its owner migrated (the `migrate`
+        // init container): connecting and the start-up check need no DDL.
+        let mut cfg = sec_common::config::Config::default();
+        cfg.storage.postgres_schema_prefix = String::new();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        cfg.storage.database_url = Some(sec_common::config::Secret::new(format!(
+            "{url}{sep}options=-c%20role%3D{login}"
+        )));
+        let db = sec_common::storage::connect_db(&cfg, &schema, &crate::MIGRATIONS)
+            .await
+            .unwrap();
+        sec_common::storage::ensure_instance(&db, sec_common::clock::system().now())
+            .await
+            .unwrap();
+        let sec_common::storage::Db::Postgres(p) = &db else {
+            panic!("a PostgreSQL URL gives PostgreSQL")
+        };
+        let (as_whom,): (String,) = sqlx::query_as("SELECT current_user::text")
+            .fetch_one(p)
+            .await
+            .unwrap();
+        assert_eq!(as_whom, login, "connected as the restricted role");
+        db.close().await;
+
         let real_now = sec_common::clock::system().now();
         let old = real_now - chrono::Duration::days(800);
         let clock = sec_common::clock::ManualClock::new(old);
@@ -1056,6 +1080,27 @@ mod tests {
                 .unwrap_or_default()
                 .to_string();
             assert_eq!(code, "42501", "{q}: {err}");
+        }
+        // Alerts (0004, granted by 0006): raised, updated and acknowledged, never deleted.
+        let alert = uuid::Uuid::new_v4();
+        for q in [
+            format!(
+                "INSERT INTO alerts (id, rule, group_key, severity, status, first_seen, last_seen, \
+                 count, raised_at) VALUES ('{alert}', 'r', 'g', 'high', 'open', now(), now(), 1, now())"
+            ),
+            format!("INSERT INTO alert_events (alert_id, event_id) VALUES ('{alert}', '{alert}')"),
+            format!("UPDATE alerts SET status = 'acknowledged' WHERE id = '{alert}'"),
+            "SELECT count(*) FROM alert_webhook_deliveries".to_owned(),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(q.clone()))
+                .execute(&svc)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e}"));
+        }
+        for q in ["DELETE FROM alerts", "DELETE FROM alert_events"] {
+            let err = sqlx::query(q).execute(&svc).await.unwrap_err();
+            let code = err.as_database_error().and_then(|e| e.code());
+            assert_eq!(code.as_deref(), Some("42501"), "{q}: {err}");
         }
         let part = crate::store::partition_name(months[0]);
         for q in [
