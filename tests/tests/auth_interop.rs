@@ -278,6 +278,12 @@ fn have(cmd: &str) -> bool {
 /// npm packages of the node client and the browser driver, installed once under the
 /// target directory.
 fn node_modules(packages: &[&str]) -> PathBuf {
+    // The tests of this file run in parallel: two `npm install`s into one prefix at once
+    // break each other (a CI run failed so), so one installs while the other waits.
+    static NPM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = NPM
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = target_dir().join("node-oidc");
     let missing: Vec<&&str> = packages
         .iter()
