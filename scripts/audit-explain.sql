@@ -4,8 +4,15 @@
 DROP SCHEMA IF EXISTS explain_demo CASCADE;
 CREATE SCHEMA explain_demo;
 SET search_path = explain_demo;
+-- Every migration, as audit-svc applies them (0005 grants on the migrator's table).
+CREATE TABLE _sqlx_migrations (version BIGINT);
 \i migrations/audit/postgres/0001_security_events.sql
+\i migrations/audit/postgres/0002_dead_letters.sql
 \i migrations/audit/postgres/0003_hash_chain.sql
+\i migrations/audit/postgres/0004_alerts.sql
+\i migrations/audit/postgres/0005_retention.sql
+\i migrations/audit/postgres/0006_alert_grants.sql
+\i migrations/audit/postgres/0007_ingest_indexes.sql
 INSERT INTO security_events (id, event_type, "timestamp", service, user_id, actor_kind, actor_id, subject, ip_address, outcome, severity, details, trace_id, received_at, seq, hash)
 SELECT gen_random_uuid(),
        (ARRAY['sec.auth.login.failed','sec.auth.login.succeeded','sec.auth.token.granted','sec.crypto.key.created','sec.token.refresh.reuse_detected','sec.session.session.created'])[1 + i % 6],
@@ -24,7 +31,11 @@ EXPLAIN (COSTS OFF) SELECT * FROM security_events WHERE TRUE AND actor_id = 'use
 \echo '--- subject'
 EXPLAIN (COSTS OFF) SELECT * FROM security_events WHERE TRUE AND subject = 'user:u42' ORDER BY "timestamp" DESC, id DESC LIMIT 51;
 \echo '--- CIDR'
-EXPLAIN (COSTS OFF) SELECT * FROM security_events WHERE TRUE AND ip_address <<= '10.42.0.0/16'::inet ORDER BY "timestamp" DESC, id DESC LIMIT 51;
+EXPLAIN (COSTS OFF) SELECT * FROM security_events WHERE TRUE AND ip_address <<= '10.42.0.0/16'::inet AND ip_address >= network('10.42.0.0/16'::inet) AND ip_address <= set_masklen(broadcast('10.42.0.0/16'::inet), -1) ORDER BY "timestamp" DESC, id DESC LIMIT 51;
+\echo '--- one address'
+EXPLAIN (COSTS OFF) SELECT * FROM security_events WHERE TRUE AND ip_address <<= '10.42.7.3/32'::inet AND ip_address >= network('10.42.7.3/32'::inet) AND ip_address <= set_masklen(broadcast('10.42.7.3/32'::inet), -1) ORDER BY "timestamp" DESC, id DESC LIMIT 51;
+\echo '--- duplicate check of the sequencer'
+EXPLAIN (COSTS OFF) SELECT id FROM security_events WHERE id = ANY('{6f1c2b1e-0000-4000-8000-000000000001,6f1c2b1e-0000-4000-8000-000000000002}'::uuid[]);
 \echo '--- detail'
 EXPLAIN (COSTS OFF) SELECT * FROM security_events WHERE TRUE AND details @> '{"client_id": "c7"}'::jsonb ORDER BY "timestamp" DESC, id DESC LIMIT 51;
 \echo '--- chain walk'

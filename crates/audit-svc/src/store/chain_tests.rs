@@ -428,6 +428,37 @@ pub async fn search(store: Arc<dyn AuditStore>) {
         want(&|i| i % 3 == 2, true),
         "one address"
     );
+    // Block edges: the range the store scans must end exactly where the block does.
+    type Expect<'a> = &'a dyn Fn(usize) -> bool;
+    let blocks: [(&str, Expect, &str); 8] = [
+        ("192.0.2.16/28", &|i| i % 3 == 0 && i >= 16, "upper /28"),
+        ("192.0.2.0/29", &|i| i % 3 == 0 && i < 8, "lower /29"),
+        (
+            "192.0.2.77/24",
+            &|i| i % 3 == 0,
+            "host bits set in the block",
+        ),
+        ("192.0.3.0/24", &|_| false, "the next /24"),
+        ("192.0.1.0/24", &|_| false, "the previous /24"),
+        (
+            "2001:db8::10/124",
+            &|i| i % 3 == 1 && (16..32).contains(&i),
+            "IPv6 /124",
+        ),
+        ("198.51.100.8/32", &|_| false, "the address before"),
+        ("0.0.0.0/0", &|i| i % 3 != 1, "every IPv4 address"),
+    ];
+    for (block, expect, what) in blocks {
+        assert_eq!(
+            ids(EventQuery {
+                ip: Some(block.parse().unwrap()),
+                ..q()
+            })
+            .await,
+            want(expect, true),
+            "{what}: {block}"
+        );
+    }
     assert_eq!(
         ids(EventQuery {
             severities: vec!["high".into()],
