@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use sec_common::events::SecurityEvent;
-use sec_common::events::json::{CSV_HEADER, csv_record, csv_row, event_json};
+use sec_common::events::json::{CSV_HEADER, csv_record, csv_row, event_json, names};
 
 use crate::store::{EventQuery, EventStore, StoreError, TypeMatch};
 
@@ -278,13 +278,13 @@ pub async fn build(
         Kind::Access => {
             let mut groups = Groups::new();
             let scanned = scan(store, scope, ACCESS_TYPES, |e| {
-                let j = event_json(&e);
+                let (actor_kind, outcome, _) = names(&e);
                 let key = (
                     e.subject.clone(),
-                    j["actor_kind"].as_str().unwrap_or_default().to_owned(),
+                    actor_kind,
                     e.actor.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
                     e.r#type.clone(),
-                    j["outcome"].as_str().unwrap_or_default().to_owned(),
+                    outcome,
                 );
                 let t = crate::store::time_us(&e);
                 if !groups.contains_key(&key) && groups.len() >= MAX_ROWS {

@@ -18,7 +18,9 @@ fn time(e: &SecurityEvent) -> String {
         .unwrap_or_default()
 }
 
-fn names(e: &SecurityEvent) -> (String, String, String) {
+/// The actor kind, outcome and severity as every reader shows them (`user`, `success`,
+/// `high`; empty when unset or unknown), without building the whole JSON form.
+pub fn names(e: &SecurityEvent) -> (String, String, String) {
     let kind = e
         .actor
         .as_ref()
