@@ -263,17 +263,14 @@ impl EventStore for PgEventStore {
             b.push(" AND id = ANY(").push_bind(q.ids.clone()).push(")");
         }
         if let Some(net) = &q.ip {
-            // The block as a range of the B-tree on ip_address (migration 0007): the
-            // bounds PostgreSQL derives for `<<=` with a constant, stated here so that a
-            // generic plan of this prepared statement can use the index as well.
-            let net = net.to_string();
-            b.push(" AND ip_address <<= ")
-                .push_bind(net.clone())
-                .push("::inet AND ip_address >= network(")
-                .push_bind(net.clone())
-                .push("::inet) AND ip_address <= set_masklen(broadcast(")
-                .push_bind(net)
-                .push("::inet), -1)");
+            // Stored addresses are host addresses (`to_row`), so a block is the range of
+            // its first and last address, as on SQLite (`super::ip_range`): a range of
+            // the B-tree on ip_address (migration 0007), in generic plans too.
+            b.push(" AND ip_address BETWEEN ")
+                .push_bind(net.network().to_string())
+                .push("::inet AND ")
+                .push_bind(net.broadcast().to_string())
+                .push("::inet");
         }
         if !q.severities.is_empty() {
             b.push(" AND severity = ANY(")
