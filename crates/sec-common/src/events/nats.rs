@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, ErrorCode, consumer::PullConsumer};
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use prost::Message;
 use tokio::sync::OnceCell;
 
@@ -38,6 +38,9 @@ use crate::config::EventsConfig;
 
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past its `expires` a pull request may take to end (messages and the 408
+/// still on their way) before the client ends it.
+const FETCH_END_GRACE: Duration = Duration::from_secs(1);
 
 /// JetStream API errors that refuse this one message for good: retrying it can never
 /// succeed, whatever the state of the server.
@@ -383,6 +386,25 @@ impl NatsTransport {
             .map(|_| ())
     }
 
+    /// Decodes a consumed message into `out`: a [`Delivery`], or an [`Undecodable`] for
+    /// the dead-letter path.
+    fn push_received(&self, out: &mut Fetched, msg: jetstream::Message) {
+        let received = Received {
+            msg,
+            dlq: self.dlq.clone(),
+        };
+        match SecurityEvent::decode(received.payload()) {
+            Ok(event) => out.deliveries.push(Delivery {
+                event,
+                traceparent: traceparent_of(&received.msg),
+                handle: DeliveryHandle::Nats(Box::new(received)),
+            }),
+            Err(e) => out
+                .undecodable
+                .push(Undecodable::new(e.to_string(), received)),
+        }
+    }
+
     async fn consumer(&self) -> Result<&PullConsumer, TransportError> {
         self.ensure_stream().await?;
         self.consumer
@@ -494,30 +516,54 @@ impl EventTransport for NatsTransport {
 
     async fn fetch_all(&self, max: usize, wait: Duration) -> Result<Fetched, TransportError> {
         let consumer = self.consumer().await?;
+        // A waiting pull request (`batch()`, not `fetch()`'s no-wait one): the server
+        // ends it when `max` messages were delivered or `wait` passed (status 408), so a
+        // busy stream gives full batches and a quiet one an answer within `wait`.
+        let expires = wait.max(Duration::from_millis(100));
         let mut messages = consumer
-            .fetch()
+            .batch()
             .max_messages(max)
-            .expires(wait.max(Duration::from_millis(100)))
+            .expires(expires)
             .messages()
             .await
             .map_err(|e| TransportError::Unavailable(e.to_string()))?;
+        // nats-server 2.9 sometimes stops feeding a request part-filled and never sends
+        // its end status (seen with both kinds of request, e.g. on a backlog after
+        // audit-svc restarted); async-nats then waits on its own timer, `expires` + 5 s,
+        // which stalled ingest 5.5 s per fetch. Past `expires` + FETCH_END_GRACE the
+        // request is over: what has arrived is taken, and a message the server might still
+        // send to it comes back after the ack wait (delayed, never lost).
+        let deadline = tokio::time::Instant::now() + expires + FETCH_END_GRACE;
         let mut out = Fetched::default();
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| TransportError::Unavailable(e.to_string()))?;
-            let received = Received {
-                msg: m,
-                dlq: self.dlq.clone(),
+        loop {
+            let m = match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) => {
+                    let mut late = 0;
+                    while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+                        late += 1;
+                        self.push_received(&mut out, m);
+                    }
+                    tracing::debug!(late, "pull request not ended by the server; ended here");
+                    break;
+                }
             };
-            match SecurityEvent::decode(received.payload()) {
-                Ok(event) => out.deliveries.push(Delivery {
-                    event,
-                    traceparent: traceparent_of(&received.msg),
-                    handle: DeliveryHandle::Nats(Box::new(received)),
-                }),
-                Err(e) => out
-                    .undecodable
-                    .push(Undecodable::new(e.to_string(), received)),
-            }
+            let m = match m {
+                Ok(m) => m,
+                // Nothing received yet: the fetch failed.
+                Err(e) if out.deliveries.is_empty() && out.undecodable.is_empty() => {
+                    return Err(TransportError::Unavailable(e.to_string()));
+                }
+                // A status that ends the request early (leadership change, consumer
+                // deleted...): what was received is handed over, not dropped to come
+                // back only after the ack wait.
+                Err(e) => {
+                    tracing::warn!(error = %e, received = out.deliveries.len() + out.undecodable.len(), "pull request ended early");
+                    break;
+                }
+            };
+            self.push_received(&mut out, m);
         }
         Ok(out)
     }
