@@ -48,7 +48,9 @@ use crate::store::{EventStore, StoreError};
 /// Events per fetch and per transaction. Each commit waits for the WAL flush and holds
 /// the chain-head lock, a fixed cost of tens of milliseconds on this class of machine:
 /// 10,000 per batch measured ~20,000 events/s where 1,000 gave ~7,500
-/// (`cargo bench -p audit-svc --bench ingest`).
+/// (`cargo bench -p audit-svc --bench ingest`). Inside a batch the insert itself
+/// dominates (~300 ms of ~360 ms per 10,000 rows, most of it index maintenance; see
+/// `docs/search.md`).
 const BATCH: usize = 10_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Type of the event announcing a dead letter.
@@ -551,20 +553,28 @@ impl Ingest {
 }
 
 /// Runs until `stop`; then drains what the bus still holds before returning.
+///
+/// While one batch is stored the next is already being fetched (a spawned task, so
+/// decoding overlaps the insert's round trips and WAL flush): storing is serial anyway
+/// (the chain-head lock), and a fetch that waits behind it leaves the database idle.
+/// A fetch in flight is never abandoned; when stopping, no new one is started ahead.
 pub async fn run(ingest: Ingest, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    let mut ahead: Option<tokio::task::JoinHandle<Result<Fetched, TransportError>>> = None;
     loop {
         let draining = stop.is_cancelled();
-        let wait = if draining {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_millis(500)
-        };
         // Never abandon a fetch in flight: with JetStream the server may already have
         // handed messages to it, and a dropped fetch leaves them unacknowledged until the
         // consumer's ack wait (30 s) redelivers them. A stop is seen at the next turn, at
-        // most `wait` later.
-        let fetched = ingest.bus.fetch_all(BATCH, wait).await;
+        // most one fetch's wait later.
+        let fetched = match ahead.take() {
+            Some(task) => task.await.unwrap_or_else(|e| {
+                Err(TransportError::Unavailable(format!(
+                    "fetch task failed: {e}"
+                )))
+            }),
+            None => ingest.bus.fetch_all(BATCH, fetch_wait(draining)).await,
+        };
         ingest
             .metrics
             .unprotected_streams
@@ -590,6 +600,12 @@ pub async fn run(ingest: Ingest, stop: CancellationToken) {
                 continue;
             }
         };
+        if !draining {
+            let bus = ingest.bus.clone();
+            ahead = Some(tokio::spawn(async move {
+                bus.fetch_all(BATCH, fetch_wait(false)).await
+            }));
+        }
         let batch = fetched.deliveries.len() + fetched.undecodable.len();
         match ingest.handle(fetched).await {
             Ok(()) => backoff = Duration::from_millis(100),
@@ -603,6 +619,15 @@ pub async fn run(ingest: Ingest, stop: CancellationToken) {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// How long one fetch waits for a full batch: shorter when draining at a stop.
+fn fetch_wait(draining: bool) -> Duration {
+    if draining {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_millis(500)
     }
 }
 
@@ -749,6 +774,77 @@ mod tests {
         // event published meanwhile) arrived on that. Then an idle fetch: 0.
         assert_eq!(*store.seen.lock().unwrap(), vec![(0.0, 2), (10.0, 1)]);
         assert_eq!(metrics.lag_seconds(), 0.0);
+    }
+
+    /// Stores slowly, announcing each batch as it starts.
+    struct Slow {
+        started: tokio::sync::Notify,
+        stored: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventStore for Slow {
+        async fn insert_batch(&self, events: &[SecurityEvent]) -> Result<u64, StoreError> {
+            self.started.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.stored
+                .lock()
+                .unwrap()
+                .extend(events.iter().map(|e| e.id.clone()));
+            Ok(events.len() as u64)
+        }
+
+        async fn list(
+            &self,
+            _: &EventQuery,
+        ) -> Result<(Vec<SecurityEvent>, Option<Cursor>), StoreError> {
+            Ok((Vec::new(), None))
+        }
+    }
+
+    /// The next batch is fetched while one is stored; a stop in between must still store
+    /// what that fetch took, not abandon it (it would come back only after the ack wait).
+    #[tokio::test]
+    async fn an_event_fetched_ahead_is_stored_when_the_stop_comes_meanwhile() {
+        let clock = ManualClock::new(t0());
+        let bus = EventBus::with_clock(
+            Arc::new(sec_common::events::memory::MemoryTransport::new(100)),
+            &EventsConfig::default(),
+            clock.clone(),
+        );
+        let first = event_at(t0());
+        bus.publish(first.clone()).unwrap();
+        assert_eq!(bus.flush(Duration::from_secs(5)).await, 0);
+        let store = Arc::new(Slow {
+            started: tokio::sync::Notify::new(),
+            stored: Mutex::new(Vec::new()),
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Ingest {
+                bus: bus.clone(),
+                store: store.clone(),
+                dead_letters: Arc::new(NoDeadLetters),
+                metrics: IngestMetrics::register(&mut Registry::default()),
+                clock: clock.clone(),
+                limits: limits(),
+                sensitive: None,
+                alerts: None,
+            },
+            stop.clone(),
+        ));
+        // The first batch is being stored and the next fetch is waiting: an event arrives
+        // for it, then the stop.
+        store.started.notified().await;
+        let second = event_at(t0());
+        bus.publish(second.clone()).unwrap();
+        assert_eq!(bus.flush(Duration::from_secs(5)).await, 0);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the loop stops")
+            .unwrap();
+        assert_eq!(*store.stored.lock().unwrap(), vec![first.id, second.id]);
     }
 }
 
