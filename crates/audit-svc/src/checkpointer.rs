@@ -63,9 +63,9 @@ impl Checkpointer {
         origin: String,
         interval: Duration,
         platform: &Platform,
+        (channel, credential): (Channel, Option<String>),
         registry: &mut Registry,
-    ) -> anyhow::Result<Arc<Self>> {
-        let (channel, credential) = crate::crypto_channel(platform)?;
+    ) -> Arc<Self> {
         let this = Self {
             store,
             origin,
@@ -79,7 +79,7 @@ impl Checkpointer {
             interval,
         };
         this.register(registry);
-        Ok(Arc::new(this))
+        Arc::new(this)
     }
 
     /// A checkpointer over a given signer (tests).

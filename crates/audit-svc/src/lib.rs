@@ -18,6 +18,7 @@ pub mod signer;
 pub mod store;
 pub mod verify;
 
+use anyhow::Context as _;
 use std::sync::Arc;
 
 pub use config::AuditConfig;
@@ -96,7 +97,7 @@ pub fn dead_letter_store(
 
 /// A channel to crypto-svc (checkpoint signatures, sensitive fields' HMACs) and
 /// audit-svc's credential for it.
-pub(crate) fn crypto_channel(
+fn crypto_channel(
     platform: &Platform,
 ) -> anyhow::Result<(tonic::transport::Channel, Option<String>)> {
     let url = platform
@@ -142,14 +143,19 @@ pub async fn run(
             "chained the events stored before the hash chain existed"
         );
     }
-    let (instance, _) = sec_common::storage::ensure_instance(&db, platform.clock.now()).await?;
+    let instance = host
+        .instance_id()
+        .context("open_db reads the installation identity")?;
+    // One channel to crypto-svc for checkpoint signatures and sensitive fields' HMACs.
+    let crypto = crypto_channel(&platform)?;
     let chain = checkpointer::Checkpointer::new(
         store.clone(),
         format!("sec-audit/{instance}"),
         std::time::Duration::from_secs(cfg.checkpoint_interval_seconds),
         &platform,
+        crypto.clone(),
         &mut host.registry,
-    )?;
+    );
     let retention = retention::Retention::new(
         store.clone(),
         chain.clone(),
@@ -176,7 +182,7 @@ pub async fn run(
     }
 
     let sensitive = {
-        let (channel, credential) = crypto_channel(&platform)?;
+        let (channel, credential) = crypto;
         sensitive::Sensitive::new(
             &cfg.sensitive_fields,
             sensitive::CryptoHasher::new(channel, credential),

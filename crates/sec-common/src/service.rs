@@ -255,6 +255,12 @@ impl ServiceHost {
         Ok(db)
     }
 
+    /// The installation identity read by [`Self::open_db`] (`None` before it): stable
+    /// across restarts of this database, different between installations.
+    pub fn instance_id(&self) -> Option<uuid::Uuid> {
+        self.instance.map(|(id, _)| id)
+    }
+
     /// Connects the key-value store (Redis or in-process) and adds it to readiness.
     pub async fn open_kv(&mut self) -> anyhow::Result<crate::storage::Kv> {
         let kv = crate::storage::connect_kv(
