@@ -18,6 +18,8 @@ use super::{
 
 /// How many recent ids are remembered for de-duplication (the broker's dedup window).
 const DEDUP_WINDOW: usize = 100_000;
+/// How long a fetch that found events waits for more before handing them over.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// A stored event and the `traceparent` it was published with.
 #[derive(Clone)]
@@ -149,28 +151,40 @@ impl EventTransport for Arc<MemoryTransport> {
         results
     }
 
+    /// Waits up to `wait` for the first event, then up to [`LINGER`] more (never past
+    /// `wait`) unless `max` are there: a consumer under a steady stream gets batches, not
+    /// an event or two per call (each audit batch is a transaction).
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError> {
         let deadline = tokio::time::Instant::now() + wait;
+        // When the events waiting are handed over even if fewer than `max`.
+        let mut hand_over_at: Option<tokio::time::Instant> = None;
         loop {
             let notified = self.available.notified();
             {
                 let mut s = self.lock();
-                if !s.queue.is_empty() {
-                    let n = max.min(s.queue.len());
-                    let taken: Vec<Stored> = s.queue.drain(..n).collect();
-                    let mut out = Vec::with_capacity(n);
-                    for e in taken {
-                        s.in_flight.insert(e.event.id.clone(), e.clone());
-                        out.push(Delivery {
-                            event: e.event,
-                            traceparent: e.traceparent,
-                            handle: DeliveryHandle::Memory(Arc::clone(self)),
-                        });
+                if s.queue.is_empty() {
+                    hand_over_at = None;
+                } else {
+                    let now = tokio::time::Instant::now();
+                    let at = *hand_over_at.get_or_insert_with(|| (now + LINGER).min(deadline));
+                    if s.queue.len() >= max || now >= at {
+                        let n = max.min(s.queue.len());
+                        let taken: Vec<Stored> = s.queue.drain(..n).collect();
+                        let mut out = Vec::with_capacity(n);
+                        for e in taken {
+                            s.in_flight.insert(e.event.id.clone(), e.clone());
+                            out.push(Delivery {
+                                event: e.event,
+                                traceparent: e.traceparent,
+                                handle: DeliveryHandle::Memory(Arc::clone(self)),
+                            });
+                        }
+                        return Ok(out);
                     }
-                    return Ok(out);
                 }
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let until = hand_over_at.unwrap_or(deadline);
+            if tokio::time::timeout_at(until, notified).await.is_err() && hand_over_at.is_none() {
                 return Ok(Vec::new());
             }
         }
@@ -211,6 +225,44 @@ mod tests {
             event: e.clone(),
             trace_headers: vec![],
         }
+    }
+
+    /// A steady stream is handed over in batches: events that follow the first within
+    /// LINGER come with it; without followers the first comes after LINGER, not after
+    /// the whole wait; `max` ends the linger at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_lingers_for_followers_but_not_for_the_whole_wait() {
+        let t = MemoryTransport::new(100);
+        let ev = || new_event(&SystemClock, "audit", "sec.audit.test.happened");
+        t.publish(&[out(&ev())]).await;
+        let follower = {
+            let (t, b) = (Arc::clone(&t), ev());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                t.publish(&[out(&b)]).await;
+            })
+        };
+        let start = tokio::time::Instant::now();
+        let got = t.fetch(10, Duration::from_secs(5)).await.unwrap();
+        follower.await.unwrap();
+        assert_eq!(got.len(), 2, "the follower came within the linger");
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+
+        t.publish(&[out(&ev())]).await;
+        let start = tokio::time::Instant::now();
+        let got = t.fetch(10, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(20),
+            "handed over after the linger, not the wait"
+        );
+
+        t.publish(&[out(&ev()), out(&ev()), out(&ev())]).await;
+        let start = tokio::time::Instant::now();
+        let got = t.fetch(2, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(start.elapsed(), Duration::ZERO, "max reached: no linger");
     }
 
     #[tokio::test]

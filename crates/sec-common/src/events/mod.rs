@@ -182,9 +182,9 @@ pub trait EventTransport: Send + Sync + 'static {
     /// stored it. Events are stored in order, so a failure followed by a success in the
     /// same batch is specific to the failed event (the bus relies on this).
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>>;
-    /// Up to `max` events for the durable consumer, within about `wait`: in process, as
-    /// soon as any is there; on NATS, when `max` arrived or `wait` passed (fuller
-    /// batches under load). Empty when none came.
+    /// Up to `max` events for the durable consumer, within about `wait`: in process, 20 ms
+    /// after the first is there (or at `max`); on NATS, when `max` arrived or `wait`
+    /// passed. Either way a steady stream gives batches. Empty when none came.
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, TransportError>;
     /// [`EventTransport::fetch`], plus the messages that are not events at all
     /// ([`Undecodable`]), for a consumer that dead-letters them. Transports that cannot
