@@ -580,7 +580,7 @@ pub async fn run(ingest: Ingest, stop: CancellationToken) {
             .unprotected_streams
             .set(i64::try_from(ingest.bus.unprotected_streams().len()).unwrap_or(i64::MAX));
         let fetched = match fetched {
-            Ok(f) if f.deliveries.is_empty() && f.undecodable.is_empty() => {
+            Ok(f) if f.is_empty() => {
                 // Nothing was waiting for a whole fetch: caught up.
                 ingest.metrics.lag_seconds.set(0.0);
                 if draining {
@@ -606,7 +606,7 @@ pub async fn run(ingest: Ingest, stop: CancellationToken) {
                 bus.fetch_all(BATCH, fetch_wait(false)).await
             }));
         }
-        let batch = fetched.deliveries.len() + fetched.undecodable.len();
+        let batch = fetched.len();
         match ingest.handle(fetched).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {

@@ -283,6 +283,18 @@ pub struct Fetched {
     pub undecodable: Vec<Undecodable>,
 }
 
+impl Fetched {
+    /// Messages received, decodable or not.
+    pub fn len(&self) -> usize {
+        self.deliveries.len() + self.undecodable.len()
+    }
+
+    /// Whether nothing was received.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A message on the event stream that does not decode as a `SecurityEvent`. Never
 /// dropped: the consumer dead-letters it (or nacks it to retry later).
 #[derive(Debug)]

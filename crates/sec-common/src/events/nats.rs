@@ -552,14 +552,14 @@ impl EventTransport for NatsTransport {
             let m = match m {
                 Ok(m) => m,
                 // Nothing received yet: the fetch failed.
-                Err(e) if out.deliveries.is_empty() && out.undecodable.is_empty() => {
+                Err(e) if out.is_empty() => {
                     return Err(TransportError::Unavailable(e.to_string()));
                 }
                 // A status that ends the request early (leadership change, consumer
                 // deleted...): what was received is handed over, not dropped to come
                 // back only after the ack wait.
                 Err(e) => {
-                    tracing::warn!(error = %e, received = out.deliveries.len() + out.undecodable.len(), "pull request ended early");
+                    tracing::warn!(error = %e, received = out.len(), "pull request ended early");
                     break;
                 }
             };
